@@ -1,0 +1,135 @@
+//! Adaptive chunking: how many items go into one task.
+//!
+//! Tiny tasks must be batched, or per-message overhead dominates; long tasks must go one by one,
+//! or one worker sits on a chunk while others idle. The policy learns the cost of one item from
+//! the compute times that workers report, and sizes chunks so that one chunk takes about
+//! [`ChunkPolicy::target_ns`]. When the number of remaining items is known, chunks also shrink
+//! towards the end so that the last ones finish together (a small tail).
+//!
+//! Until the first measurement arrives the policy sends single items: a first chunk of 1 costs
+//! one round trip for tiny tasks, while a first chunk of 64 long tasks could cost minutes.
+
+/// Running estimate of the compute time of one item.
+///
+/// An exponentially decaying average weighted by item count, so that one large chunk counts more
+/// than a single-item probe (whose time is mostly fixed overhead).
+#[derive(Debug, Clone, Default)]
+pub struct ItemTimer {
+    weighted_ns: f64,
+    weight: f64,
+}
+
+/// How quickly old measurements fade; 0.5 halves their weight at every new report.
+const DECAY: f64 = 0.5;
+
+impl ItemTimer {
+    /// Records that `items` items took `elapsed_ns` nanoseconds in total.
+    pub fn record(&mut self, items: u64, elapsed_ns: u64) {
+        let items = items.max(1) as f64;
+        self.weighted_ns = self.weighted_ns * DECAY + elapsed_ns as f64;
+        self.weight = self.weight * DECAY + items;
+    }
+
+    /// Estimated nanoseconds per item, or `None` before any measurement.
+    pub fn per_item_ns(&self) -> Option<f64> {
+        (self.weight > 0.0).then(|| self.weighted_ns / self.weight)
+    }
+}
+
+/// Parameters of the chunk-size policy.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkPolicy {
+    /// Wanted compute time of one chunk, in nanoseconds.
+    pub target_ns: u64,
+    /// Upper bound on items per chunk (bounds memory per message).
+    pub max_items: usize,
+    /// When the remaining count is known, at least this many chunks per worker are left for the
+    /// tail, so the end of a call balances.
+    pub tail_chunks_per_worker: usize,
+}
+
+impl Default for ChunkPolicy {
+    fn default() -> Self {
+        ChunkPolicy {
+            target_ns: 4_000_000,
+            max_items: 50_000,
+            tail_chunks_per_worker: 2,
+        }
+    }
+}
+
+impl ChunkPolicy {
+    /// Items for the next chunk.
+    ///
+    /// `per_item_ns` is the current estimate ([`ItemTimer::per_item_ns`]), `remaining` the number
+    /// of items not yet sent if known, `workers` the pool size.
+    pub fn chunk_size(&self, per_item_ns: Option<f64>, remaining: Option<u64>, workers: usize) -> usize {
+        let Some(per_item) = per_item_ns else {
+            return 1;
+        };
+        let by_time = (self.target_ns as f64 / per_item.max(1.0)).floor() as usize;
+        let mut size = by_time.clamp(1, self.max_items.max(1));
+        if let Some(left) = remaining {
+            let slots = (workers.max(1) * self.tail_chunks_per_worker.max(1)) as u64;
+            let tail_cap = left.div_ceil(slots).max(1);
+            size = size.min(tail_cap as usize);
+        }
+        size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_cost_sends_single_items() {
+        let p = ChunkPolicy::default();
+        assert_eq!(p.chunk_size(None, Some(1_000_000), 8), 1);
+        assert_eq!(p.chunk_size(None, None, 8), 1);
+    }
+
+    #[test]
+    fn tiny_items_are_batched_up_to_the_cap() {
+        let p = ChunkPolicy::default();
+        // 100 ns per item: 4 ms / 100 ns = 40,000 items.
+        assert_eq!(p.chunk_size(Some(100.0), None, 2), 40_000);
+        // 1 ns per item would be 4 million: capped.
+        assert_eq!(p.chunk_size(Some(1.0), None, 2), p.max_items);
+    }
+
+    #[test]
+    fn long_items_go_one_by_one() {
+        let p = ChunkPolicy::default();
+        assert_eq!(p.chunk_size(Some(10e6), Some(10_000), 4), 1);
+        assert_eq!(p.chunk_size(Some(50e6), None, 4), 1);
+    }
+
+    #[test]
+    fn tail_shrinks_chunks_near_the_end() {
+        let p = ChunkPolicy::default();
+        assert_eq!(p.chunk_size(Some(100.0), Some(100_000), 2), 25_000);
+        assert_eq!(p.chunk_size(Some(100.0), Some(40), 2), 10);
+        assert_eq!(p.chunk_size(Some(100.0), Some(3), 2), 1);
+        assert_eq!(p.chunk_size(Some(100.0), Some(0), 2), 1);
+    }
+
+    #[test]
+    fn timer_weights_by_items_and_forgets() {
+        let mut t = ItemTimer::default();
+        assert!(t.per_item_ns().is_none());
+        // A single-item probe that is mostly overhead...
+        t.record(1, 50_000);
+        assert_eq!(t.per_item_ns(), Some(50_000.0));
+        // ...is quickly outweighed by a large chunk.
+        t.record(10_000, 2_000_000);
+        let est = t.per_item_ns().unwrap();
+        assert!(est < 210.0, "{est}");
+        // Old data fades: a change of regime is followed.
+        for _ in 0..20 {
+            t.record(10, 10_000_000);
+        }
+        let est = t.per_item_ns().unwrap();
+        assert!((est - 1_000_000.0).abs() < 1_000.0, "{est}");
+    }
+}

@@ -1,0 +1,21 @@
+//! shoal-core: the pure-Rust engine of shoal, with no Python in it.
+//!
+//! It runs a pool of worker processes and moves opaque bytes between a driver and those workers.
+//! What the bytes mean (pickled functions, chunks of items, results) is the Python layer's
+//! business; this crate decides *where and when* they go.
+//!
+//! - [`protocol`]: the framed wire format.
+//! - [`scheduler`]: the sans-I/O state machine (queueing, assignment, in-flight accounting,
+//!   ordering of results). Tested without processes.
+//! - [`chunking`]: adaptive chunk sizes from measured item times.
+//! - [`supervisor`]: processes, sockets and threads that carry out the scheduler's decisions.
+//! - [`cpu`]: how many CPUs this process may use.
+
+pub mod chunking;
+pub mod cpu;
+pub mod error;
+pub mod protocol;
+pub mod scheduler;
+pub mod supervisor;
+
+pub use error::{Error, Result};

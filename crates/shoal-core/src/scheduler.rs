@@ -1,0 +1,921 @@
+//! The scheduler: a sans-I/O state machine that decides which task runs where.
+//!
+//! It owns no process, socket or clock. Its inputs are method calls ("a task was submitted",
+//! "worker 3 said hello", "task 17 finished after 2 ms", "worker 3 is gone"), and its outputs are
+//! [`Action`]s for the supervisor to carry out ("start a worker", "send this setup to worker 3").
+//! Time enters only as a `now_ns` argument. That is what makes it testable with `cargo test`
+//! alone (see the tests at the bottom), and reusable by other transports.
+//!
+//! Vocabulary:
+//!
+//! - A **session** is one stream of tasks with one completion queue: one `map` call, or one
+//!   `Executor`. An *ordered* session releases outcomes in submission order (for `map`/`imap`),
+//!   an unordered one as they complete (`as_completed`, futures).
+//! - A **setup** is what a worker must hold before it can run a task: the pickled function and
+//!   the fixed arguments of a call. It is sent to a worker once, just before that worker's first
+//!   task that needs it, never with every chunk.
+//! - A **task** is an opaque payload (usually a pickled chunk of items) with a `weight` (its
+//!   number of items), which the chunk-size estimate uses.
+//!
+//! Dispatch is first-in first-out over all sessions. A worker takes a task when it is idle, or,
+//! when the cost of tasks is known, while its queued work stays under a small time budget: short
+//! tasks are pipelined (no idle gap while a result travels back), long ones are not (no task
+//! waits behind another while a worker is free).
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use crate::chunking::{ChunkPolicy, ItemTimer};
+use crate::error::{Error, Result};
+
+/// Identifies a worker slot (not a pid: a restarted worker gets a new id).
+pub type WorkerId = u64;
+/// Identifies a session.
+pub type SessionId = u64;
+/// Identifies a setup.
+pub type SetupId = u64;
+/// Identifies a task.
+pub type TaskId = u64;
+
+/// Tunables of the scheduler.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// The pool size: how many workers may run at once.
+    pub max_workers: usize,
+    /// The chunk-size policy; its `target_ns` also sets the pipelining budget.
+    pub policy: ChunkPolicy,
+    /// Most tasks queued on one worker at a time.
+    pub max_tasks_per_worker: usize,
+    /// After this many workers in a row die before saying hello, queued work fails instead of
+    /// looping on a broken interpreter.
+    pub max_start_failures: u32,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            max_workers: 1,
+            policy: ChunkPolicy::default(),
+            max_tasks_per_worker: 256,
+            max_start_failures: 3,
+        }
+    }
+}
+
+/// Something the supervisor must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Start a worker process for this slot.
+    Spawn {
+        /// The new slot.
+        worker: WorkerId,
+    },
+    /// Send a setup to a worker.
+    SendSetup {
+        /// Destination.
+        worker: WorkerId,
+        /// Which setup.
+        setup: SetupId,
+        /// Its pickled bytes.
+        blob: Arc<[u8]>,
+    },
+    /// Send a task to a worker.
+    SendTask {
+        /// Destination.
+        worker: WorkerId,
+        /// Which task.
+        task: TaskId,
+        /// The setup it runs under (already sent).
+        setup: SetupId,
+        /// The task payload.
+        payload: Arc<[u8]>,
+    },
+    /// Tell a worker to forget a setup.
+    SendRelease {
+        /// Destination.
+        worker: WorkerId,
+        /// Which setup.
+        setup: SetupId,
+    },
+    /// Ask an idle worker to exit.
+    Retire {
+        /// Which worker.
+        worker: WorkerId,
+    },
+    /// Stop a worker now (its running task is abandoned).
+    Kill {
+        /// Which worker.
+        worker: WorkerId,
+    },
+    /// A session has outcomes ready (wake its waiter).
+    Wake {
+        /// Which session.
+        session: SessionId,
+    },
+}
+
+/// How a task ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// The worker ran it and sent back a payload (which may itself describe Python errors).
+    Done,
+    /// The worker died while the task was in its hands.
+    WorkerLost {
+        /// Pid of the dead worker, if it had said hello.
+        pid: Option<u32>,
+        /// How it ended, for example "killed by signal 9 (SIGKILL)".
+        exit: String,
+    },
+    /// No worker could be started to run it.
+    StartFailed(String),
+}
+
+/// A finished task, as handed to the session's consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The task's sequence number within its session (0, 1, 2, ...).
+    pub seq: u64,
+    /// How it ended.
+    pub status: Status,
+    /// The worker's reply (empty unless `status` is `Done`).
+    pub payload: Vec<u8>,
+    /// Compute time reported by the worker.
+    pub elapsed_ns: u64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum WorkerState {
+    Starting,
+    Ready,
+    Retiring,
+}
+
+#[derive(Debug)]
+struct Worker {
+    pid: Option<u32>,
+    state: WorkerState,
+    running: Vec<TaskId>,
+    load_ns: f64,
+    unknown_cost: usize,
+    setups: HashSet<SetupId>,
+    last_active_ns: u64,
+}
+
+#[derive(Debug)]
+struct Task {
+    session: SessionId,
+    setup: SetupId,
+    seq: u64,
+    weight: u64,
+    payload: Arc<[u8]>,
+    worker: Option<WorkerId>,
+    est_ns: Option<f64>,
+}
+
+#[derive(Debug, Default)]
+struct Session {
+    ordered: bool,
+    next_seq: u64,
+    next_out: u64,
+    parked: BTreeMap<u64, Outcome>,
+    ready: VecDeque<Outcome>,
+    setups: HashSet<SetupId>,
+}
+
+#[derive(Debug)]
+struct Setup {
+    session: SessionId,
+    blob: Arc<[u8]>,
+    timer: ItemTimer,
+}
+
+/// The scheduler state machine. See the module documentation.
+#[derive(Debug)]
+pub struct Scheduler {
+    config: SchedulerConfig,
+    workers: BTreeMap<WorkerId, Worker>,
+    sessions: HashMap<SessionId, Session>,
+    setups: HashMap<SetupId, Setup>,
+    tasks: HashMap<TaskId, Task>,
+    queue: VecDeque<TaskId>,
+    next_id: u64,
+    start_failures: u32,
+}
+
+impl Scheduler {
+    /// A scheduler with no worker yet; workers are requested when work arrives.
+    pub fn new(config: SchedulerConfig) -> Self {
+        Scheduler {
+            config,
+            workers: BTreeMap::new(),
+            sessions: HashMap::new(),
+            setups: HashMap::new(),
+            tasks: HashMap::new(),
+            queue: VecDeque::new(),
+            next_id: 1,
+            start_failures: 0,
+        }
+    }
+
+    fn fresh_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// The pool size.
+    pub fn max_workers(&self) -> usize {
+        self.config.max_workers
+    }
+
+    /// Opens a session.
+    pub fn open_session(&mut self, ordered: bool) -> SessionId {
+        let id = self.fresh_id();
+        self.sessions.insert(
+            id,
+            Session {
+                ordered,
+                ..Session::default()
+            },
+        );
+        id
+    }
+
+    /// Registers a setup (pickled function and fixed arguments) for a session.
+    ///
+    /// # Errors
+    /// [`Error::Unknown`] if the session is closed.
+    pub fn add_setup(&mut self, session: SessionId, blob: Arc<[u8]>) -> Result<SetupId> {
+        if !self.sessions.contains_key(&session) {
+            return Err(Error::Unknown { what: "session", id: session });
+        }
+        let id = self.fresh_id();
+        self.setups.insert(
+            id,
+            Setup {
+                session,
+                blob,
+                timer: ItemTimer::default(),
+            },
+        );
+        self.sessions.get_mut(&session).expect("checked").setups.insert(id);
+        Ok(id)
+    }
+
+    /// Forgets a setup and tells the workers holding it to drop it.
+    pub fn remove_setup(&mut self, setup: SetupId) -> Vec<Action> {
+        let mut out = Vec::new();
+        if let Some(s) = self.setups.remove(&setup) {
+            if let Some(sess) = self.sessions.get_mut(&s.session) {
+                sess.setups.remove(&setup);
+            }
+            self.release_everywhere(setup, &mut out);
+        }
+        out
+    }
+
+    fn release_everywhere(&mut self, setup: SetupId, out: &mut Vec<Action>) {
+        for (&id, w) in self.workers.iter_mut() {
+            if w.setups.remove(&setup) {
+                out.push(Action::SendRelease { worker: id, setup });
+            }
+        }
+    }
+
+    /// Queues a task of `weight` items under `setup`; returns its sequence number.
+    ///
+    /// # Errors
+    /// [`Error::Unknown`] if the setup was removed or its session closed.
+    pub fn submit(&mut self, setup: SetupId, weight: u64, payload: Arc<[u8]>) -> Result<(u64, Vec<Action>)> {
+        let session = self
+            .setups
+            .get(&setup)
+            .map(|s| s.session)
+            .ok_or(Error::Unknown { what: "setup", id: setup })?;
+        let sess = self
+            .sessions
+            .get_mut(&session)
+            .ok_or(Error::Unknown { what: "session", id: session })?;
+        let seq = sess.next_seq;
+        sess.next_seq += 1;
+        let id = self.fresh_id();
+        self.tasks.insert(
+            id,
+            Task {
+                session,
+                setup,
+                seq,
+                weight: weight.max(1),
+                payload,
+                worker: None,
+                est_ns: None,
+            },
+        );
+        self.queue.push_back(id);
+        let mut out = Vec::new();
+        self.dispatch(&mut out);
+        Ok((seq, out))
+    }
+
+    /// Items per chunk the policy suggests for the next task of `setup`.
+    pub fn chunk_size(&self, setup: SetupId, remaining: Option<u64>) -> usize {
+        let est = self.setups.get(&setup).and_then(|s| s.timer.per_item_ns());
+        self.config.policy.chunk_size(est, remaining, self.config.max_workers)
+    }
+
+    /// Asks for workers up front (up to the pool size), so the first task does not wait for a
+    /// start.
+    pub fn prestart(&mut self, count: usize) -> Vec<Action> {
+        let mut out = Vec::new();
+        while self.live_workers() < count.min(self.config.max_workers) {
+            self.spawn(&mut out);
+        }
+        out
+    }
+
+    fn live_workers(&self) -> usize {
+        self.workers.values().filter(|w| w.state != WorkerState::Retiring).count()
+    }
+
+    fn spawn(&mut self, out: &mut Vec<Action>) {
+        let id = self.fresh_id();
+        self.workers.insert(
+            id,
+            Worker {
+                pid: None,
+                state: WorkerState::Starting,
+                running: Vec::new(),
+                load_ns: 0.0,
+                unknown_cost: 0,
+                setups: HashSet::new(),
+                last_active_ns: 0,
+            },
+        );
+        out.push(Action::Spawn { worker: id });
+    }
+
+    /// A worker process said hello: it can take tasks.
+    pub fn worker_started(&mut self, worker: WorkerId, pid: u32, now_ns: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.pid = Some(pid);
+            if w.state == WorkerState::Starting {
+                w.state = WorkerState::Ready;
+            }
+            w.last_active_ns = now_ns;
+            self.start_failures = 0;
+            self.dispatch(&mut out);
+        }
+        out
+    }
+
+    /// A worker finished a task.
+    pub fn task_finished(
+        &mut self,
+        worker: WorkerId,
+        task: TaskId,
+        elapsed_ns: u64,
+        payload: Vec<u8>,
+        now_ns: u64,
+    ) -> Vec<Action> {
+        let mut out = Vec::new();
+        if let Some(t) = self.tasks.remove(&task) {
+            if let Some(w) = self.workers.get_mut(&worker) {
+                w.running.retain(|&id| id != task);
+                match t.est_ns {
+                    Some(est) => w.load_ns = (w.load_ns - est).max(0.0),
+                    None => w.unknown_cost = w.unknown_cost.saturating_sub(1),
+                }
+                w.last_active_ns = now_ns;
+            }
+            if let Some(s) = self.setups.get_mut(&t.setup) {
+                s.timer.record(t.weight, elapsed_ns);
+            }
+            let outcome = Outcome {
+                seq: t.seq,
+                status: Status::Done,
+                payload,
+                elapsed_ns,
+            };
+            self.deliver(t.session, outcome, &mut out);
+        }
+        self.dispatch(&mut out);
+        out
+    }
+
+    /// A worker process is gone (it exited, crashed, was killed, or never started).
+    ///
+    /// A worker runs its tasks in the order it received them, so only the first task in its
+    /// pipeline was executing: that one completes with [`Status::WorkerLost`]. The tasks queued
+    /// behind it never started and go back to the front of the queue, in order. If the worker
+    /// died before saying hello, that counts as a start failure; too many in a row fail the
+    /// queued work with [`Status::StartFailed`] rather than restarting forever.
+    pub fn worker_lost(&mut self, worker: WorkerId, exit: String) -> Vec<Action> {
+        let mut out = Vec::new();
+        let Some(w) = self.workers.remove(&worker) else {
+            return out;
+        };
+        if w.state == WorkerState::Starting {
+            self.start_failures += 1;
+        }
+        let mut running = w.running.into_iter();
+        let culprit = running.next();
+        for task in running.rev() {
+            if let Some(t) = self.tasks.get_mut(&task) {
+                t.worker = None;
+                t.est_ns = None;
+                self.queue.push_front(task);
+            }
+        }
+        if let Some(task) = culprit {
+            if let Some(t) = self.tasks.remove(&task) {
+                let outcome = Outcome {
+                    seq: t.seq,
+                    status: Status::WorkerLost {
+                        pid: w.pid,
+                        exit: exit.clone(),
+                    },
+                    payload: Vec::new(),
+                    elapsed_ns: 0,
+                };
+                self.deliver(t.session, outcome, &mut out);
+            }
+        }
+        if self.start_failures >= self.config.max_start_failures && !self.queue.is_empty() {
+            let msg = format!("{} worker processes in a row failed to start; last: {exit}", self.start_failures);
+            for task in std::mem::take(&mut self.queue) {
+                if let Some(t) = self.tasks.remove(&task) {
+                    let outcome = Outcome {
+                        seq: t.seq,
+                        status: Status::StartFailed(msg.clone()),
+                        payload: Vec::new(),
+                        elapsed_ns: 0,
+                    };
+                    self.deliver(t.session, outcome, &mut out);
+                }
+            }
+            self.start_failures = 0;
+        }
+        self.dispatch(&mut out);
+        out
+    }
+
+    /// Drops queued (not yet started) tasks of a session: all of them, or those with a sequence
+    /// number above `after_seq`. Running tasks finish normally.
+    pub fn cancel(&mut self, session: SessionId, after_seq: Option<u64>) {
+        let tasks = &mut self.tasks;
+        self.queue.retain(|id| {
+            let t = &tasks[id];
+            let drop = t.session == session && after_seq.is_none_or(|s| t.seq > s);
+            if drop {
+                tasks.remove(id);
+            }
+            !drop
+        });
+    }
+
+    /// Closes a session: queued tasks are dropped, later outcomes discarded, setups released.
+    /// With `abort`, workers running its tasks are killed too.
+    pub fn close_session(&mut self, session: SessionId, abort: bool) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.cancel(session, None);
+        let Some(sess) = self.sessions.remove(&session) else {
+            return out;
+        };
+        if abort {
+            for (&id, w) in &self.workers {
+                if w.running.iter().any(|t| self.tasks.get(t).is_some_and(|t| t.session == session)) {
+                    out.push(Action::Kill { worker: id });
+                }
+            }
+        }
+        for setup in sess.setups {
+            self.setups.remove(&setup);
+            self.release_everywhere(setup, &mut out);
+        }
+        out
+    }
+
+    /// Takes the outcomes ready for a session, in the order the session promises.
+    ///
+    /// # Errors
+    /// [`Error::Unknown`] if the session is closed.
+    pub fn take_ready(&mut self, session: SessionId) -> Result<Vec<Outcome>> {
+        let sess = self
+            .sessions
+            .get_mut(&session)
+            .ok_or(Error::Unknown { what: "session", id: session })?;
+        Ok(sess.ready.drain(..).collect())
+    }
+
+    /// Retires workers idle for `idle_ns` or more while no work is queued.
+    pub fn reap_idle(&mut self, now_ns: u64, idle_ns: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        if !self.queue.is_empty() {
+            return out;
+        }
+        for (&id, w) in self.workers.iter_mut() {
+            if w.state == WorkerState::Ready
+                && w.running.is_empty()
+                && now_ns.saturating_sub(w.last_active_ns) >= idle_ns
+            {
+                w.state = WorkerState::Retiring;
+                out.push(Action::Retire { worker: id });
+            }
+        }
+        out
+    }
+
+    /// Number of workers by state: (starting, ready, retiring).
+    pub fn worker_counts(&self) -> (usize, usize, usize) {
+        let mut counts = (0, 0, 0);
+        for w in self.workers.values() {
+            match w.state {
+                WorkerState::Starting => counts.0 += 1,
+                WorkerState::Ready => counts.1 += 1,
+                WorkerState::Retiring => counts.2 += 1,
+            }
+        }
+        counts
+    }
+
+    /// Number of tasks queued and not yet given to a worker.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn deliver(&mut self, session: SessionId, outcome: Outcome, out: &mut Vec<Action>) {
+        let Some(sess) = self.sessions.get_mut(&session) else {
+            return; // closed: nobody wants it
+        };
+        let before = sess.ready.len();
+        if sess.ordered {
+            sess.parked.insert(outcome.seq, outcome);
+            while let Some(o) = sess.parked.remove(&sess.next_out) {
+                sess.ready.push_back(o);
+                sess.next_out += 1;
+            }
+        } else {
+            sess.ready.push_back(outcome);
+        }
+        if sess.ready.len() > before {
+            out.push(Action::Wake { session });
+        }
+    }
+
+    fn estimate(&self, task: &Task) -> Option<f64> {
+        self.setups
+            .get(&task.setup)
+            .and_then(|s| s.timer.per_item_ns())
+            .map(|per_item| per_item * task.weight as f64)
+    }
+
+    /// Picks the worker for a task of estimated cost `est`: an idle one first, else the least
+    /// loaded one whose pipeline stays under budget.
+    fn pick_worker(&self, est: Option<f64>) -> Option<WorkerId> {
+        let budget = 2.0 * self.config.policy.target_ns as f64;
+        let mut best: Option<(WorkerId, f64)> = None;
+        for (&id, w) in &self.workers {
+            if w.state != WorkerState::Ready {
+                continue;
+            }
+            if w.running.is_empty() {
+                return Some(id);
+            }
+            let Some(cost) = est else { continue };
+            if w.unknown_cost > 0 || w.running.len() >= self.config.max_tasks_per_worker {
+                continue;
+            }
+            if w.load_ns + cost <= budget && best.is_none_or(|(_, load)| w.load_ns < load) {
+                best = Some((id, w.load_ns));
+            }
+        }
+        best.map(|(id, _)| id)
+    }
+
+    fn dispatch(&mut self, out: &mut Vec<Action>) {
+        while let Some(&task_id) = self.queue.front() {
+            let est = self.estimate(&self.tasks[&task_id]);
+            let Some(worker) = self.pick_worker(est) else {
+                break;
+            };
+            self.queue.pop_front();
+            let task = self.tasks.get_mut(&task_id).expect("queued task exists");
+            task.worker = Some(worker);
+            task.est_ns = est;
+            let (setup, payload) = (task.setup, task.payload.clone());
+            let w = self.workers.get_mut(&worker).expect("picked worker exists");
+            if w.setups.insert(setup) {
+                let blob = self.setups[&setup].blob.clone();
+                out.push(Action::SendSetup { worker, setup, blob });
+            }
+            w.running.push(task_id);
+            match est {
+                Some(cost) => w.load_ns += cost,
+                None => w.unknown_cost += 1,
+            }
+            out.push(Action::SendTask {
+                worker,
+                task: task_id,
+                setup,
+                payload,
+            });
+        }
+        // Grow the pool while work waits and slots are free; one start per waiting task.
+        let starting = self.worker_counts().0;
+        let mut wanted = self.queue.len().saturating_sub(starting);
+        while wanted > 0 && self.live_workers() < self.config.max_workers {
+            self.spawn(out);
+            wanted -= 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sched(workers: usize) -> Scheduler {
+        Scheduler::new(SchedulerConfig {
+            max_workers: workers,
+            ..SchedulerConfig::default()
+        })
+    }
+
+    fn blob(s: &str) -> Arc<[u8]> {
+        Arc::from(s.as_bytes())
+    }
+
+    fn spawned(actions: &[Action]) -> Vec<WorkerId> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Spawn { worker } => Some(*worker),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn sent_tasks(actions: &[Action]) -> Vec<(WorkerId, TaskId)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::SendTask { worker, task, .. } => Some((*worker, *task)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Submits `n` tasks, starts all requested workers, and returns (workers, task sends).
+    fn start_with_tasks(s: &mut Scheduler, setup: SetupId, n: usize) -> (Vec<WorkerId>, Vec<(WorkerId, TaskId)>) {
+        let mut actions = Vec::new();
+        for i in 0..n {
+            let (seq, acts) = s.submit(setup, 1, blob(&format!("t{i}"))).unwrap();
+            assert_eq!(seq, i as u64);
+            actions.extend(acts);
+        }
+        let workers = spawned(&actions);
+        let mut sends = Vec::new();
+        for (i, &w) in workers.iter().enumerate() {
+            sends.extend(sent_tasks(&s.worker_started(w, 100 + i as u32, 0)));
+        }
+        (workers, sends)
+    }
+
+    #[test]
+    fn spawns_on_demand_up_to_pool_size() {
+        let mut s = sched(2);
+        let sess = s.open_session(true);
+        let setup = s.add_setup(sess, blob("f")).unwrap();
+        let (workers, sends) = start_with_tasks(&mut s, setup, 5);
+        assert_eq!(workers.len(), 2, "never more than the pool size");
+        // Cost unknown: one task per worker.
+        assert_eq!(sends.len(), 2);
+        assert_eq!(s.queued(), 3);
+    }
+
+    #[test]
+    fn setup_is_sent_once_per_worker_before_its_first_task() {
+        let mut s = sched(1);
+        let sess = s.open_session(false);
+        let setup = s.add_setup(sess, blob("f")).unwrap();
+        let (_, acts) = s.submit(setup, 1, blob("a")).unwrap();
+        let w = spawned(&acts)[0];
+        let acts = s.worker_started(w, 1, 0);
+        assert!(matches!(acts[0], Action::SendSetup { worker, setup: st, .. } if worker == w && st == setup));
+        assert!(matches!(acts[1], Action::SendTask { .. }));
+        let task = sent_tasks(&acts)[0].1;
+        let (_, acts) = s.submit(setup, 1, blob("b")).unwrap();
+        assert!(acts.is_empty(), "worker busy, cost unknown: wait");
+        let acts = s.task_finished(w, task, 1000, b"r".to_vec(), 1);
+        assert!(!acts.iter().any(|a| matches!(a, Action::SendSetup { .. })), "{acts:?}");
+        assert_eq!(sent_tasks(&acts).len(), 1);
+    }
+
+    #[test]
+    fn ordered_session_releases_in_submission_order() {
+        let mut s = sched(2);
+        let sess = s.open_session(true);
+        let setup = s.add_setup(sess, blob("f")).unwrap();
+        let (_, sends) = start_with_tasks(&mut s, setup, 2);
+        let (w0, t0) = sends[0];
+        let (w1, t1) = sends[1];
+        // Second task finishes first: nothing ready yet.
+        s.task_finished(w1, t1, 10, b"second".to_vec(), 1);
+        assert!(s.take_ready(sess).unwrap().is_empty());
+        let acts = s.task_finished(w0, t0, 10, b"first".to_vec(), 2);
+        assert!(acts.contains(&Action::Wake { session: sess }));
+        let ready = s.take_ready(sess).unwrap();
+        let payloads: Vec<_> = ready.iter().map(|o| o.payload.clone()).collect();
+        assert_eq!(payloads, vec![b"first".to_vec(), b"second".to_vec()]);
+        assert_eq!((ready[0].seq, ready[1].seq), (0, 1));
+    }
+
+    #[test]
+    fn unordered_session_releases_in_completion_order() {
+        let mut s = sched(2);
+        let sess = s.open_session(false);
+        let setup = s.add_setup(sess, blob("f")).unwrap();
+        let (_, sends) = start_with_tasks(&mut s, setup, 2);
+        s.task_finished(sends[1].0, sends[1].1, 10, b"b".to_vec(), 1);
+        let ready = s.take_ready(sess).unwrap();
+        assert_eq!(ready.len(), 1);
+        assert_eq!(ready[0].seq, 1);
+    }
+
+    #[test]
+    fn known_short_tasks_are_pipelined_long_ones_are_not() {
+        let mut s = sched(1);
+        let sess = s.open_session(false);
+        let setup = s.add_setup(sess, blob("f")).unwrap();
+        let (workers, sends) = start_with_tasks(&mut s, setup, 1);
+        let w = workers[0];
+        // Teach it that an item costs 10 us.
+        s.task_finished(w, sends[0].1, 10_000, Vec::new(), 1);
+        let mut in_flight = 0;
+        for _ in 0..10 {
+            let (_, acts) = s.submit(setup, 1, blob("x")).unwrap();
+            in_flight += sent_tasks(&acts).len();
+        }
+        assert_eq!(in_flight, 10, "short tasks all go to the worker at once");
+
+        let mut s = sched(1);
+        let sess = s.open_session(false);
+        let setup = s.add_setup(sess, blob("f")).unwrap();
+        let (workers, sends) = start_with_tasks(&mut s, setup, 1);
+        s.task_finished(workers[0], sends[0].1, 50_000_000, Vec::new(), 1);
+        let mut in_flight = 0;
+        for _ in 0..3 {
+            let (_, acts) = s.submit(setup, 1, blob("x")).unwrap();
+            in_flight += sent_tasks(&acts).len();
+        }
+        assert_eq!(in_flight, 1, "a 50 ms task is not queued behind another");
+    }
+
+    #[test]
+    fn lost_worker_fails_its_tasks_and_is_replaced() {
+        let mut s = sched(1);
+        let sess = s.open_session(false);
+        let setup = s.add_setup(sess, blob("f")).unwrap();
+        let (workers, sends) = start_with_tasks(&mut s, setup, 2);
+        let acts = s.worker_lost(workers[0], "killed by signal 9 (SIGKILL)".into());
+        let ready = s.take_ready(sess).unwrap();
+        assert_eq!(ready.len(), 1);
+        assert_eq!(ready[0].seq, 0);
+        assert_eq!(
+            ready[0].status,
+            Status::WorkerLost {
+                pid: Some(100),
+                exit: "killed by signal 9 (SIGKILL)".into()
+            }
+        );
+        assert_eq!(sends.len(), 1);
+        // The queued task needs a worker: a replacement is requested, and gets the setup again.
+        let new = spawned(&acts);
+        assert_eq!(new.len(), 1);
+        let acts = s.worker_started(new[0], 200, 5);
+        assert!(matches!(acts[0], Action::SendSetup { .. }));
+        assert_eq!(sent_tasks(&acts).len(), 1);
+    }
+
+    #[test]
+    fn only_the_executing_task_is_blamed_for_a_crash() {
+        let mut s = sched(1);
+        let sess = s.open_session(true);
+        let setup = s.add_setup(sess, blob("f")).unwrap();
+        let (workers, sends) = start_with_tasks(&mut s, setup, 1);
+        s.task_finished(workers[0], sends[0].1, 1_000, Vec::new(), 1);
+        assert_eq!(s.take_ready(sess).unwrap().len(), 1);
+        let mut piped = Vec::new();
+        for _ in 0..3 {
+            piped.extend(sent_tasks(&s.submit(setup, 1, blob("x")).unwrap().1));
+        }
+        assert_eq!(piped.len(), 3, "pipelined on the one worker");
+        let acts = s.worker_lost(workers[0], "killed by signal 11 (SIGSEGV)".into());
+        let ready = s.take_ready(sess).unwrap();
+        assert_eq!(ready.len(), 1);
+        assert_eq!(ready[0].seq, 1, "the first task in the pipeline was the one running");
+        assert_eq!(s.queued(), 2, "the two behind it go back to the queue");
+        let new = spawned(&acts)[0];
+        let acts = s.worker_started(new, 9, 2);
+        let resent: Vec<TaskId> = sent_tasks(&acts).into_iter().map(|(_, t)| t).collect();
+        assert_eq!(resent[0], piped[1].1, "in their original order");
+    }
+
+    #[test]
+    fn repeated_start_failures_fail_the_queue_instead_of_looping() {
+        let mut s = sched(1);
+        let sess = s.open_session(true);
+        let setup = s.add_setup(sess, blob("f")).unwrap();
+        let (_, acts) = s.submit(setup, 1, blob("a")).unwrap();
+        let mut worker = spawned(&acts)[0];
+        for round in 0..3 {
+            let acts = s.worker_lost(worker, "exit code 1".into());
+            if round < 2 {
+                worker = spawned(&acts)[0];
+            } else {
+                assert!(spawned(&acts).is_empty());
+            }
+        }
+        let ready = s.take_ready(sess).unwrap();
+        assert_eq!(ready.len(), 1);
+        assert!(matches!(&ready[0].status, Status::StartFailed(m) if m.contains("exit code 1")));
+    }
+
+    #[test]
+    fn cancel_after_keeps_earlier_tasks() {
+        let mut s = sched(1);
+        let sess = s.open_session(true);
+        let setup = s.add_setup(sess, blob("f")).unwrap();
+        let (workers, sends) = start_with_tasks(&mut s, setup, 5);
+        assert_eq!(s.queued(), 4);
+        s.cancel(sess, Some(2));
+        assert_eq!(s.queued(), 2, "seq 1 and 2 stay, 3 and 4 go");
+        let acts = s.task_finished(workers[0], sends[0].1, 5, Vec::new(), 1);
+        assert_eq!(sent_tasks(&acts).len(), 2, "cheap known tasks are pipelined");
+        assert_eq!(s.queued(), 0);
+    }
+
+    #[test]
+    fn close_session_releases_setups_and_discards_late_results() {
+        let mut s = sched(1);
+        let sess = s.open_session(false);
+        let setup = s.add_setup(sess, blob("f")).unwrap();
+        let (workers, sends) = start_with_tasks(&mut s, setup, 3);
+        let acts = s.close_session(sess, false);
+        assert!(acts.contains(&Action::SendRelease {
+            worker: workers[0],
+            setup
+        }));
+        assert_eq!(s.queued(), 0);
+        let acts = s.task_finished(workers[0], sends[0].1, 5, Vec::new(), 1);
+        assert!(!acts.iter().any(|a| matches!(a, Action::Wake { .. })));
+        assert!(s.take_ready(sess).is_err());
+        assert!(s.submit(setup, 1, blob("x")).is_err());
+    }
+
+    #[test]
+    fn abort_kills_workers_running_the_session() {
+        let mut s = sched(2);
+        let a = s.open_session(false);
+        let b = s.open_session(false);
+        let sa = s.add_setup(a, blob("f")).unwrap();
+        let sb = s.add_setup(b, blob("g")).unwrap();
+        let (_, acts_a) = s.submit(sa, 1, blob("x")).unwrap();
+        let (_, acts_b) = s.submit(sb, 1, blob("y")).unwrap();
+        let wa = spawned(&acts_a)[0];
+        let wb = spawned(&acts_b)[0];
+        s.worker_started(wa, 1, 0);
+        s.worker_started(wb, 2, 0);
+        let acts = s.close_session(a, true);
+        assert!(acts.contains(&Action::Kill { worker: wa }));
+        assert!(!acts.contains(&Action::Kill { worker: wb }));
+    }
+
+    #[test]
+    fn idle_workers_retire_after_timeout() {
+        let mut s = sched(1);
+        let sess = s.open_session(false);
+        let setup = s.add_setup(sess, blob("f")).unwrap();
+        let (workers, sends) = start_with_tasks(&mut s, setup, 1);
+        s.task_finished(workers[0], sends[0].1, 5, Vec::new(), 1_000);
+        assert!(s.reap_idle(1_500, 1_000).is_empty());
+        assert_eq!(s.reap_idle(2_000, 1_000), vec![Action::Retire { worker: workers[0] }]);
+        assert_eq!(s.worker_counts(), (0, 0, 1));
+        // New work starts a fresh worker rather than waiting for the retiring one.
+        let (_, acts) = s.submit(setup, 1, blob("x")).unwrap();
+        assert_eq!(spawned(&acts).len(), 1);
+    }
+
+    #[test]
+    fn chunk_size_learns_from_results() {
+        let mut s = sched(2);
+        let sess = s.open_session(true);
+        let setup = s.add_setup(sess, blob("f")).unwrap();
+        assert_eq!(s.chunk_size(setup, Some(100_000)), 1);
+        let (workers, sends) = start_with_tasks(&mut s, setup, 1);
+        s.task_finished(workers[0], sends[0].1, 200, Vec::new(), 1);
+        assert!(s.chunk_size(setup, None) > 1000);
+        assert_eq!(s.chunk_size(setup, Some(8)), 2);
+    }
+}

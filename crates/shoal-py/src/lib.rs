@@ -1,0 +1,297 @@
+//! PyO3 bindings of shoal-core, imported as `shoal._native`.
+//!
+//! This crate only converts values and errors at the boundary. Two rules hold everywhere:
+//! only bytes cross into Rust (pickling stays in Python), and every call that can block releases
+//! the GIL, waiting in short slices so that Ctrl-C is heard between them.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use pyo3::create_exception;
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedBytes;
+use pyo3::types::PyBytes;
+
+use shoal_core::chunking::{ChunkPolicy, ItemTimer};
+use shoal_core::protocol::{self, Kind};
+use shoal_core::scheduler::Status;
+use shoal_core::supervisor::{Engine as CoreEngine, EngineConfig};
+
+create_exception!(
+    _native,
+    EngineError,
+    PyRuntimeError,
+    "An error inside the native engine (closed pool, unknown session, I/O failure)."
+);
+
+fn to_py(err: shoal_core::Error) -> PyErr {
+    EngineError::new_err(err.to_string())
+}
+
+/// Longest time a blocking call stays in Rust before checking for signals (Ctrl-C).
+const SIGNAL_SLICE: Duration = Duration::from_millis(50);
+
+/// Outcome kinds returned by `Engine.wait`.
+const DONE: u8 = 0;
+const WORKER_LOST: u8 = 1;
+const START_FAILED: u8 = 2;
+
+/// A pool of worker processes (the processes backend's engine).
+#[pyclass(frozen, module = "shoal._native")]
+struct Engine {
+    inner: CoreEngine,
+}
+
+type WaitItem<'py> = (u64, u8, Bound<'py, PyBytes>, u64, Option<u32>, String);
+
+#[pymethods]
+impl Engine {
+    #[new]
+    #[pyo3(signature = (program, args, env, workers, idle_timeout=None, target_chunk_s=0.004, max_chunk=50_000))]
+    fn new(
+        program: PathBuf,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        workers: usize,
+        idle_timeout: Option<f64>,
+        target_chunk_s: f64,
+        max_chunk: usize,
+    ) -> PyResult<Self> {
+        let policy = ChunkPolicy {
+            target_ns: (target_chunk_s * 1e9) as u64,
+            max_items: max_chunk,
+            ..ChunkPolicy::default()
+        };
+        let config = EngineConfig {
+            program,
+            args,
+            env,
+            workers,
+            idle_timeout: idle_timeout.map(Duration::from_secs_f64),
+            policy,
+        };
+        Ok(Engine {
+            inner: CoreEngine::start(config).map_err(to_py)?,
+        })
+    }
+
+    #[getter]
+    fn workers(&self) -> usize {
+        self.inner.workers()
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+
+    fn prestart(&self, count: usize) -> PyResult<()> {
+        self.inner.prestart(count).map_err(to_py)
+    }
+
+    fn open_session(&self, ordered: bool) -> PyResult<u64> {
+        self.inner.open_session(ordered).map_err(to_py)
+    }
+
+    fn add_setup(&self, session: u64, blob: &[u8]) -> PyResult<u64> {
+        self.inner.add_setup(session, blob.to_vec()).map_err(to_py)
+    }
+
+    fn remove_setup(&self, setup: u64) -> PyResult<()> {
+        self.inner.remove_setup(setup).map_err(to_py)
+    }
+
+    fn submit(&self, setup: u64, weight: u64, payload: &[u8]) -> PyResult<u64> {
+        self.inner.submit(setup, weight, payload.to_vec()).map_err(to_py)
+    }
+
+    #[pyo3(signature = (setup, remaining=None))]
+    fn chunk_size(&self, setup: u64, remaining: Option<u64>) -> usize {
+        self.inner.chunk_size(setup, remaining)
+    }
+
+    #[pyo3(signature = (session, after_seq=None))]
+    fn cancel(&self, session: u64, after_seq: Option<u64>) -> PyResult<()> {
+        self.inner.cancel(session, after_seq).map_err(to_py)
+    }
+
+    #[pyo3(signature = (session, abort=false))]
+    fn close_session(&self, session: u64, abort: bool) {
+        self.inner.close_session(session, abort)
+    }
+
+    fn wake(&self, session: u64) {
+        self.inner.wake(session)
+    }
+
+    /// Waits for outcomes of a session; `None` waits until there is one (or a wake).
+    ///
+    /// Returns a list of `(seq, kind, payload, elapsed_ns, pid, message)`.
+    #[pyo3(signature = (session, timeout=None))]
+    fn wait<'py>(&self, py: Python<'py>, session: u64, timeout: Option<f64>) -> PyResult<Vec<WaitItem<'py>>> {
+        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        loop {
+            let slice = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()).min(SIGNAL_SLICE),
+                None => SIGNAL_SLICE,
+            };
+            let (outcomes, woken) = py.detach(|| self.inner.wait(session, slice)).map_err(to_py)?;
+            if !outcomes.is_empty() {
+                return Ok(outcomes
+                    .into_iter()
+                    .map(|o| {
+                        let (kind, pid, msg) = match o.status {
+                            Status::Done => (DONE, None, String::new()),
+                            Status::WorkerLost { pid, exit } => (WORKER_LOST, pid, exit),
+                            Status::StartFailed(msg) => (START_FAILED, None, msg),
+                        };
+                        (o.seq, kind, PyBytes::new(py, &o.payload), o.elapsed_ns, pid, msg)
+                    })
+                    .collect());
+            }
+            py.check_signals()?;
+            if woken || deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.inner.pids()
+    }
+
+    #[pyo3(signature = (kill=false))]
+    fn shutdown(&self, py: Python<'_>, kill: bool) {
+        py.detach(|| self.inner.shutdown(kill))
+    }
+}
+
+/// The worker's end of its channel to the driver.
+///
+/// Results are buffered and flushed only when the worker is about to block waiting for work,
+/// so a burst of small tasks is answered with few system calls.
+#[pyclass(module = "shoal._native")]
+struct WorkerChannel {
+    reader: BufReader<UnixStream>,
+    writer: BufWriter<UnixStream>,
+}
+
+#[pymethods]
+impl WorkerChannel {
+    #[new]
+    fn new(fd: i32) -> PyResult<Self> {
+        // SAFETY: the driver passed this descriptor to us for our exclusive use; we take
+        // ownership of it here and nothing else in the worker uses it.
+        let stream = unsafe { UnixStream::from_raw_fd(fd) };
+        let write_half = stream.try_clone()?;
+        Ok(WorkerChannel {
+            reader: BufReader::with_capacity(1 << 16, stream),
+            writer: BufWriter::with_capacity(1 << 16, write_half),
+        })
+    }
+
+    fn hello(&mut self, py: Python<'_>, pid: u32) -> PyResult<()> {
+        let header = protocol::encode_header(Kind::Hello, pid as u64, 0, 0, &[]);
+        let writer = &mut self.writer;
+        py.detach(|| writer.write_all(&header).and_then(|_| writer.flush()))?;
+        Ok(())
+    }
+
+    /// Blocks for the next frame: `(kind, id, aux, payload)`, or `None` at end of stream.
+    fn recv<'py>(&mut self, py: Python<'py>) -> PyResult<Option<(u8, u64, u64, Bound<'py, PyBytes>)>> {
+        let (reader, writer) = (&mut self.reader, &mut self.writer);
+        let frame = py.detach(|| -> shoal_core::Result<_> {
+            if !protocol::holds_complete_frame(reader.buffer()) {
+                writer.flush()?;
+            }
+            protocol::read_frame(reader)
+        });
+        match frame {
+            Ok(Some(f)) => Ok(Some((f.kind as u8, f.id, f.aux, PyBytes::new(py, &f.payload)))),
+            Ok(None) => Ok(None),
+            Err(e) => Err(to_py(e)),
+        }
+    }
+
+    /// Queues a result frame (sent at the next `recv` or `flush`).
+    fn send_result(&mut self, py: Python<'_>, task: u64, elapsed_ns: u64, payload: PyBackedBytes) -> PyResult<()> {
+        let header = protocol::encode_header(Kind::Result, task, elapsed_ns, payload.len(), &[]);
+        let writer = &mut self.writer;
+        py.detach(|| writer.write_all(&header).and_then(|_| writer.write_all(&payload)))?;
+        Ok(())
+    }
+
+    fn flush(&mut self, py: Python<'_>) -> PyResult<()> {
+        let writer = &mut self.writer;
+        py.detach(|| writer.flush())?;
+        Ok(())
+    }
+}
+
+/// The adaptive chunk-size policy, for backends that do not run on the native engine.
+#[pyclass(module = "shoal._native")]
+struct ChunkSizer {
+    policy: ChunkPolicy,
+    timer: ItemTimer,
+    workers: usize,
+}
+
+#[pymethods]
+impl ChunkSizer {
+    #[new]
+    #[pyo3(signature = (workers, target_chunk_s=0.004, max_chunk=50_000))]
+    fn new(workers: usize, target_chunk_s: f64, max_chunk: usize) -> Self {
+        ChunkSizer {
+            policy: ChunkPolicy {
+                target_ns: (target_chunk_s * 1e9) as u64,
+                max_items: max_chunk,
+                ..ChunkPolicy::default()
+            },
+            timer: ItemTimer::default(),
+            workers,
+        }
+    }
+
+    fn record(&mut self, items: u64, elapsed_ns: u64) {
+        self.timer.record(items, elapsed_ns)
+    }
+
+    #[pyo3(signature = (remaining=None))]
+    fn size(&self, remaining: Option<u64>) -> usize {
+        self.policy.chunk_size(self.timer.per_item_ns(), remaining, self.workers)
+    }
+}
+
+/// Number of CPUs this process may use (affinity, cgroup quota, Slurm allocation).
+#[pyfunction]
+fn cpu_count() -> usize {
+    shoal_core::cpu::available_cpus()
+}
+
+/// Name of a signal number, e.g. 9 -> "SIGKILL".
+#[pyfunction]
+fn signal_name(sig: i32) -> &'static str {
+    shoal_core::supervisor::signal_name(sig)
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Engine>()?;
+    m.add_class::<WorkerChannel>()?;
+    m.add_class::<ChunkSizer>()?;
+    m.add_function(wrap_pyfunction!(cpu_count, m)?)?;
+    m.add_function(wrap_pyfunction!(signal_name, m)?)?;
+    m.add("EngineError", m.py().get_type::<EngineError>())?;
+    m.add("KIND_SETUP", Kind::Setup as u8)?;
+    m.add("KIND_TASK", Kind::Task as u8)?;
+    m.add("KIND_RELEASE", Kind::Release as u8)?;
+    m.add("KIND_SHUTDOWN", Kind::Shutdown as u8)?;
+    m.add("OUTCOME_DONE", DONE)?;
+    m.add("OUTCOME_WORKER_LOST", WORKER_LOST)?;
+    m.add("OUTCOME_START_FAILED", START_FAILED)?;
+    Ok(())
+}
