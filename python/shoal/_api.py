@@ -1,0 +1,296 @@
+"""The top-level functions: ``shoal.map``, ``imap``, ``as_completed`` and ``starmap``.
+
+Each one validates its input (so mistakes fail before any work starts), turns the iterables
+into a lazy stream of items, picks a pool, and hands over to :mod:`shoal._driver`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Callable
+
+from . import _driver
+from ._options import check_chunksize, check_on_error, resolve_workers
+from ._spec import MODE_KW, MODE_SINGLE, MODE_STAR, CallSpec
+from .backends import Backend, get_backend
+from .backends._base import Pool
+
+__all__ = ["as_completed", "imap", "map", "starmap"]
+
+
+def _length(iterables: tuple[Any, ...]) -> int | None:
+    lengths = []
+    for it in iterables:
+        try:
+            lengths.append(len(it))
+        except TypeError:
+            return None
+    return min(lengths) if lengths else None
+
+
+def _iterators(api: str, iterables: tuple[Any, ...]) -> list[Iterator[Any]]:
+    out = []
+    for position, it in enumerate(iterables, start=2):
+        try:
+            out.append(iter(it))
+        except TypeError:
+            raise TypeError(
+                f"argument {position} of shoal.{api}() must be iterable, not {type(it).__name__}"
+            ) from None
+    return out
+
+
+class Prepared:
+    """A validated call: the spec, the item stream and its length if known."""
+
+    def __init__(
+        self,
+        api: str,
+        fn: Callable[..., Any],
+        iterables: tuple[Any, ...],
+        *,
+        star: bool,
+        args: Iterable[Any],
+        kwargs: Mapping[str, Any] | None,
+        iterkwargs: Iterable[Mapping[str, Any]] | None,
+        on_error: str,
+        chunksize: int | None,
+    ) -> None:
+        if not callable(fn):
+            raise TypeError(
+                f"shoal.{api}() needs a callable as its first argument, not {type(fn).__name__}"
+            )
+        self.on_error = check_on_error(on_error)
+        self.chunksize = check_chunksize(chunksize)
+        if isinstance(args, (str, bytes)) or not isinstance(args, Iterable):
+            raise TypeError(f"args must be a tuple or list of extra positional arguments, not {args!r}")
+        fixed_args = tuple(args)
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise TypeError(f"kwargs must be a mapping of keyword arguments, not {type(kwargs).__name__}")
+        fixed_kwargs = dict(kwargs or {})
+        for key in fixed_kwargs:
+            if not isinstance(key, str):
+                raise TypeError(f"kwargs keys must be strings, got {key!r}")
+        if not iterables and iterkwargs is None:
+            raise TypeError(f"shoal.{api}() needs at least one iterable of inputs (or iterkwargs=)")
+        sources = list(iterables)
+        if iterkwargs is not None:
+            if isinstance(iterkwargs, Mapping):
+                raise TypeError("iterkwargs must be an iterable of dicts (one per item), not a dict")
+            sources.append(iterkwargs)
+        iterators = _iterators(api, tuple(sources))
+        self.total = _length(tuple(sources))
+        if iterkwargs is not None:
+            kw_iter = iterators.pop()
+            if star:
+                positional: Iterator[Any] = (tuple(t) for t in iterators[0])
+            elif iterators:
+                positional = zip(*iterators)
+            else:
+                positional = itertools.repeat(())
+            self.items: Iterator[Any] = zip(positional, kw_iter)
+            mode = MODE_KW
+        elif star:
+            self.items, mode = iterators[0], MODE_STAR
+        elif len(iterators) == 1:
+            self.items, mode = iterators[0], MODE_SINGLE
+        else:
+            self.items, mode = zip(*iterators), MODE_STAR
+        self.spec = CallSpec(
+            fn, mode, fixed_args, fixed_kwargs, stop_on_error=self.on_error == "raise"
+        )
+
+    def open(self, pool: Pool, *, ordered: bool, deadline: float | None = None) -> Any:
+        """Open a session on ``pool``; return ``(session, batch generator)``."""
+        session = pool.open_session(ordered=ordered)
+        try:
+            spec_id = session.register(self.spec)
+        except BaseException:
+            session.close()
+            raise
+        gen = _driver.batches(
+            session,
+            spec_id,
+            self.spec,
+            self.items,
+            self.total,
+            on_error=self.on_error,
+            chunksize=self.chunksize,
+            deadline=deadline,
+        )
+        return session, gen
+
+
+def _pool(workers: Any, backend: str | Backend | None) -> Pool:
+    if workers is not None:
+        resolve_workers(workers)
+    return get_backend(backend).pool(workers)
+
+
+def map(  # noqa: A001 - the name users know
+    fn: Callable[..., Any],
+    *iterables: Iterable[Any],
+    workers: int | float | None = None,
+    chunksize: int | None = None,
+    args: Iterable[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    iterkwargs: Iterable[Mapping[str, Any]] | None = None,
+    on_error: str = "raise",
+    backend: str | Backend | None = None,
+) -> list[Any]:
+    """Apply ``fn`` to every input in parallel and return the results as a list, in input order.
+
+    Parameters
+    ----------
+    fn : callable
+        The function. Lambdas, closures and functions defined in ``__main__`` work.
+    *iterables : iterable
+        Inputs. With several, they are zipped like the builtin :func:`map`
+        (``fn(x, y)``), stopping at the shortest.
+    workers : int, float or None
+        Number of workers: an int, a float in (0, 1) for that fraction of the usable CPUs, or
+        ``None`` for all usable CPUs (see :func:`shoal.cpu_count`).
+    chunksize : int or None
+        Items per message to a worker. ``None`` (recommended) adapts it from measured run
+        times: tiny tasks are batched, long ones sent one by one.
+    args : tuple
+        Extra positional arguments passed to every call after the item's own:
+        ``fn(item, *args, **kwargs)``. Sent to each worker once per call, not once per item.
+    kwargs : dict
+        Keyword arguments passed to every call. Sent once per worker, like ``args``.
+    iterkwargs : iterable of dict
+        Per-item keyword arguments, zipped with the inputs (``fn(x, **kw)``). They override
+        ``kwargs`` entries of the same name. May be given without ``iterables``.
+    on_error : {"raise", "return"}
+        ``"raise"`` (default): the first failing item's exception is re-raised (the worker's
+        traceback as ``__cause__``, a note naming the item) and no new tasks start. ``"return"``:
+        the exception object takes that item's place in the result and every other item runs.
+    backend : str, Backend or None
+        ``"processes"`` (default), ``"threads"``, ``"serial"``, or a backend instance.
+
+    Returns
+    -------
+    list
+        One result per input, in input order.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For bad arguments, before any work starts.
+    shoal.PicklingError
+        If the function or an argument cannot be sent to worker processes.
+    Exception
+        The exception raised by the first failing item (with ``on_error="raise"``).
+
+    Examples
+    --------
+    >>> import shoal
+    >>> shoal.map(pow, [2, 3], [5, 2])
+    [32, 9]
+    """
+    call = Prepared(
+        "map", fn, iterables, star=False, args=args, kwargs=kwargs, iterkwargs=iterkwargs,
+        on_error=on_error, chunksize=chunksize,
+    )
+    _, gen = call.open(_pool(workers, backend), ordered=True)
+    out: list[Any] = []
+    for _, values in gen:
+        out.extend(values)
+    return out
+
+
+def starmap(
+    fn: Callable[..., Any],
+    iterable: Iterable[Iterable[Any]],
+    *,
+    workers: int | float | None = None,
+    chunksize: int | None = None,
+    args: Iterable[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    iterkwargs: Iterable[Mapping[str, Any]] | None = None,
+    on_error: str = "raise",
+    backend: str | Backend | None = None,
+) -> list[Any]:
+    """Like :func:`map`, but each input is a tuple of arguments: ``fn(*item)``.
+
+    Examples
+    --------
+    >>> import shoal
+    >>> shoal.starmap(pow, [(2, 5), (3, 2)])
+    [32, 9]
+    """
+    call = Prepared(
+        "starmap", fn, (iterable,), star=True, args=args, kwargs=kwargs, iterkwargs=iterkwargs,
+        on_error=on_error, chunksize=chunksize,
+    )
+    _, gen = call.open(_pool(workers, backend), ordered=True)
+    out: list[Any] = []
+    for _, values in gen:
+        out.extend(values)
+    return out
+
+
+def imap(
+    fn: Callable[..., Any],
+    *iterables: Iterable[Any],
+    workers: int | float | None = None,
+    chunksize: int | None = None,
+    args: Iterable[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    iterkwargs: Iterable[Mapping[str, Any]] | None = None,
+    on_error: str = "raise",
+    backend: str | Backend | None = None,
+) -> _driver.ResultStream:
+    """Like :func:`map`, but lazy: an iterator over results in input order.
+
+    Inputs are read only as workers need them, and at most a few chunks per worker are in
+    flight, so memory stays bounded for huge or infinite inputs and for slow consumers.
+    Closing the iterator (or leaving a ``for`` loop over it) drops the queued work.
+    """
+    call = Prepared(
+        "imap", fn, iterables, star=False, args=args, kwargs=kwargs, iterkwargs=iterkwargs,
+        on_error=on_error, chunksize=chunksize,
+    )
+    session, gen = call.open(_pool(workers, backend), ordered=True)
+    return _driver.ResultStream(session, _driver.flatten(gen))
+
+
+def as_completed(
+    fn: Callable[..., Any],
+    *iterables: Iterable[Any],
+    workers: int | float | None = None,
+    chunksize: int | None = None,
+    args: Iterable[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    iterkwargs: Iterable[Mapping[str, Any]] | None = None,
+    on_error: str = "raise",
+    with_index: bool = False,
+    backend: str | Backend | None = None,
+) -> _driver.ResultStream:
+    """Like :func:`imap`, but yields results as they complete.
+
+    Parameters
+    ----------
+    with_index : bool
+        Yield ``(index, result)`` pairs, ``index`` being the input's position, so each result
+        can be matched to its input.
+    """
+    call = Prepared(
+        "as_completed", fn, iterables, star=False, args=args, kwargs=kwargs,
+        iterkwargs=iterkwargs, on_error=on_error, chunksize=chunksize,
+    )
+    session, gen = call.open(_pool(workers, backend), ordered=False)
+    stream = _driver.with_indices(gen) if with_index else _driver.flatten(gen)
+    return _driver.ResultStream(session, stream)
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    """Monotonic deadline for a ``timeout`` in seconds (``None``: no deadline)."""
+    if timeout is None:
+        return None
+    if timeout < 0:
+        raise ValueError(f"timeout must be non-negative, got {timeout}")
+    return time.monotonic() + timeout
+

@@ -1,0 +1,113 @@
+"""Exceptions of shoal, and how a task's failure is dressed up for the caller.
+
+Every public exception derives from :class:`ShoalError`, and also from the standard exception it
+really is (a pickling failure is a :class:`pickle.PicklingError`), so existing ``except`` clauses
+keep working.
+
+A task that raises in a worker is re-raised in the driver as *its own exception type*. The
+worker's formatted traceback becomes ``__cause__`` (a :class:`RemoteTraceback`), and a PEP 678
+note names the input that failed, so the failing item can be found without a debugger.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+__all__ = [
+    "PicklingError",
+    "RemoteError",
+    "RemoteTraceback",
+    "ShoalError",
+    "WorkerCrashedError",
+    "WorkerStartError",
+]
+
+
+class ShoalError(Exception):
+    """Base class of every exception that shoal itself defines."""
+
+
+class RemoteTraceback(ShoalError):
+    """The traceback of an exception raised in a worker, attached as ``__cause__``."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return "\n\n" + self.tb.rstrip("\n")
+
+
+class RemoteError(ShoalError):
+    """Stands in for a worker exception that could not be sent back as itself.
+
+    This happens when the exception object cannot be pickled, or cannot be rebuilt from its
+    pickle (for example a custom ``__init__`` with required arguments).
+
+    Attributes
+    ----------
+    type_name : str
+        Qualified name of the original exception type.
+    message : str
+        ``str()`` of the original exception.
+    """
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+
+    def __reduce__(self) -> tuple:
+        return (RemoteError, (self.type_name, self.message))
+
+
+class PicklingError(ShoalError, pickle.PicklingError):
+    """A function, argument or result could not be pickled; the message names which one."""
+
+
+class WorkerCrashedError(ShoalError):
+    """The worker process died while it was running this item.
+
+    Attributes
+    ----------
+    index : int or None
+        Index of the item in the input.
+    arguments : str
+        Short repr of the item's arguments.
+    pid : int or None
+        Pid of the worker that died.
+    exit : str
+        How it ended, e.g. ``"killed by signal 11 (SIGSEGV)"``.
+    """
+
+    def __init__(
+        self, index: int | None, arguments: str, pid: int | None, exit: str, function: str = ""
+    ) -> None:
+        where = f"item {index}" if index is not None else "a task"
+        call = f" {function}({arguments})" if function else ""
+        super().__init__(f"worker (pid {pid}) died while running {where}:{call}: {exit}")
+        self.index = index
+        self.arguments = arguments
+        self.pid = pid
+        self.exit = exit
+
+    def __reduce__(self) -> tuple:
+        return (WorkerCrashedError, (self.index, self.arguments, self.pid, self.exit))
+
+
+class WorkerStartError(ShoalError):
+    """No worker process could be started (bad interpreter, import error in the worker...)."""
+
+
+def annotate(
+    exc: BaseException, *, index: int | None, tb: str, function: str, arguments: str
+) -> BaseException:
+    """Attach the worker traceback and a note naming the failed item to ``exc``."""
+    if tb:
+        exc.__cause__ = RemoteTraceback(tb)
+    where = f"item {index}" if index is not None else "task"
+    note = f"shoal: raised by {where}: {function}({arguments})"
+    notes = getattr(exc, "__notes__", None)
+    if not notes or note not in notes:
+        exc.add_note(note)
+    return exc

@@ -1,0 +1,70 @@
+"""Running one chunk of items: the same code in a worker process, a thread or in-process.
+
+Every backend calls :func:`run_chunk`, which is why errors, argument handling and
+``on_error`` behave identically everywhere.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any, Callable
+
+from ._spec import MODE_KW, MODE_SINGLE, MODE_STAR, CallSpec, ItemError, describe_item
+
+
+def _invoker(spec: CallSpec) -> Callable[[Any], Any] | None:
+    """A function that calls ``spec.fn`` for one item; ``None`` for the plain ``fn(item)`` case,
+    which :func:`run_chunk` runs without the extra call layer."""
+    fn, args, kwargs = spec.fn, spec.args, spec.kwargs
+    if spec.mode == MODE_SINGLE:
+        if not args and not kwargs:
+            return None
+        return lambda item: fn(item, *args, **kwargs)
+    if spec.mode == MODE_STAR:
+        if not args and not kwargs:
+            return lambda item: fn(*item)
+        return lambda item: fn(*item, *args, **kwargs)
+    if spec.mode == MODE_KW:
+        # Per-item keyword arguments override the fixed ones of the same name.
+        return lambda item: fn(*item[0], *args, **{**kwargs, **item[1]})
+    raise ValueError(f"unknown call mode {spec.mode}")
+
+
+def format_remote_traceback(exc: BaseException) -> str:
+    """The traceback of ``exc`` without shoal's own frame at the top."""
+    tb = exc.__traceback__
+    if tb is not None and tb.tb_frame.f_code is run_chunk.__code__:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def run_chunk(spec: CallSpec, items: list[Any]) -> tuple[list[Any], list[ItemError]]:
+    """Run ``spec`` over ``items``; return the values and the errors.
+
+    The loop runs inside one ``try`` so the common case pays nothing per item for error handling;
+    after an error it resumes with the next item of the same iterator, so no item runs twice.
+    ``SystemExit`` raised by a task is an error of that task, not an exit of the worker.
+    """
+    values: list[Any] = []
+    errors: list[ItemError] = []
+    append = values.append
+    call = _invoker(spec)
+    fn = spec.fn
+    it = iter(items)
+    while True:
+        try:
+            if call is None:
+                for item in it:
+                    append(fn(item))
+            else:
+                for item in it:
+                    append(call(item))
+            return values, errors
+        except (Exception, SystemExit) as exc:
+            offset = len(values)
+            append(None)
+            errors.append(
+                ItemError(offset, exc, format_remote_traceback(exc), describe_item(spec, items[offset]))
+            )
+            if spec.stop_on_error:
+                return values, errors

@@ -1,0 +1,301 @@
+"""``shoal.Executor``: a :class:`concurrent.futures.Executor` on any shoal backend.
+
+It drops into code that takes an executor (emcee, scipy's ``workers=``, pipefunc, joblib's
+``parallel_config``). Futures share one unordered session on the executor's own pool; a
+*pump* thread waits on that session (in Rust, with the GIL released) and completes futures as
+results arrive, in batches.
+
+Each distinct function is pickled once and sent to each worker once. To keep ``submit`` cheap,
+the sequence number of a task is known before it is queued (sessions number tasks 0, 1, 2...),
+so its future is registered before the result can possibly arrive.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+import types
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Callable
+
+from . import _driver
+from ._api import Prepared, deadline_after
+from ._errors import WorkerCrashedError, WorkerStartError, annotate
+from ._options import resolve_workers
+from ._spec import MODE_KW, CallSpec, ChunkResult, describe_item
+from .backends import Backend, get_backend
+from .backends._base import Session
+
+__all__ = ["Executor"]
+
+_KW_SPEC = CallSpec(len, MODE_KW)
+
+#: Functions kept registered with the workers; older idle ones are released beyond this.
+_MAX_CACHED_FUNCTIONS = 256
+
+
+def _function_key(fn: Callable[..., Any]) -> Any:
+    # A bound method is a new object at every attribute access; key it by its parts.
+    if isinstance(fn, types.MethodType):
+        return ("method", id(fn.__func__), id(fn.__self__))
+    return id(fn)
+
+
+class Executor(cf.Executor):
+    """A :class:`concurrent.futures.Executor` running on a shoal backend.
+
+    Parameters
+    ----------
+    workers : int, float or None
+        Pool size (see :func:`shoal.map`). The executor owns its pool.
+    backend : str, Backend or None
+        Which engine (default: the current default backend).
+    **backend_options
+        Options for a backend created by name (e.g. ``idle_timeout=``).
+
+    Notes
+    -----
+    ``Future.cancel()`` succeeds for any future whose result has not arrived; a task that was
+    already running still runs, and its result is dropped.
+    """
+
+    def __init__(
+        self,
+        workers: int | float | None = None,
+        *,
+        backend: str | Backend | None = None,
+        **backend_options: Any,
+    ) -> None:
+        be = get_backend(backend, **backend_options)
+        self._pool = be.create_pool(resolve_workers(be.workers if workers is None else workers))
+        self._lock = threading.Lock()
+        self._session: Session | None = None
+        self._functions: OrderedDict[Any, tuple[Callable[..., Any], int, CallSpec]] = OrderedDict()
+        self._futures: dict[int, tuple[cf.Future[Any], int, Any, str]] = {}
+        self._outstanding: dict[int, int] = {}
+        self._next_seq = 0
+        self._pump: threading.Thread | None = None
+        self._shutdown = False
+        self._closed = threading.Event()
+
+    @property
+    def workers(self) -> int:
+        """Pool size."""
+        return self._pool.workers
+
+    # -- futures -------------------------------------------------------------------------
+
+    def _spec_id(self, session: Session, fn: Callable[..., Any]) -> tuple[int, CallSpec]:
+        key = _function_key(fn)
+        hit = self._functions.get(key)
+        if hit is not None:
+            self._functions.move_to_end(key)
+            return hit[1], hit[2]
+        spec = CallSpec(fn, MODE_KW, stop_on_error=True)
+        spec_id = session.register(spec)
+        self._functions[key] = (fn, spec_id, spec)
+        if len(self._functions) > _MAX_CACHED_FUNCTIONS:
+            for old_key, (_, old_id, _) in list(self._functions.items()):
+                if len(self._functions) <= _MAX_CACHED_FUNCTIONS:
+                    break
+                if not self._outstanding.get(old_id):
+                    del self._functions[old_key]
+                    session.unregister(old_id)
+        return spec_id, spec
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+        """Schedule ``fn(*args, **kwargs)``; return a :class:`concurrent.futures.Future`.
+
+        Raises
+        ------
+        RuntimeError
+            After :meth:`shutdown`.
+        TypeError
+            If ``fn`` is not callable.
+        shoal.PicklingError
+            If ``fn`` or an argument cannot be sent to the workers.
+        """
+        if not callable(fn):
+            raise TypeError(f"submit() needs a callable, not {type(fn).__name__}")
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if self._session is None:
+                self._session = self._pool.open_session(ordered=False)
+            session = self._session
+            spec_id, spec = self._spec_id(session, fn)
+            future: cf.Future[Any] = cf.Future()
+            seq = self._next_seq
+            item = (args, kwargs)
+            self._futures[seq] = (future, spec_id, item, spec.name)
+            try:
+                got = session.submit(spec_id, [item], seq)
+            except BaseException:
+                del self._futures[seq]
+                raise
+            if got != seq:  # pragma: no cover - guards the numbering assumption above
+                raise RuntimeError(f"session numbered a task {got}, expected {seq}")
+            self._next_seq += 1
+            self._outstanding[spec_id] = self._outstanding.get(spec_id, 0) + 1
+            if self._pump is None:
+                self._pump = threading.Thread(target=self._run_pump, name="shoal-executor", daemon=True)
+                self._pump.start()
+        return future
+
+    def _complete(self, results: list[ChunkResult]) -> None:
+        done = []
+        with self._lock:
+            for res in results:
+                entry = self._futures.pop(res.seq, None)
+                if entry is not None:
+                    self._outstanding[entry[1]] -= 1
+                    done.append((res, entry))
+        for res, (future, _, item, name) in done:
+            if not future.set_running_or_notify_cancel():
+                continue
+            if res.crash is not None:
+                arguments = describe_item(_KW_SPEC, item)
+                if res.crash.start_failed:
+                    exc: BaseException = WorkerStartError(
+                        f"could not start worker processes: {res.crash.exit}"
+                    )
+                else:
+                    exc = WorkerCrashedError(None, arguments, res.crash.pid, res.crash.exit, name)
+                future.set_exception(exc)
+            elif res.errors:
+                err = res.errors[0]
+                future.set_exception(
+                    annotate(err.exc, index=None, tb=err.traceback, function=name, arguments=err.arguments)
+                )
+            else:
+                future.set_result(res.values[0])
+
+    def _run_pump(self) -> None:
+        session = self._session
+        assert session is not None
+        while True:
+            results = session.wait(0.5)
+            if results:
+                self._complete(results)
+            with self._lock:
+                if self._shutdown and not self._futures:
+                    break
+        session.close()
+        self._pool.shutdown(wait=True)
+        self._closed.set()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting work; free the workers once pending futures are done.
+
+        Parameters
+        ----------
+        wait : bool
+            Block until pending futures are done and the workers have exited.
+        cancel_futures : bool
+            Cancel futures whose results have not arrived (their queued tasks are dropped).
+        """
+        with self._lock:
+            self._shutdown = True
+            session, pump = self._session, self._pump
+            if cancel_futures:
+                for future, *_ in list(self._futures.values()):
+                    future.cancel()
+                if session is not None:
+                    session.cancel()
+                # Dropped tasks will never report back; forget them so the pump can finish.
+                for seq, (future, *_) in list(self._futures.items()):
+                    if future.cancelled():
+                        del self._futures[seq]
+        if session is not None:
+            session.wake()
+        if pump is None:
+            self._pool.shutdown(wait=wait)
+            self._closed.set()
+        elif wait and pump is not threading.current_thread():
+            pump.join()
+
+    # -- lazy maps -------------------------------------------------------------------------
+
+    def _stream(
+        self,
+        api: str,
+        fn: Callable[..., Any],
+        iterables: tuple[Any, ...],
+        *,
+        star: bool,
+        ordered: bool,
+        timeout: float | None,
+        with_index: bool = False,
+        **options: Any,
+    ) -> _driver.ResultStream:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        call = Prepared(api, fn, iterables, star=star, **options)
+        session, gen = call.open(self._pool, ordered=ordered, deadline=deadline_after(timeout))
+        stream = _driver.with_indices(gen) if with_index else _driver.flatten(gen)
+        return _driver.ResultStream(session, stream)
+
+    def map(  # type: ignore[override]
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+        args: Iterable[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        iterkwargs: Iterable[Mapping[str, Any]] | None = None,
+        on_error: str = "raise",
+    ) -> Iterator[Any]:
+        """Lazy, ordered map on this executor's workers (see :func:`shoal.imap`).
+
+        ``timeout`` (seconds, from this call) raises :class:`TimeoutError` if results are not
+        all in by then, as in :meth:`concurrent.futures.Executor.map`; ``chunksize`` defaults
+        to adaptive chunking.
+        """
+        return self._stream(
+            "map", fn, iterables, star=False, ordered=True, timeout=timeout, chunksize=chunksize,
+            args=args, kwargs=kwargs, iterkwargs=iterkwargs, on_error=on_error,
+        )
+
+    imap = map
+
+    def starmap(
+        self,
+        fn: Callable[..., Any],
+        iterable: Iterable[Iterable[Any]],
+        *,
+        timeout: float | None = None,
+        chunksize: int | None = None,
+        on_error: str = "raise",
+    ) -> Iterator[Any]:
+        """Lazy, ordered ``fn(*item)`` over ``iterable``."""
+        return self._stream(
+            "starmap", fn, (iterable,), star=True, ordered=True, timeout=timeout,
+            chunksize=chunksize, args=(), kwargs=None, iterkwargs=None, on_error=on_error,
+        )
+
+    def as_completed(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+        with_index: bool = False,
+        args: Iterable[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        iterkwargs: Iterable[Mapping[str, Any]] | None = None,
+        on_error: str = "raise",
+    ) -> Iterator[Any]:
+        """Results in completion order (see :func:`shoal.as_completed`)."""
+        return self._stream(
+            "as_completed", fn, iterables, star=False, ordered=False, timeout=timeout,
+            with_index=with_index, chunksize=chunksize, args=args, kwargs=kwargs,
+            iterkwargs=iterkwargs, on_error=on_error,
+        )
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown(wait=True)

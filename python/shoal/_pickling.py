@@ -1,0 +1,118 @@
+"""Pickling for the processes backend, with errors that say exactly what could not be pickled.
+
+Data goes through the standard :mod:`pickle` (protocol 5, fast C code); only when that fails
+(lambdas, closures, classes defined in ``__main__``) do we fall back to cloudpickle. Functions
+always go through cloudpickle, so that functions defined in ``__main__`` or a notebook work.
+When even cloudpickle fails, the offending item is located and named in a
+:class:`~shoal.PicklingError`.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+from ._errors import PicklingError, RemoteError
+from ._spec import CallSpec, ItemError
+
+PROTOCOL = 5
+
+
+def _cloudpickle() -> Any:
+    import cloudpickle  # imported lazily: workers that never see a lambda never pay for it
+
+    return cloudpickle
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle data: standard pickle first, cloudpickle if that fails."""
+    try:
+        return pickle.dumps(obj, PROTOCOL)
+    except Exception:
+        return _cloudpickle().dumps(obj, PROTOCOL)
+
+
+def dumps_spec(spec: CallSpec) -> bytes:
+    """Pickle a call spec; the error names the function or the fixed argument that failed."""
+    cp = _cloudpickle()
+    try:
+        return cp.dumps(spec, PROTOCOL)
+    except Exception as exc:
+        try:
+            cp.dumps(spec.fn, PROTOCOL)
+        except Exception as fn_exc:
+            raise PicklingError(
+                f"the function {spec.name!r} cannot be pickled, so it cannot be sent to worker "
+                f"processes: {fn_exc}. Use backend='threads', or make it picklable."
+            ) from fn_exc
+        for i, a in enumerate(spec.args):
+            _check(a, f"fixed positional argument {i} ({_brief(a)})")
+        for k, v in spec.kwargs.items():
+            _check(v, f"fixed keyword argument {k!r} ({_brief(v)})")
+        raise PicklingError(f"the call to {spec.name!r} cannot be pickled: {exc}") from exc
+
+
+def dumps_items(items: list[Any], start: int) -> bytes:
+    """Pickle a chunk; on failure the error names the first item (by input index) that fails."""
+    try:
+        return dumps(items)
+    except Exception as exc:
+        for offset, item in enumerate(items):
+            _check(item, f"the argument(s) of item {start + offset} ({_brief(item)})")
+        raise PicklingError(f"a chunk of arguments cannot be pickled: {exc}") from exc
+
+
+def _check(obj: Any, what: str) -> None:
+    try:
+        dumps(obj)
+    except Exception as exc:
+        raise PicklingError(f"{what} cannot be pickled: {exc}") from exc
+
+
+def _brief(obj: Any) -> str:
+    from ._spec import _short
+
+    try:
+        return _short.repr(obj)
+    except Exception:
+        return f"<{type(obj).__name__} object>"
+
+
+def _portable_exception(exc: BaseException) -> BaseException:
+    """``exc`` itself if it survives a pickle round trip, else a :class:`RemoteError`."""
+    try:
+        pickle.loads(dumps(exc))
+        return exc
+    except Exception:
+        return RemoteError(f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc))
+
+
+def encode_outcome(values: list[Any], errors: list[ItemError]) -> bytes:
+    """Pickle a chunk's outcome in a worker. A result that cannot be pickled becomes an error of
+    its own item (naming it) instead of failing the whole chunk."""
+    wire = [(e.offset, _portable_exception(e.exc), e.traceback, e.arguments) for e in errors]
+    try:
+        return dumps((values, wire))
+    except Exception:
+        pass
+    failed = {e.offset for e in errors}
+    for offset, value in enumerate(values):
+        if offset in failed:
+            continue
+        try:
+            dumps(value)
+        except Exception as exc:
+            values[offset] = None
+            err = PicklingError(
+                f"the result of this item ({type(value).__qualname__} object) cannot be pickled "
+                f"to travel back from the worker: {exc}"
+            )
+            wire.append((offset, err, "", ""))
+    wire.sort(key=lambda w: w[0])
+    return dumps((values, wire))
+
+
+def decode_outcome(payload: bytes) -> tuple[list[Any], list[ItemError]]:
+    """Unpickle a chunk's outcome in the driver."""
+    values, wire = pickle.loads(payload)
+    return values, [ItemError(off, exc, tb, args) for off, exc, tb, args in wire]

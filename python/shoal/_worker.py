@@ -1,0 +1,101 @@
+"""The worker process of the processes backend.
+
+Started by the Rust supervisor as ``python -c "from shoal._worker import main; main()" FD``,
+where FD is this worker's end of a Unix socketpair. It loops over frames:
+
+- *setup*: a pickled :class:`~shoal._spec.CallSpec`, kept until *release*;
+- *task*: a pickled chunk of items; it runs the chunk and queues a *result* frame;
+- *shutdown* or end of stream: exit.
+
+Receives and sends are Rust calls (:class:`shoal._native.WorkerChannel`) that release the GIL.
+Results are flushed when the worker is about to wait for more work, so a burst of small tasks
+is answered in few system calls. The reported time covers unpickling, running and pickling,
+which is what the chunk-size policy needs to know.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import time
+from typing import Any
+
+from . import _native
+from ._errors import ShoalError
+from ._execute import format_remote_traceback, run_chunk
+from ._pickling import encode_outcome
+from ._spec import CallSpec, ItemError
+
+
+class SetupLoadError(ShoalError):
+    """The call's function or fixed arguments could not be unpickled in the worker."""
+
+
+def _extend_sys_path() -> None:
+    # Functions pickled by reference (module.function) must be importable here as in the driver.
+    extra = os.environ.get("SHOAL_SYS_PATH")
+    if extra:
+        for entry in reversed(extra.split(os.pathsep)):
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
+
+
+def _failed_chunk(failure: BaseException, tb: str, n: int, stop: bool) -> bytes:
+    count = 1 if stop else max(n, 1)
+    errors = [ItemError(i, failure, tb, "") for i in range(count)]
+    return encode_outcome([None] * count, errors)
+
+
+def _run_task(setup: CallSpec | BaseException, payload: bytes) -> bytes:
+    if isinstance(setup, BaseException):
+        return _failed_chunk(setup, format_remote_traceback(setup), 1, True)
+    try:
+        items = pickle.loads(payload)
+    except Exception as exc:
+        err = SetupLoadError(f"the arguments could not be unpickled in the worker: {exc!r}")
+        return _failed_chunk(err, format_remote_traceback(exc), 1, True)
+    values, errors = run_chunk(setup, items)
+    return encode_outcome(values, errors)
+
+
+def main(fd: int | None = None) -> None:
+    """Serve tasks on file descriptor ``fd`` (default: the last command-line argument)."""
+    if fd is None:
+        fd = int(sys.argv[-1])
+    _extend_sys_path()
+    channel = _native.WorkerChannel(fd)
+    channel.hello(os.getpid())
+    setups: dict[int, Any] = {}
+    clock = time.perf_counter_ns
+    task_kind, setup_kind = _native.KIND_TASK, _native.KIND_SETUP
+    release_kind, shutdown_kind = _native.KIND_RELEASE, _native.KIND_SHUTDOWN
+    while True:
+        frame = channel.recv()
+        if frame is None:
+            break
+        kind, ident, aux, payload = frame
+        if kind == task_kind:
+            start = clock()
+            setup = setups.get(aux)
+            blob = _run_task(_missing(aux) if setup is None else setup, payload)
+            channel.send_result(ident, clock() - start, blob)
+        elif kind == setup_kind:
+            try:
+                setups[ident] = pickle.loads(payload)
+            except BaseException as exc:  # noqa: BLE001 - reported with every task that needs it
+                setups[ident] = SetupLoadError(
+                    f"the function could not be loaded in the worker: {exc!r}"
+                )
+                setups[ident].__cause__ = exc
+        elif kind == release_kind:
+            setups.pop(ident, None)
+        elif kind == shutdown_kind:
+            break
+    channel.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+def _missing(setup: int) -> BaseException:
+    return SetupLoadError(f"setup {setup} is unknown to this worker (protocol error)")

@@ -1,0 +1,137 @@
+"""Backends: which engine runs the tasks, and how to choose one.
+
+``processes`` (default), ``threads`` and ``serial`` ship with shoal. Choose one per call
+(``backend="threads"``), for a block (``with shoal.backend("threads"):``) or for the process
+(``shoal.set_backend("threads")``). Subclass :class:`Backend` to plug in another engine, and
+pass an instance wherever a name is accepted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from ._base import Backend, LocalSession, Pool, Session
+from .processes import ProcessBackend
+from .serial import SerialBackend
+from .threads import ThreadBackend
+
+__all__ = [
+    "Backend",
+    "LocalSession",
+    "Pool",
+    "Session",
+    "available_backends",
+    "backend",
+    "get_backend",
+    "register_backend",
+    "set_backend",
+]
+
+_REGISTRY: dict[str, type[Backend]] = {
+    ProcessBackend.name: ProcessBackend,
+    ThreadBackend.name: ThreadBackend,
+    SerialBackend.name: SerialBackend,
+}
+_default: Backend | None = None
+_default_lock = threading.Lock()
+_override: contextvars.ContextVar[Backend | None] = contextvars.ContextVar(
+    "shoal_backend", default=None
+)
+
+
+def register_backend(name: str, cls: type[Backend]) -> None:
+    """Make ``cls`` available under ``name`` for ``backend=name``."""
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise TypeError(f"a backend must be a subclass of shoal.Backend, not {cls!r}")
+    _REGISTRY[name] = cls
+
+
+def available_backends() -> list[str]:
+    """Names accepted by ``backend=``."""
+    return sorted(_REGISTRY)
+
+
+def _create(name: str, options: dict[str, Any]) -> Backend:
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(repr(n) for n in available_backends())
+        raise ValueError(f"unknown backend {name!r}; known backends: {known}") from None
+    return cls(**options)
+
+
+def _current() -> Backend:
+    global _default
+    chosen = _override.get()
+    if chosen is not None:
+        return chosen
+    with _default_lock:
+        if _default is None:
+            _default = ProcessBackend()
+        return _default
+
+
+def get_backend(name: str | Backend | None = None, **options: Any) -> Backend:
+    """Return a backend instance without changing the default.
+
+    Parameters
+    ----------
+    name : str, Backend or None
+        A backend name, an instance (returned as is), or ``None`` for the current default.
+    **options
+        Options for a new instance (``workers=``, and the backend's own). With ``name=None`` and
+        options, a new instance of the default's kind is made.
+
+    Raises
+    ------
+    ValueError
+        For an unknown backend name.
+    TypeError
+        For an option the backend does not take.
+    """
+    if isinstance(name, Backend):
+        if options:
+            raise TypeError("options cannot be given together with a backend instance")
+        return name
+    if name is None:
+        if not options:
+            return _current()
+        name = _current().name
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a name or a shoal.Backend, not {type(name).__name__}")
+    return _create(name, options)
+
+
+def set_backend(name: str | Backend, **options: Any) -> Backend:
+    """Set the default backend for this process; returns it.
+
+    The previous default's shared pools are shut down.
+    """
+    global _default
+    new = get_backend(name, **options)
+    with _default_lock:
+        old, _default = _default, new
+    if old is not None and old is not new:
+        old.shutdown()
+    return new
+
+
+@contextlib.contextmanager
+def backend(name: str | Backend, **options: Any) -> Iterator[Backend]:
+    """Use a backend for the duration of a ``with`` block (in this thread or task).
+
+    A backend created here by name is shut down when the block ends.
+    """
+    created = not isinstance(name, Backend)
+    chosen = get_backend(name, **options)
+    token = _override.set(chosen)
+    try:
+        yield chosen
+    finally:
+        _override.reset(token)
+        if created:
+            chosen.shutdown()

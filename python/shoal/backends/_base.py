@@ -1,0 +1,244 @@
+"""The backend contract: what any engine must provide so that every shoal API runs on it.
+
+Three small classes, from long-lived to short-lived:
+
+- :class:`Backend`: a kind of engine with its options (``"processes"``, ``"threads"``, a Dask
+  client...). It creates :class:`Pool` objects, and keeps one shared pool per worker count for
+  the top-level functions (:meth:`Backend.pool`).
+- :class:`Pool`: a set of workers (processes, threads, MPI ranks, remote hosts).
+- :class:`Session`: one stream of chunks with one completion queue. A ``map`` call opens one;
+  an :class:`~shoal.Executor` opens one for all its futures.
+
+A session only moves *chunks* (lists of items) under *registered specs* (function + fixed
+arguments). Everything else (reading the input lazily, chunk sizes, bounded memory, ordering,
+error policy, notes on exceptions) is done once, by the driver in :mod:`shoal._driver`, which
+is why every backend behaves the same. A backend whose workers live on other hosts fits as is:
+a spec and a chunk are plain picklable data.
+
+To write a backend, subclass :class:`Backend` and implement :meth:`Backend.create_pool`, a
+:class:`Pool` and a :class:`Session`. :class:`LocalSession` does most of the work for engines
+that run Python callables in this process (threads, serial) and is a good model for others.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+import time
+from collections import deque
+from typing import Any, ClassVar
+
+from .. import _native
+from .._options import resolve_workers
+from .._spec import CallSpec, ChunkResult
+
+
+class Session(abc.ABC):
+    """One stream of chunks with one completion queue (see the module docs)."""
+
+    #: How many chunks the driver may have submitted and not yet received.
+    max_in_flight: int = 4
+
+    @abc.abstractmethod
+    def register(self, spec: CallSpec) -> int:
+        """Make ``spec`` available to the workers; return an id for :meth:`submit`.
+
+        Raise :class:`~shoal.PicklingError` here if the spec cannot travel to the workers.
+        """
+
+    def unregister(self, spec_id: int) -> None:  # noqa: B027 - optional hook
+        """Forget a spec (no chunk of it is queued any more)."""
+
+    @abc.abstractmethod
+    def submit(self, spec_id: int, items: list[Any], start: int) -> int:
+        """Queue a chunk; return its sequence number (0, 1, 2, ... within the session).
+
+        ``start`` is the input index of ``items[0]``, for error messages.
+        """
+
+    @abc.abstractmethod
+    def chunk_size(self, spec_id: int, remaining: int | None) -> int:
+        """Items to put in the next chunk (``remaining`` is the count left, if known)."""
+
+    @abc.abstractmethod
+    def wait(self, timeout: float | None) -> list[ChunkResult]:
+        """Block until at least one chunk finished (or ``timeout`` passed, or :meth:`wake`);
+        return all finished chunks, in sequence order if the session is ordered.
+
+        Must stay interruptible by Ctrl-C.
+        """
+
+    @abc.abstractmethod
+    def cancel(self, after_seq: int | None = None) -> None:
+        """Drop queued chunks that did not start: all, or those numbered above ``after_seq``."""
+
+    def wake(self) -> None:  # noqa: B027 - optional hook
+        """Make a blocked :meth:`wait` return early."""
+
+    @abc.abstractmethod
+    def close(self, *, abort: bool = False) -> None:
+        """End the session. With ``abort``, stop its running tasks if the engine can."""
+
+
+class Pool(abc.ABC):
+    """A set of workers; see the module docs."""
+
+    workers: int
+
+    @abc.abstractmethod
+    def open_session(self, *, ordered: bool) -> Session:
+        """Open a session; ``ordered`` sessions return chunks in submission order."""
+
+    @abc.abstractmethod
+    def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
+        """Stop the workers (``kill``: at once). Idempotent."""
+
+
+class Backend(abc.ABC):
+    """A kind of engine; see the module docs.
+
+    Parameters
+    ----------
+    workers : int, float or None
+        Default pool size: a count, a fraction in (0, 1) of the usable CPUs, or ``None`` for all
+        usable CPUs.
+    """
+
+    name: ClassVar[str] = "?"
+
+    def __init__(self, workers: int | float | None = None) -> None:
+        resolve_workers(workers)  # validate now, not at first use
+        self.workers = workers
+        self._pools: dict[int, Pool] = {}
+        self._lock = threading.Lock()
+
+    def pool(self, workers: int | float | None = None) -> Pool:
+        """The shared pool of this backend for ``workers`` (default: the backend's setting).
+
+        Top-level calls reuse it, so they pay the start-up cost once.
+        """
+        n = resolve_workers(self.workers if workers is None else workers)
+        with self._lock:
+            pool = self._pools.get(n)
+            if pool is None:
+                pool = self._pools[n] = self.create_pool(n)
+            return pool
+
+    @abc.abstractmethod
+    def create_pool(self, workers: int) -> Pool:
+        """A new private pool of ``workers`` workers (the caller shuts it down)."""
+
+    def shutdown(self, *, kill: bool = False) -> None:
+        """Shut down the shared pools of this backend."""
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.shutdown(wait=not kill, kill=kill)
+
+    def __repr__(self) -> str:
+        return f"<shoal backend {self.name!r} workers={self.workers!r}>"
+
+
+class LocalSession(Session):
+    """A session for engines that run callables in this process (threads, serial).
+
+    Subclasses decide where a chunk runs by overriding :meth:`_enqueue`; a runner calls
+    :meth:`_run` for a queued chunk, which records its result. Ordering, cancellation, waiting
+    and chunk sizing are handled here.
+    """
+
+    def __init__(self, *, ordered: bool, workers: int) -> None:
+        self.ordered = ordered
+        self.max_in_flight = 2 * workers + 2
+        self._specs: dict[int, CallSpec] = {}
+        self._sizers: dict[int, Any] = {}
+        self._workers = workers
+        self._next_seq = 0
+        self._next_out = 0
+        self._parked: dict[int, ChunkResult] = {}
+        self._ready: deque[ChunkResult] = deque()
+        self._cond = threading.Condition()
+        self._cancel_after: int | None = None
+        self._closed = False
+        self._woken = False
+
+    def register(self, spec: CallSpec) -> int:
+        spec_id = len(self._specs) + 1
+        self._specs[spec_id] = spec
+        self._sizers[spec_id] = _native.ChunkSizer(self._workers)
+        return spec_id
+
+    def unregister(self, spec_id: int) -> None:
+        self._specs.pop(spec_id, None)
+        self._sizers.pop(spec_id, None)
+
+    def chunk_size(self, spec_id: int, remaining: int | None) -> int:
+        return self._sizers[spec_id].size(remaining)
+
+    def submit(self, spec_id: int, items: list[Any], start: int) -> int:
+        seq = self._next_seq
+        self._next_seq += 1
+        self._enqueue(seq, spec_id, items)
+        return seq
+
+    @abc.abstractmethod
+    def _enqueue(self, seq: int, spec_id: int, items: list[Any]) -> None:
+        """Arrange for ``self._run(seq, spec_id, items)`` to be called."""
+
+    def _skipped(self, seq: int) -> bool:
+        cut = self._cancel_after
+        return self._closed or (cut is not None and seq > cut)
+
+    def _run(self, seq: int, spec_id: int, items: list[Any]) -> None:
+        from .._execute import run_chunk
+
+        if self._skipped(seq):
+            return
+        spec = self._specs[spec_id]
+        start = time.perf_counter_ns()
+        values, errors = run_chunk(spec, items)
+        elapsed = time.perf_counter_ns() - start
+        sizer = self._sizers.get(spec_id)
+        if sizer is not None:
+            sizer.record(len(items), elapsed)
+        self._deliver(ChunkResult(seq, values, errors, elapsed_ns=elapsed))
+
+    def _deliver(self, result: ChunkResult) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            if self.ordered:
+                self._parked[result.seq] = result
+                while self._next_out in self._parked:
+                    self._ready.append(self._parked.pop(self._next_out))
+                    self._next_out += 1
+            else:
+                self._ready.append(result)
+            self._cond.notify_all()
+
+    def wait(self, timeout: float | None) -> list[ChunkResult]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._ready and not self._woken:
+                left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+                if left <= 0:
+                    break
+                # Short slices keep Ctrl-C responsive in the main thread.
+                self._cond.wait(left)
+            self._woken = False
+            out = list(self._ready)
+            self._ready.clear()
+            return out
+
+    def wake(self) -> None:
+        with self._cond:
+            self._woken = True
+            self._cond.notify_all()
+
+    def cancel(self, after_seq: int | None = None) -> None:
+        self._cancel_after = -1 if after_seq is None else after_seq
+
+    def close(self, *, abort: bool = False) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()

@@ -1,0 +1,177 @@
+"""The processes backend (the default): worker processes run by shoal's Rust engine.
+
+Data flow for one chunk::
+
+    driver: pickle(items) ──► Engine.submit ──► [Rust scheduler] ──► socket ──► worker
+    driver: decode ◄── Engine.wait (GIL released) ◄── [ordering] ◄── socket ◄── pickle(results)
+
+Functions and fixed arguments are cloudpickled once per call and sent to each worker once; a
+chunk's items are pickled in one ``pickle.dumps`` call. Worker processes are started with
+fork+exec (never a bare fork of this threaded process), on demand, and exit when idle.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+import weakref
+from typing import Any
+
+from .. import _native
+from .._errors import PicklingError
+from .._pickling import decode_outcome, dumps_items, dumps_spec
+from .._spec import ChunkResult, Crash, CallSpec, ItemError
+from ._base import Backend, Pool, Session
+
+_WORKER_ARGS = ["-c", "from shoal._worker import main; main()"]
+_LIVE_POOLS: weakref.WeakSet[ProcessPool] = weakref.WeakSet()
+
+
+class ProcessSession(Session):
+    """A session on the native engine; ordering is done by the Rust scheduler."""
+
+    def __init__(self, pool: ProcessPool, *, ordered: bool) -> None:
+        self._engine = pool._engine
+        self._id = self._engine.open_session(ordered)
+        self.max_in_flight = 2 * pool.workers + 2
+
+    def register(self, spec: CallSpec) -> int:
+        return int(self._engine.add_setup(self._id, dumps_spec(spec)))
+
+    def unregister(self, spec_id: int) -> None:
+        self._engine.remove_setup(spec_id)
+
+    def submit(self, spec_id: int, items: list[Any], start: int) -> int:
+        return int(self._engine.submit(spec_id, len(items), dumps_items(items, start)))
+
+    def chunk_size(self, spec_id: int, remaining: int | None) -> int:
+        return int(self._engine.chunk_size(spec_id, remaining))
+
+    def wait(self, timeout: float | None) -> list[ChunkResult]:
+        out = []
+        for seq, kind, payload, elapsed, pid, message in self._engine.wait(self._id, timeout):
+            if kind == _native.OUTCOME_DONE:
+                try:
+                    values, errors = decode_outcome(payload)
+                except Exception as exc:
+                    err = PicklingError(f"a result could not be unpickled in the driver: {exc!r}")
+                    values, errors = [None], [ItemError(0, err, "", "")]
+                out.append(ChunkResult(seq, values, errors, elapsed_ns=elapsed))
+            else:
+                start_failed = kind == _native.OUTCOME_START_FAILED
+                out.append(ChunkResult(seq, [], crash=Crash(pid, message, start_failed)))
+        return out
+
+    def cancel(self, after_seq: int | None = None) -> None:
+        self._engine.cancel(self._id, after_seq)
+
+    def wake(self) -> None:
+        self._engine.wake(self._id)
+
+    def close(self, *, abort: bool = False) -> None:
+        self._engine.close_session(self._id, abort)
+
+
+class ProcessPool(Pool):
+    """A pool of worker processes.
+
+    Parameters
+    ----------
+    workers : int
+        Pool size.
+    idle_timeout : float or None
+        Seconds after which an idle worker exits (``None``: never). Workers come back on demand.
+    python : str
+        Interpreter for the workers (default: this one).
+    env : dict
+        Extra environment variables for the workers.
+    """
+
+    def __init__(
+        self,
+        workers: int,
+        *,
+        idle_timeout: float | None = 60.0,
+        python: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.workers = workers
+        worker_env = {
+            # So that functions pickled by reference import in the worker as in the driver.
+            "SHOAL_SYS_PATH": os.pathsep.join(p for p in sys.path if p),
+            "SHOAL_WORKER": "1",
+            **(env or {}),
+        }
+        self._engine = _native.Engine(
+            python or sys.executable,
+            _WORKER_ARGS,
+            list(worker_env.items()),
+            workers,
+            idle_timeout,
+        )
+        self._lock = threading.Lock()
+        _LIVE_POOLS.add(self)
+
+    def open_session(self, *, ordered: bool) -> ProcessSession:
+        return ProcessSession(self, ordered=ordered)
+
+    def prestart(self) -> None:
+        """Start all workers now rather than at first use."""
+        self._engine.prestart(self.workers)
+
+    def pids(self) -> list[int]:
+        """Pids of the live worker processes."""
+        return list(self._engine.pids())
+
+    def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
+        self._engine.shutdown(kill or not wait)
+
+    def __del__(self) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.shutdown(True)
+
+
+class ProcessBackend(Backend):
+    """Run tasks in worker processes managed by shoal's Rust engine (the default backend).
+
+    Parameters
+    ----------
+    workers : int, float or None
+        Pool size (see :func:`shoal.map`).
+    idle_timeout : float or None
+        Seconds after which idle workers exit; they restart on demand.
+    python : str or None
+        Interpreter for the workers (default: :data:`sys.executable`).
+    env : dict or None
+        Extra environment variables for the workers.
+    """
+
+    name = "processes"
+
+    def __init__(
+        self,
+        workers: int | float | None = None,
+        *,
+        idle_timeout: float | None = 60.0,
+        python: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(workers)
+        if idle_timeout is not None and idle_timeout <= 0:
+            raise ValueError(f"idle_timeout must be positive or None, got {idle_timeout}")
+        self.idle_timeout = idle_timeout
+        self.python = python
+        self.env = dict(env or {})
+
+    def create_pool(self, workers: int) -> ProcessPool:
+        return ProcessPool(workers, idle_timeout=self.idle_timeout, python=self.python, env=self.env)
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    # Nothing may outlive the interpreter: kill workers of every pool still alive.
+    for pool in list(_LIVE_POOLS):
+        pool.shutdown(kill=True)

@@ -1,0 +1,62 @@
+"""The serial backend: everything runs in the calling thread, one chunk at a time.
+
+For debugging (breakpoints and profilers work) and as the reference every other backend must
+match. Chunks run lazily, when the driver waits for them, so inputs are still read as needed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from .._spec import ChunkResult
+from ._base import Backend, LocalSession, Pool
+
+
+class SerialSession(LocalSession):
+    """Runs each chunk when the driver asks for results."""
+
+    def __init__(self, *, ordered: bool) -> None:
+        super().__init__(ordered=ordered, workers=1)
+        self.max_in_flight = 1
+        self._pending: deque[tuple[int, int, list[Any]]] = deque()
+
+    def _enqueue(self, seq: int, spec_id: int, items: list[Any]) -> None:
+        self._pending.append((seq, spec_id, items))
+
+    def wait(self, timeout: float | None) -> list[ChunkResult]:
+        while self._pending and not self._ready:
+            self._run(*self._pending.popleft())
+        return super().wait(0)
+
+    def cancel(self, after_seq: int | None = None) -> None:
+        super().cancel(after_seq)
+        self._pending = deque(job for job in self._pending if not self._skipped(job[0]))
+
+
+class SerialPool(Pool):
+    """A pool of one: the calling thread."""
+
+    def __init__(self) -> None:
+        self.workers = 1
+
+    def open_session(self, *, ordered: bool) -> SerialSession:
+        return SerialSession(ordered=ordered)
+
+    def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
+        pass
+
+
+class SerialBackend(Backend):
+    """Run tasks one after another in the calling thread (``workers`` is ignored)."""
+
+    name = "serial"
+
+    def __init__(self, workers: int | float | None = None) -> None:
+        super().__init__(workers)
+
+    def pool(self, workers: int | float | None = None) -> SerialPool:
+        return SerialPool()
+
+    def create_pool(self, workers: int) -> SerialPool:
+        return SerialPool()
