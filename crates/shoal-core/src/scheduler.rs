@@ -157,6 +157,8 @@ struct Worker {
     running: Vec<TaskId>,
     load_ns: f64,
     unknown_cost: usize,
+    /// Runs a suspect task: nothing may be pipelined behind it.
+    exclusive: bool,
     setups: HashSet<SetupId>,
     last_active_ns: u64,
 }
@@ -170,6 +172,8 @@ struct Task {
     payload: Arc<[u8]>,
     worker: Option<WorkerId>,
     est_ns: Option<f64>,
+    /// Was in the pipeline of a worker that died: runs alone, so a crash is attributable.
+    suspect: bool,
 }
 
 #[derive(Debug, Default)]
@@ -309,6 +313,7 @@ impl Scheduler {
                 payload,
                 worker: None,
                 est_ns: None,
+                suspect: false,
             },
         );
         self.queue.push_back(id);
@@ -347,6 +352,7 @@ impl Scheduler {
                 running: Vec::new(),
                 load_ns: 0.0,
                 unknown_cost: 0,
+                exclusive: false,
                 setups: HashSet::new(),
                 last_active_ns: 0,
             },
@@ -382,6 +388,7 @@ impl Scheduler {
         if let Some(t) = self.tasks.remove(&task) {
             if let Some(w) = self.workers.get_mut(&worker) {
                 w.running.retain(|&id| id != task);
+                w.exclusive = false;
                 match t.est_ns {
                     Some(est) => w.load_ns = (w.load_ns - est).max(0.0),
                     None => w.unknown_cost = w.unknown_cost.saturating_sub(1),
@@ -405,11 +412,13 @@ impl Scheduler {
 
     /// A worker process is gone (it exited, crashed, was killed, or never started).
     ///
-    /// A worker runs its tasks in the order it received them, so only the first task in its
-    /// pipeline was executing: that one completes with [`Status::WorkerLost`]. The tasks queued
-    /// behind it never started and go back to the front of the queue, in order. If the worker
-    /// died before saying hello, that counts as a start failure; too many in a row fail the
-    /// queued work with [`Status::StartFailed`] rather than restarting forever.
+    /// If it held one task, that task was the one running and completes with
+    /// [`Status::WorkerLost`]. If it held several (a pipeline), the culprit is uncertain: the
+    /// worker may have finished some of them without its buffered results reaching us. All of
+    /// them then go back to the front of the queue as *suspects*, each to be run alone on an
+    /// idle worker, so a task that crashes again is blamed with certainty and the innocent ones
+    /// complete. If the worker died before saying hello, that counts as a start failure; too many
+    /// in a row fail the queued work with [`Status::StartFailed`] rather than restarting forever.
     pub fn worker_lost(&mut self, worker: WorkerId, exit: String) -> Vec<Action> {
         let mut out = Vec::new();
         let Some(w) = self.workers.remove(&worker) else {
@@ -418,16 +427,16 @@ impl Scheduler {
         if w.state == WorkerState::Starting {
             self.start_failures += 1;
         }
-        let mut running = w.running.into_iter();
-        let culprit = running.next();
-        for task in running.rev() {
-            if let Some(t) = self.tasks.get_mut(&task) {
-                t.worker = None;
-                t.est_ns = None;
-                self.queue.push_front(task);
+        if w.running.len() > 1 {
+            for &task in w.running.iter().rev() {
+                if let Some(t) = self.tasks.get_mut(&task) {
+                    t.worker = None;
+                    t.est_ns = None;
+                    t.suspect = true;
+                    self.queue.push_front(task);
+                }
             }
-        }
-        if let Some(task) = culprit {
+        } else if let Some(&task) = w.running.first() {
             if let Some(t) = self.tasks.remove(&task) {
                 let outcome = Outcome {
                     seq: t.seq,
@@ -572,7 +581,7 @@ impl Scheduler {
 
     /// Picks the worker for a task of estimated cost `est`: an idle one first, else the least
     /// loaded one whose pipeline stays under budget.
-    fn pick_worker(&self, est: Option<f64>) -> Option<WorkerId> {
+    fn pick_worker(&self, est: Option<f64>, suspect: bool) -> Option<WorkerId> {
         let budget = 2.0 * self.config.policy.target_ns as f64;
         let mut best: Option<(WorkerId, f64)> = None;
         for (&id, w) in &self.workers {
@@ -583,7 +592,7 @@ impl Scheduler {
                 return Some(id);
             }
             let Some(cost) = est else { continue };
-            if w.unknown_cost > 0 || w.running.len() >= self.config.max_tasks_per_worker {
+            if suspect || w.exclusive || w.unknown_cost > 0 || w.running.len() >= self.config.max_tasks_per_worker {
                 continue;
             }
             if w.load_ns + cost <= budget && best.is_none_or(|(_, load)| w.load_ns < load) {
@@ -595,8 +604,9 @@ impl Scheduler {
 
     fn dispatch(&mut self, out: &mut Vec<Action>) {
         while let Some(&task_id) = self.queue.front() {
-            let est = self.estimate(&self.tasks[&task_id]);
-            let Some(worker) = self.pick_worker(est) else {
+            let task = &self.tasks[&task_id];
+            let (est, suspect) = (self.estimate(task), task.suspect);
+            let Some(worker) = self.pick_worker(est, suspect) else {
                 break;
             };
             self.queue.pop_front();
@@ -610,6 +620,7 @@ impl Scheduler {
                 out.push(Action::SendSetup { worker, setup, blob });
             }
             w.running.push(task_id);
+            w.exclusive = suspect;
             match est {
                 Some(cost) => w.load_ns += cost,
                 None => w.unknown_cost += 1,
@@ -799,7 +810,7 @@ mod tests {
     }
 
     #[test]
-    fn only_the_executing_task_is_blamed_for_a_crash() {
+    fn a_crash_with_a_pipeline_reruns_each_task_alone() {
         let mut s = sched(1);
         let sess = s.open_session(true);
         let setup = s.add_setup(sess, blob("f")).unwrap();
@@ -812,14 +823,23 @@ mod tests {
         }
         assert_eq!(piped.len(), 3, "pipelined on the one worker");
         let acts = s.worker_lost(workers[0], "killed by signal 11 (SIGSEGV)".into());
+        assert!(s.take_ready(sess).unwrap().is_empty(), "nobody is blamed yet");
+        assert_eq!(s.queued(), 3);
+        // The replacement gets the suspects one at a time, in order.
+        let w = spawned(&acts)[0];
+        let acts = s.worker_started(w, 9, 2);
+        let first = sent_tasks(&acts);
+        assert_eq!(first, vec![(w, piped[0].1)]);
+        let acts = s.task_finished(w, piped[0].1, 1_000, Vec::new(), 3);
+        assert_eq!(sent_tasks(&acts), vec![(w, piped[1].1)], "still one at a time");
+        // The second one crashes again, alone: it is the culprit.
+        let acts = s.worker_lost(w, "killed by signal 11 (SIGSEGV)".into());
         let ready = s.take_ready(sess).unwrap();
-        assert_eq!(ready.len(), 1);
-        assert_eq!(ready[0].seq, 1, "the first task in the pipeline was the one running");
-        assert_eq!(s.queued(), 2, "the two behind it go back to the queue");
-        let new = spawned(&acts)[0];
-        let acts = s.worker_started(new, 9, 2);
-        let resent: Vec<TaskId> = sent_tasks(&acts).into_iter().map(|(_, t)| t).collect();
-        assert_eq!(resent[0], piped[1].1, "in their original order");
+        assert_eq!(ready.len(), 2);
+        assert_eq!(ready[0].status, Status::Done);
+        assert!(matches!(ready[1].status, Status::WorkerLost { pid: Some(9), .. }));
+        let w = spawned(&acts)[0];
+        assert_eq!(sent_tasks(&s.worker_started(w, 10, 4)), vec![(w, piped[2].1)]);
     }
 
     #[test]

@@ -55,13 +55,24 @@ def available_backends() -> list[str]:
     return sorted(_REGISTRY)
 
 
+_shared: dict[str, Backend] = {}
+
+
 def _create(name: str, options: dict[str, Any]) -> Backend:
     try:
         cls = _REGISTRY[name]
     except KeyError:
         known = ", ".join(repr(n) for n in available_backends())
         raise ValueError(f"unknown backend {name!r}; known backends: {known}") from None
-    return cls(**options)
+    if options:
+        return cls(**options)
+    # A bare name means the process-wide instance, so `backend="threads"` on every call
+    # reuses one pool instead of starting a new one each time.
+    with _default_lock:
+        shared = _shared.get(name)
+        if shared is None or type(shared) is not cls:
+            shared = _shared[name] = cls()
+        return shared
 
 
 def _current() -> Backend:
@@ -82,6 +93,8 @@ def get_backend(name: str | Backend | None = None, **options: Any) -> Backend:
     ----------
     name : str, Backend or None
         A backend name, an instance (returned as is), or ``None`` for the current default.
+        A name without options gives the process-wide instance of that backend (its pools are
+        shared by every call that names it).
     **options
         Options for a new instance (``workers=``, and the backend's own). With ``name=None`` and
         options, a new instance of the default's kind is made.
@@ -124,9 +137,9 @@ def set_backend(name: str | Backend, **options: Any) -> Backend:
 def backend(name: str | Backend, **options: Any) -> Iterator[Backend]:
     """Use a backend for the duration of a ``with`` block (in this thread or task).
 
-    A backend created here by name is shut down when the block ends.
+    A backend created here (a name with options) is shut down when the block ends.
     """
-    created = not isinstance(name, Backend)
+    created = not isinstance(name, Backend) and bool(options)
     chosen = get_backend(name, **options)
     token = _override.set(chosen)
     try:

@@ -33,6 +33,7 @@ class ProcessSession(Session):
     """A session on the native engine; ordering is done by the Rust scheduler."""
 
     def __init__(self, pool: ProcessPool, *, ordered: bool) -> None:
+        self._pool = pool  # keeps the pool (and its workers) alive while the session runs
         self._engine = pool._engine
         self._id = self._engine.open_session(ordered)
         self.max_in_flight = 2 * pool.workers + 2

@@ -1,0 +1,332 @@
+"""The processes backend: real worker processes, their lifetime, pickling and signals."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+from helpers import (
+    Unbuildable,
+    crash_on,
+    fail_on,
+    pid_of,
+    raise_unbuildable,
+    return_lambda,
+    return_unpicklable,
+    slow_pid,
+    square,
+)
+
+import shoal
+from shoal.backends.processes import ProcessBackend
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def run_script(code: str, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True, text=True, timeout=timeout, env=env, **kwargs,
+    )
+
+
+def test_default_pool_is_reused_across_calls():
+    first = set(shoal.map(slow_pid, range(8), workers=2, chunksize=1))
+    second = set(shoal.map(slow_pid, range(8), workers=2, chunksize=1))
+    assert first and first == second
+    assert os.getpid() not in first
+
+
+def test_work_spreads_over_workers():
+    pids = set(shoal.map(slow_pid, range(20), workers=2))
+    assert len(pids) == 2
+
+
+def test_idle_workers_exit_and_come_back():
+    be = ProcessBackend(workers=1, idle_timeout=0.3)
+    try:
+        pool = be.pool()
+        assert shoal.map(square, [3], backend=be) == [9]
+        (pid,) = pool.pids()
+        assert wait_until(lambda: not pool.pids()), "idle worker should exit"
+        assert wait_until(lambda: not alive(pid))
+        assert shoal.map(square, [4], backend=be) == [16]
+    finally:
+        be.shutdown()
+
+
+def test_shutdown_leaves_no_process():
+    be = ProcessBackend(workers=2)
+    pool = be.pool()
+    shoal.map(slow_pid, range(4), backend=be, chunksize=1)
+    pids = pool.pids()
+    assert len(pids) == 2
+    be.shutdown()
+    assert all(wait_until(lambda p=p: not alive(p)) for p in pids)
+
+
+def test_nothing_left_running_at_interpreter_exit():
+    out = run_script(
+        """
+        import shoal, helpers
+        print(sorted(set(shoal.map(helpers.slow_pid, range(6), workers=2, chunksize=1))))
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    pids = eval(out.stdout.strip())
+    assert len(pids) == 2
+    assert all(wait_until(lambda p=p: not alive(p), 5) for p in pids)
+
+
+def test_functions_defined_in_main_work():
+    out = run_script(
+        """
+        import shoal
+
+        def cube(x):
+            return x ** 3
+
+        class Point:
+            def __init__(self, x):
+                self.x = x
+
+        if __name__ == "__main__":
+            print(shoal.map(cube, range(4)))
+            print([p.x for p in shoal.map(Point, range(3))])
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["[0, 1, 8, 27]", "[0, 1, 2]"]
+
+
+def test_killing_the_driver_kills_its_workers():
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(
+            """
+            import sys, time, shoal, helpers
+            pool = shoal.get_backend().pool(2)
+            shoal.map(helpers.slow_pid, range(4), workers=2, chunksize=1)
+            print(*pool.pids(), flush=True)
+            time.sleep(60)
+            """
+        )],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 2
+    proc.kill()
+    proc.wait(10)
+    assert all(wait_until(lambda p=p: not alive(p), 5) for p in pids), "workers outlived driver"
+
+
+def test_ctrl_c_interrupts_promptly_and_stops_workers():
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(
+            """
+            import shoal, helpers, sys
+            pool = shoal.get_backend().pool(2)
+            pool.prestart()
+            import time
+            while len(pool.pids()) < 2:
+                time.sleep(0.01)
+            print(*pool.pids(), flush=True)
+            try:
+                shoal.map(helpers.sleep_then, [30] * 4, kwargs={"seconds": 30}, workers=2)
+            except KeyboardInterrupt:
+                print("interrupted", flush=True)
+                sys.exit(3)
+            """
+        )],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    time.sleep(0.5)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(10) == 3, proc.stderr.read()
+    assert time.monotonic() - sent < 2.0
+    assert "interrupted" in proc.stdout.read()
+    assert all(wait_until(lambda p=p: not alive(p), 5) for p in pids)
+
+
+def test_worker_crash_fails_only_its_item():
+    got = shoal.map(crash_on, range(8), workers=2, chunksize=1, on_error="return")
+    assert isinstance(got[3], shoal.WorkerCrashedError)
+    assert got[3].index == 3 and "exit code 7" in got[3].exit
+    assert [g for i, g in enumerate(got) if i != 3] == [0, 1, 2, 4, 5, 6, 7]
+    with pytest.raises(shoal.WorkerCrashedError, match="item 3"):
+        shoal.map(crash_on, range(8), workers=2, chunksize=1)
+
+
+def test_unpicklable_function_is_named_before_work_starts():
+    lock = threading.Lock()
+
+    def uses_lock(x):
+        with lock:
+            return x
+
+    with pytest.raises(shoal.PicklingError, match="uses_lock") as info:
+        shoal.map(uses_lock, range(3))
+    assert isinstance(info.value, shoal.ShoalError)
+    with pytest.raises(shoal.PicklingError):
+        shoal.imap(uses_lock, range(3))
+    # Threads do not pickle: the same function works there.
+    assert shoal.map(uses_lock, range(3), backend="threads") == [0, 1, 2]
+
+
+def test_unpicklable_argument_is_named():
+    args = [1, 2, threading.Lock(), 4]
+    with pytest.raises(shoal.PicklingError, match="item 2"):
+        shoal.map(square, args, chunksize=2)
+    with pytest.raises(shoal.PicklingError, match="fixed keyword argument 'b'"):
+        shoal.map(square, [1], kwargs={"b": threading.Lock()})
+
+
+def test_unpicklable_result_is_an_error_of_its_item():
+    got = shoal.map(return_unpicklable, range(4), on_error="return")
+    assert got[0] == 0 and got[1] == 1 and got[3] == 3
+    assert isinstance(got[2], shoal.PicklingError)
+    assert "item 2" in got[2].__notes__[0]
+    # Results that only cloudpickle can carry still come back.
+    assert [f() for f in shoal.map(return_lambda, range(3))] == [0, 1, 2]
+
+
+def test_exception_that_cannot_be_rebuilt_becomes_remote_error():
+    with pytest.raises(shoal.RemoteError) as info:
+        shoal.map(raise_unbuildable, [1])
+    assert info.value.type_name.endswith("Unbuildable")
+    assert "1-y" in str(info.value)
+    assert issubclass(Unbuildable, Exception)
+
+
+def test_fixed_arguments_are_pickled_once_per_call():
+    counter = {"n": 0}
+
+    class Counted:
+        def __reduce__(self):
+            counter["n"] += 1
+            return (dict, ())
+
+    shoal.map(square, range(200), kwargs={}, args=(), chunksize=5)
+    shoal.map(lambda x, c: x, range(200), args=(Counted(),), chunksize=5, workers=2)
+    assert counter["n"] == 1
+
+
+def test_input_is_read_lazily_and_bounded_for_a_slow_consumer():
+    pulled = itertools.count()
+    seen = []
+
+    def source():
+        for i in itertools.count():
+            seen.append(next(pulled))
+            yield i
+
+    stream = shoal.imap(square, source(), workers=2, chunksize=10)
+    for _ in range(50):
+        next(stream)
+        time.sleep(0.002)
+    stream.close()
+    # 50 consumed; at most (2 * workers + 2) chunks of 10 read ahead.
+    assert len(seen) <= 50 + 6 * 10 + 10
+
+
+def test_error_stops_new_tasks():
+    marker_dir = os.environ.get("TMPDIR", "/tmp")
+    path = os.path.join(marker_dir, f"shoal-started-{os.getpid()}")
+    if os.path.exists(path):
+        os.remove(path)
+
+    def mark_and_fail(x, path=path):
+        with open(path, "a") as f:
+            f.write(f"{x}\n")
+        if x == 2:
+            raise ValueError("stop")
+        time.sleep(0.05)
+        return x
+
+    with pytest.raises(ValueError):
+        shoal.map(mark_and_fail, range(200), workers=2, chunksize=1)
+    time.sleep(0.3)
+    with open(path) as f:
+        started = len(f.read().split())
+    os.remove(path)
+    assert started < 20, f"{started} tasks started; the call should stop at the failure"
+
+
+def test_executor_is_a_concurrent_futures_executor():
+    with shoal.Executor(workers=2) as ex:
+        assert isinstance(ex, cf.Executor)
+        futures = [ex.submit(square, i) for i in range(100)]
+        done, _ = cf.wait(futures, timeout=30)
+        assert len(done) == 100
+        assert sorted(f.result() for f in cf.as_completed(futures)) == sorted(i * i for i in range(100))
+        crash = ex.submit(crash_on, 3)
+        with pytest.raises(shoal.WorkerCrashedError):
+            crash.result(timeout=30)
+        # The executor is not broken by a dead worker.
+        assert ex.submit(square, 5).result(timeout=30) == 25
+    with pytest.raises(RuntimeError, match="shutdown"):
+        ex.submit(square, 1)
+
+
+def test_executor_shutdown_cancel_futures():
+    ex = shoal.Executor(workers=1)
+    running = ex.submit(pid_of, 0)
+    running.result(timeout=30)
+    futures = [ex.submit(time.sleep, 0.2) for _ in range(20)]
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert any(f.cancelled() for f in futures)
+    assert all(f.done() for f in futures)
+
+
+def test_executor_map_timeout():
+    with shoal.Executor(workers=1) as ex:
+        it = ex.map(time.sleep, [5], timeout=0.2)
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            list(it)
+        assert time.monotonic() - start < 3
+
+
+def test_all_public_exceptions_derive_from_shoal_error():
+    for name in shoal.__all__:
+        obj = getattr(shoal, name)
+        if isinstance(obj, type) and issubclass(obj, BaseException):
+            assert issubclass(obj, shoal.ShoalError), name
+
+
+def test_error_in_worker_keeps_traceback_text():
+    with pytest.raises(ValueError) as info:
+        shoal.map(fail_on, [3])
+    text = str(info.value.__cause__)
+    assert "Traceback" in text and "raise ValueError" in text
