@@ -1,0 +1,45 @@
+# Two commands on a fresh machine (Rust, CPython >= 3.11 and pip are all that is needed):
+#   make demo   - create .venv, build and install shoal, run the demo
+#   make test   - same set-up, then every check: fmt, clippy, ruff, stubtest, cargo test, pytest
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.deps-installed
+LINTED := python tests bench examples
+
+.PHONY: demo test bench build lint fmt clean
+
+$(STAMP): requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+build: $(STAMP)
+	$(PY) -m maturin develop --release --quiet
+
+demo: build
+	$(PY) -m shoal demo
+
+lint: $(STAMP)
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+
+test: build lint
+	$(PY) -m mypy.stubtest shoal._native
+	cargo test -p shoal-core
+	$(PY) -m pytest
+
+bench: build
+	$(PY) -m pip install --quiet -r bench/requirements.txt
+	$(PY) bench/run.py
+
+fmt: $(STAMP)
+	cargo fmt --all
+	$(VENV)/bin/ruff format $(LINTED)
+	$(VENV)/bin/ruff check --fix $(LINTED)
+
+clean:
+	rm -rf $(VENV) target
