@@ -11,29 +11,74 @@ backend. See :func:`map` for the options every API shares.
 
 from __future__ import annotations
 
-from ._api import as_completed, imap, map, starmap
-from ._errors import (
-    PicklingError,
-    RemoteError,
-    RemoteTraceback,
-    ShoalError,
-    WorkerCrashedError,
-    WorkerStartError,
-)
-from ._executor import Executor
-from ._options import cpu_count
-from .backends import (
-    Backend,
-    Pool,
-    Session,
-    available_backends,
-    backend,
-    get_backend,
-    register_backend,
-    set_backend,
-)
+import importlib
+TYPE_CHECKING = False  # typing itself costs ~7 ms at worker start-up
+
+if TYPE_CHECKING:
+    from typing import Any
+
+    from ._api import as_completed, imap, map, starmap
+    from ._errors import (
+        PicklingError,
+        RemoteError,
+        RemoteTraceback,
+        ShoalError,
+        WorkerCrashedError,
+        WorkerStartError,
+    )
+    from ._executor import Executor
+    from ._options import cpu_count
+    from .backends import (
+        Backend,
+        Pool,
+        Session,
+        available_backends,
+        backend,
+        get_backend,
+        register_backend,
+        set_backend,
+    )
 
 __version__ = "0.1.0"
+
+# Public names are imported on first use (PEP 562). A worker process imports this package too,
+# and must not pay for the driver's modules (concurrent.futures, threading machinery...).
+_LAZY = {
+    "as_completed": "._api",
+    "imap": "._api",
+    "map": "._api",
+    "starmap": "._api",
+    "PicklingError": "._errors",
+    "RemoteError": "._errors",
+    "RemoteTraceback": "._errors",
+    "ShoalError": "._errors",
+    "WorkerCrashedError": "._errors",
+    "WorkerStartError": "._errors",
+    "Executor": "._executor",
+    "cpu_count": "._options",
+    "Backend": ".backends",
+    "Pool": ".backends",
+    "Session": ".backends",
+    "available_backends": ".backends",
+    "backend": ".backends",
+    "get_backend": ".backends",
+    "register_backend": ".backends",
+    "set_backend": ".backends",
+}
+
+
+def __getattr__(name: str) -> Any:  # noqa: ANN401
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'shoal' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "Backend",

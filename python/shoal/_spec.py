@@ -8,8 +8,11 @@ items. A :class:`ChunkResult` is what comes back for one chunk.
 from __future__ import annotations
 
 import reprlib
-from dataclasses import dataclass, field
-from typing import Any, Callable
+TYPE_CHECKING = False  # typing itself costs ~7 ms at worker start-up
+
+if TYPE_CHECKING:  # kept out of the worker's import path, which must start fast
+    from collections.abc import Callable
+    from typing import Any
 
 #: An item is the single positional argument: ``fn(item, *args, **kwargs)``.
 MODE_SINGLE = 0
@@ -18,17 +21,43 @@ MODE_STAR = 1
 #: An item is ``(positional_tuple, keyword_dict)``.
 MODE_KW = 2
 
+# Plain classes with __slots__ rather than dataclasses: importing dataclasses (and inspect)
+# would add ~8 ms to every worker start.
 
-@dataclass(frozen=True)
+
 class CallSpec:
-    """Everything about a call that does not change from item to item."""
+    """Everything about a call that does not change from item to item.
 
-    fn: Callable[..., Any]
-    mode: int = MODE_SINGLE
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    #: Stop running a chunk at its first failing item (``on_error="raise"``).
-    stop_on_error: bool = True
+    Attributes
+    ----------
+    fn : callable
+        The function.
+    mode : int
+        How an item maps to arguments (``MODE_SINGLE``, ``MODE_STAR`` or ``MODE_KW``).
+    args, kwargs
+        Fixed arguments passed to every call.
+    stop_on_error : bool
+        Stop running a chunk at its first failing item (``on_error="raise"``).
+    """
+
+    __slots__ = ("args", "fn", "kwargs", "mode", "stop_on_error")
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        mode: int = MODE_SINGLE,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        stop_on_error: bool = True,
+    ) -> None:
+        self.fn = fn
+        self.mode = mode
+        self.args = args
+        self.kwargs = kwargs or {}
+        self.stop_on_error = stop_on_error
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (CallSpec, (self.fn, self.mode, self.args, self.kwargs, self.stop_on_error))
 
     @property
     def name(self) -> str:
@@ -37,26 +66,30 @@ class CallSpec:
         return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
 
 
-@dataclass
 class ItemError:
-    """One item that raised."""
+    """One item that raised: its offset in the chunk, the exception, the formatted traceback
+    and a short repr of its arguments."""
 
-    offset: int
-    exc: BaseException
-    traceback: str
-    arguments: str
+    __slots__ = ("arguments", "exc", "offset", "traceback")
+
+    def __init__(self, offset: int, exc: BaseException, traceback: str, arguments: str) -> None:
+        self.offset = offset
+        self.exc = exc
+        self.traceback = traceback
+        self.arguments = arguments
 
 
-@dataclass
 class Crash:
-    """The whole chunk failed: its worker died, or no worker could start."""
+    """The whole chunk failed: its worker died (``pid``, ``exit``), or none could start."""
 
-    pid: int | None
-    exit: str
-    start_failed: bool = False
+    __slots__ = ("exit", "pid", "start_failed")
+
+    def __init__(self, pid: int | None, exit: str, start_failed: bool = False) -> None:
+        self.pid = pid
+        self.exit = exit
+        self.start_failed = start_failed
 
 
-@dataclass
 class ChunkResult:
     """What a backend hands back for one submitted chunk.
 
@@ -65,11 +98,21 @@ class ChunkResult:
     value came back at all.
     """
 
-    seq: int
-    values: list[Any]
-    errors: list[ItemError] = field(default_factory=list)
-    crash: Crash | None = None
-    elapsed_ns: int = 0
+    __slots__ = ("crash", "elapsed_ns", "errors", "seq", "values")
+
+    def __init__(
+        self,
+        seq: int,
+        values: list[Any],
+        errors: list[ItemError] | None = None,
+        crash: Crash | None = None,
+        elapsed_ns: int = 0,
+    ) -> None:
+        self.seq = seq
+        self.values = values
+        self.errors = errors or []
+        self.crash = crash
+        self.elapsed_ns = elapsed_ns
 
 
 _short = reprlib.Repr()

@@ -19,13 +19,16 @@ import os
 import pickle
 import sys
 import time
-from typing import Any
+TYPE_CHECKING = False  # typing itself costs ~7 ms at worker start-up
 
 from . import _native
 from ._errors import ShoalError
 from ._execute import format_remote_traceback, run_chunk
 from ._pickling import encode_outcome
 from ._spec import CallSpec, ItemError
+
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class SetupLoadError(ShoalError):

@@ -28,6 +28,11 @@ use std::sync::Arc;
 use crate::chunking::{ChunkPolicy, ItemTimer};
 use crate::error::{Error, Result};
 
+/// A task estimated at or under this many nanoseconds may be queued behind another.
+const PIPELINE_ANY_NS: f64 = 1_000_000.0;
+/// A task of at least this many items may be queued behind another, whatever its cost.
+const PIPELINE_MIN_ITEMS: u64 = 8;
+
 /// Identifies a worker slot (not a pid: a restarted worker gets a new id).
 pub type WorkerId = u64;
 /// Identifies a session.
@@ -579,9 +584,15 @@ impl Scheduler {
             .map(|per_item| per_item * task.weight as f64)
     }
 
-    /// Picks the worker for a task of estimated cost `est`: an idle one first, else the least
-    /// loaded one whose pipeline stays under budget.
-    fn pick_worker(&self, est: Option<f64>, suspect: bool) -> Option<WorkerId> {
+    /// Picks the worker for a task: an idle one first, else the least loaded one whose pipeline
+    /// stays under budget, if the task may be pipelined at all.
+    ///
+    /// Pipelining hides the round trip between tasks, which matters only for short tasks. It is
+    /// also a bet that the estimate is right: a chunk of many items averages out the variance of
+    /// single items, but a single heavy-tailed item may take fifty times the average, and
+    /// anything queued behind it waits while other workers idle. So a task is pipelined only if
+    /// it is cheap in absolute terms or holds many items.
+    fn pick_worker(&self, est: Option<f64>, weight: u64, suspect: bool) -> Option<WorkerId> {
         let budget = 2.0 * self.config.policy.target_ns as f64;
         let mut best: Option<(WorkerId, f64)> = None;
         for (&id, w) in &self.workers {
@@ -592,7 +603,13 @@ impl Scheduler {
                 return Some(id);
             }
             let Some(cost) = est else { continue };
-            if suspect || w.exclusive || w.unknown_cost > 0 || w.running.len() >= self.config.max_tasks_per_worker {
+            let pipelinable = cost <= PIPELINE_ANY_NS || weight >= PIPELINE_MIN_ITEMS;
+            if !pipelinable
+                || suspect
+                || w.exclusive
+                || w.unknown_cost > 0
+                || w.running.len() >= self.config.max_tasks_per_worker
+            {
                 continue;
             }
             if w.load_ns + cost <= budget && best.is_none_or(|(_, load)| w.load_ns < load) {
@@ -605,8 +622,8 @@ impl Scheduler {
     fn dispatch(&mut self, out: &mut Vec<Action>) {
         while let Some(&task_id) = self.queue.front() {
             let task = &self.tasks[&task_id];
-            let (est, suspect) = (self.estimate(task), task.suspect);
-            let Some(worker) = self.pick_worker(est, suspect) else {
+            let (est, weight, suspect) = (self.estimate(task), task.weight, task.suspect);
+            let Some(worker) = self.pick_worker(est, weight, suspect) else {
                 break;
             };
             self.queue.pop_front();
@@ -781,6 +798,26 @@ mod tests {
             in_flight += sent_tasks(&acts).len();
         }
         assert_eq!(in_flight, 1, "a 50 ms task is not queued behind another");
+
+        // A 3 ms single item fits the budget but is not pipelined: one heavy-tailed item could
+        // hold up whatever queues behind it. A chunk of 10 such-sized items is.
+        let mut s = sched(1);
+        let sess = s.open_session(false);
+        let setup = s.add_setup(sess, blob("f")).unwrap();
+        let (workers, sends) = start_with_tasks(&mut s, setup, 1);
+        s.task_finished(workers[0], sends[0].1, 300_000, Vec::new(), 1);
+        let (_, acts) = s.submit(setup, 1, blob("x")).unwrap();
+        assert_eq!(sent_tasks(&acts).len(), 1, "idle worker takes it");
+        let (_, acts) = s.submit(setup, 10, blob("y")).unwrap();
+        assert_eq!(sent_tasks(&acts).len(), 1, "3 ms chunk of 10 items: pipelined");
+        let mut s2 = sched(1);
+        let sess2 = s2.open_session(false);
+        let setup2 = s2.add_setup(sess2, blob("f")).unwrap();
+        let (w2, sends2) = start_with_tasks(&mut s2, setup2, 1);
+        s2.task_finished(w2[0], sends2[0].1, 3_000_000, Vec::new(), 1);
+        s2.submit(setup2, 1, blob("x")).unwrap();
+        let (_, acts) = s2.submit(setup2, 1, blob("y")).unwrap();
+        assert!(sent_tasks(&acts).is_empty(), "3 ms single item: not pipelined");
     }
 
     #[test]

@@ -1,0 +1,221 @@
+"""Side-by-side benchmark of shoal and its peers, in one run, as ratios to a serial loop.
+
+Workloads (see the engine issue): W1 100,000 no-op calls; W2 20,000 tasks of ~100 us; W3 200
+tasks of ~10 ms; W4 400 heavy-tailed tasks (mean ~5 ms, fixed seed); W6 pool creation to
+first result; and submit()+result() throughput of no-op futures.
+
+Each map time is the best of ``--repeat`` runs on a warm pool (pools are created before timing,
+except in W6), divided by the best serial loop time of the same run. Every result list is
+checked against the serial one. Ratios below 1 are faster than the loop; on 2 cores the ideal
+for CPU-bound work is 0.50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import workloads  # noqa: E402
+from workloads import noop, spin  # noqa: E402
+
+import shoal  # noqa: E402
+
+WORKERS = shoal.cpu_count()
+
+
+def best_of(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+        if best > 5.0:  # a very slow peer: one run is enough to show it
+            break
+    return best, out
+
+
+class Peers:
+    """Warm pools of every tool, created once."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.mappers: dict[str, Callable[[Callable[[Any], Any], list[Any]], list[Any]]] = {}
+        self._closers: list[Callable[[], None]] = []
+        if "shoal" in names:
+            self.mappers["shoal"] = lambda f, xs: shoal.map(f, xs, workers=WORKERS)
+        if "mp.Pool" in names:
+            pool = mp.Pool(WORKERS)
+            self._closers.append(pool.terminate)
+            self.mappers["mp.Pool"] = pool.map
+        if "PPE" in names:
+            ppe = cf.ProcessPoolExecutor(WORKERS)
+            self._closers.append(ppe.shutdown)
+            self.mappers["PPE"] = lambda f, xs: list(ppe.map(f, xs))
+        if "loky" in names:
+            import loky
+
+            lk = loky.get_reusable_executor(max_workers=WORKERS)
+            self.mappers["loky"] = lambda f, xs: list(lk.map(f, xs))
+        if "joblib" in names:
+            import joblib
+
+            par = joblib.Parallel(n_jobs=WORKERS)
+            self.mappers["joblib"] = lambda f, xs: par(joblib.delayed(f)(x) for x in xs)
+        if "mpire" in names:
+            import mpire
+
+            wp = mpire.WorkerPool(n_jobs=WORKERS, keep_alive=True)
+            self._closers.append(wp.terminate)
+            self.mappers["mpire"] = lambda f, xs: wp.map(f, xs, progress_bar=False)
+        for mapper in self.mappers.values():  # warm up: start every pool
+            mapper(noop, list(range(4 * WORKERS)))
+
+    def close(self) -> None:
+        for close in self._closers:
+            close()
+
+
+def map_workloads(repeat: int) -> dict[str, tuple[Callable[[Any], Any], list[Any]]]:
+    per_second = workloads.calibrate(1.0)
+    return {
+        "W1 100k no-op": (noop, list(range(100_000))),
+        "W2 20k x 100us": (spin, [per_second // 10_000] * 20_000),
+        "W3 200 x 10ms": (spin, [per_second // 100] * 200),
+        "W4 400 heavy-tailed ~5ms": (spin, workloads.heavy_tailed(400, 0.005, per_second)),
+    }
+
+
+def w6_first_result(name: str) -> float:
+    """Seconds from creating a fresh pool to the first result."""
+    start = time.perf_counter()
+    if name == "shoal":
+        ex = shoal.Executor(workers=WORKERS)
+        ex.submit(noop, 1).result()
+        took = time.perf_counter() - start
+        ex.shutdown()
+    elif name == "mp.Pool":
+        pool = mp.Pool(WORKERS)
+        pool.apply(noop, (1,))
+        took = time.perf_counter() - start
+        pool.terminate()
+    elif name == "PPE":
+        ppe = cf.ProcessPoolExecutor(WORKERS)
+        ppe.submit(noop, 1).result()
+        took = time.perf_counter() - start
+        ppe.shutdown()
+    elif name == "loky":
+        import loky
+
+        ex = loky.ProcessPoolExecutor(WORKERS)
+        ex.submit(noop, 1).result()
+        took = time.perf_counter() - start
+        ex.shutdown()
+    elif name == "joblib":
+        import joblib
+
+        with joblib.Parallel(n_jobs=WORKERS, backend="multiprocessing") as par:
+            par([joblib.delayed(noop)(1)])
+        took = time.perf_counter() - start
+    elif name == "mpire":
+        import mpire
+
+        with mpire.WorkerPool(n_jobs=WORKERS) as wp:
+            wp.map(noop, [1], progress_bar=False)
+            took = time.perf_counter() - start
+    else:
+        raise ValueError(name)
+    return took
+
+
+def submit_throughput(name: str, n: int) -> float:
+    """Futures per second for n submit() calls followed by every result()."""
+    if name == "shoal":
+        ex: cf.Executor = shoal.Executor(workers=WORKERS)
+    elif name == "PPE":
+        ex = cf.ProcessPoolExecutor(WORKERS)
+    elif name == "loky":
+        import loky
+
+        ex = loky.ProcessPoolExecutor(WORKERS)
+    else:
+        raise ValueError(name)
+    with ex:
+        ex.submit(noop, 0).result()  # pool started
+        start = time.perf_counter()
+        futures = [ex.submit(noop, i) for i in range(n)]
+        results = [f.result() for f in futures]
+        took = time.perf_counter() - start
+    assert results == list(range(n)), f"{name}: wrong futures results"
+    return n / took
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--peers", default="shoal,mp.Pool,PPE,loky,joblib,mpire")
+    parser.add_argument("--only", default="", help="comma-separated workload prefixes (W1,W2,...)")
+    parser.add_argument("--json", default="", help="also write the results to this file")
+    args = parser.parse_args()
+    names = args.peers.split(",")
+    only = [p for p in args.only.split(",") if p]
+    results: dict[str, Any] = {"workers": WORKERS, "maps": {}, "w6_ms": {}, "futures_per_s": {}}
+    print(f"shoal bench: {WORKERS} workers, best of {args.repeat}", flush=True)
+
+    peers = Peers(names)
+    try:
+        header = ["workload", "serial", *peers.mappers]
+        print("  ".join(f"{c:>10}" if i else f"{c:<26}" for i, c in enumerate(header)), flush=True)
+        for label, (fn, xs) in map_workloads(args.repeat).items():
+            if only and not any(label.startswith(p) for p in only):
+                continue
+            serial, expected = best_of(lambda fn=fn, xs=xs: [fn(x) for x in xs], args.repeat)
+            row = [label, f"{serial * 1000:.1f} ms"]
+            results["maps"][label] = {"serial_s": serial}
+            for name, mapper in peers.mappers.items():
+                took, got = best_of(lambda m=mapper, fn=fn, xs=xs: m(fn, xs), args.repeat)
+                if list(got) != expected:
+                    raise SystemExit(f"{name} returned wrong results for {label}")
+                results["maps"][label][name] = took / serial
+                row.append(f"{took / serial:.2f}")
+            print("  ".join(f"{c:>10}" if i else f"{c:<26}" for i, c in enumerate(row)), flush=True)
+    finally:
+        peers.close()
+
+    if not only or "W6" in only:
+        row = ["W6 first result (ms)", ""]
+        for name in names:
+            w6_first_result(name)  # cold run: page cache, imports
+            times = [w6_first_result(name) for _ in range(max(3, args.repeat))]
+            results["w6_ms"][name] = statistics.median(times) * 1000
+            row.append(f"{results['w6_ms'][name]:.0f}")
+        print("  ".join(f"{c:>10}" if i else f"{c:<26}" for i, c in enumerate(row)), flush=True)
+
+    if not only or "F" in only:
+        row = ["futures/s (submit+result)", ""]
+        for name in names:
+            if name in ("shoal", "PPE", "loky"):
+                rate = max(submit_throughput(name, 20_000) for _ in range(2))
+                results["futures_per_s"][name] = rate
+                row.append(f"{rate:,.0f}")
+            else:
+                row.append("-")
+        print("  ".join(f"{c:>10}" if i else f"{c:<26}" for i, c in enumerate(row)), flush=True)
+
+    print("columns after 'serial': time as a ratio to the serial loop (lower is better)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

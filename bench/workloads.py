@@ -1,0 +1,39 @@
+"""Benchmark workloads, importable by every peer's worker processes."""
+
+from __future__ import annotations
+
+import random
+import time
+
+
+def noop(x):
+    return x
+
+
+def spin(n):
+    """Pure-Python CPU work, about proportional to ``n``."""
+    total = 0
+    for i in range(n):
+        total += i
+    return total
+
+
+def calibrate(seconds: float) -> int:
+    """Iterations of :func:`spin` that take about ``seconds`` on this machine."""
+    n = 10_000
+    while True:
+        start = time.perf_counter()
+        spin(n)
+        took = time.perf_counter() - start
+        if took > 0.05:
+            return max(1, int(n * seconds / took))
+        n *= 2
+
+
+def heavy_tailed(count: int, mean_s: float, per_second: int, seed: int = 42) -> list[int]:
+    """Spin counts with log-normal durations (sigma 1.0) of the given mean; fixed seed."""
+    rng = random.Random(seed)
+    sigma = 1.0
+    raw = [rng.lognormvariate(0.0, sigma) for _ in range(count)]
+    scale = mean_s / (sum(raw) / count)
+    return [max(1, int(r * scale * per_second)) for r in raw]
