@@ -330,3 +330,38 @@ def test_error_in_worker_keeps_traceback_text():
         shoal.map(fail_on, [3])
     text = str(info.value.__cause__)
     assert "Traceback" in text and "raise ValueError" in text
+
+
+def test_futures_work_with_waiters_callbacks_and_cancel():
+    """The executor's futures are lazy inside; every concurrent.futures path must still work."""
+    with shoal.Executor(workers=2) as ex:
+        called = []
+        slow = ex.submit(time.sleep, 0.3)
+        slow.add_done_callback(lambda f: called.append("before"))
+        assert not slow.done()
+        done, pending = cf.wait([slow], timeout=0.01)
+        assert not done and pending == {slow}
+        assert list(cf.as_completed([slow], timeout=30)) == [slow]
+        assert slow.result() is None and slow.exception() is None
+        slow.add_done_callback(lambda f: called.append("after"))
+        assert called == ["before", "after"]
+        # A waiter blocked in result() before the value arrives is woken.
+        blocked = ex.submit(sleep_then_value, 0.2, 42)
+        assert blocked.result(timeout=30) == 42
+        # Cancelling a future whose result has not arrived wins; the late result is dropped.
+        queued = [ex.submit(time.sleep, 0.2) for _ in range(6)]
+        assert queued[-1].cancel()
+        assert queued[-1].cancelled()
+        with pytest.raises(cf.CancelledError):
+            queued[-1].result()
+        cf.wait(queued[:-1], timeout=30)
+        assert all(f.done() and not f.cancelled() for f in queued[:-1])
+        failing = ex.submit(fail_on, 3)
+        assert isinstance(failing.exception(timeout=30), ValueError)
+        with pytest.raises(ValueError):
+            failing.result()
+
+
+def sleep_then_value(seconds, value):
+    time.sleep(seconds)
+    return value

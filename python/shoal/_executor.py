@@ -35,6 +35,91 @@ _KW_SPEC = CallSpec(len, MODE_KW)
 _MAX_CACHED_FUNCTIONS = 256
 
 
+_PENDING, _FINISHED = cf._base.PENDING, cf._base.FINISHED
+_DONE_STATES = (cf._base.CANCELLED, cf._base.CANCELLED_AND_NOTIFIED, cf._base.FINISHED)
+# Guards the lazy creation of a future's condition against the pump settling it (see _Future).
+_lazy_lock = threading.Lock()
+
+
+class _Future(cf.Future):  # type: ignore[type-arg]
+    """A standard :class:`concurrent.futures.Future`, lighter to create and complete.
+
+    ``cf.Future.__init__`` builds a ``threading.Condition`` (an RLock, a deque, bound methods)
+    for every future. At 100k futures per second those allocations, and the garbage-collector
+    passes they trigger, cost more than everything else. Here the condition and the waiter
+    lists are made on first use, which for most futures is never: the result has arrived before
+    anyone asks. The pump settles a future under one lock instead of two.
+
+    Correctness of the lazy condition: a waiter creates it under ``_lazy_lock`` and only then
+    checks the state; the pump, finding no condition, sets the result while holding the same
+    lock. So a waiter either sees the result, or exists before the pump looks and is notified.
+    """
+
+    def __init__(self) -> None:
+        self._state = _PENDING
+        self._result = None
+        self._exception = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_condition":
+            with _lazy_lock:
+                cond = self.__dict__.get("_condition")
+                if cond is None:
+                    cond = self.__dict__["_condition"] = threading.Condition()
+            return cond
+        if name in ("_waiters", "_done_callbacks"):
+            with _lazy_lock:
+                return self.__dict__.setdefault(name, [])
+        raise AttributeError(name)
+
+    # Finished futures answer without touching (or creating) the condition: the state is
+    # written last, after the result, and never changes again.
+    def done(self) -> bool:
+        return self._state in _DONE_STATES or super().done()
+
+    def result(self, timeout: float | None = None) -> Any:
+        if self._state == _FINISHED:
+            if self._exception is not None:
+                raise self._exception
+            return self._result
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._state == _FINISHED:
+            return self._exception
+        return super().exception(timeout)
+
+    def _settle(self, value: Any = None, exc: BaseException | None = None) -> None:
+        with _lazy_lock:
+            cond = self.__dict__.get("_condition")
+            if cond is None:
+                if self._state == _PENDING:
+                    self._result, self._exception, self._state = value, exc, _FINISHED
+                    nobody_waits = True
+                else:
+                    return
+            else:
+                nobody_waits = False
+        if nobody_waits:
+            if self.__dict__.get("_done_callbacks"):
+                self._invoke_callbacks()
+            return
+        with cond:
+            if self._state != _PENDING:  # cancelled: the result is dropped
+                return
+            if exc is None:
+                self._result = value
+                for waiter in self._waiters:
+                    waiter.add_result(self)
+            else:
+                self._exception = exc
+                for waiter in self._waiters:
+                    waiter.add_exception(self)
+            self._state = _FINISHED
+            cond.notify_all()
+        self._invoke_callbacks()
+
+
 def _function_key(fn: Callable[..., Any]) -> Any:
     # A bound method is a new object at every attribute access; key it by its parts.
     if isinstance(fn, types.MethodType):
@@ -75,6 +160,7 @@ class Executor(cf.Executor):
         self._futures: dict[int, tuple[cf.Future[Any], int, Any, str]] = {}
         self._outstanding: dict[int, int] = {}
         self._next_seq = 0
+        self._last: tuple[Callable[..., Any], int, CallSpec] | None = None
         self._pump: threading.Thread | None = None
         self._shutdown = False
         self._closed = threading.Event()
@@ -87,19 +173,23 @@ class Executor(cf.Executor):
     # -- futures -------------------------------------------------------------------------
 
     def _spec_id(self, session: Session, fn: Callable[..., Any]) -> tuple[int, CallSpec]:
+        last = self._last
+        if last is not None and last[0] is fn:  # the common case: one function, many submits
+            return last[1], last[2]
         key = _function_key(fn)
         hit = self._functions.get(key)
         if hit is not None:
             self._functions.move_to_end(key)
+            self._last = hit
             return hit[1], hit[2]
         spec = CallSpec(fn, MODE_KW, stop_on_error=True)
         spec_id = session.register(spec)
-        self._functions[key] = (fn, spec_id, spec)
+        self._functions[key] = self._last = (fn, spec_id, spec)
         if len(self._functions) > _MAX_CACHED_FUNCTIONS:
             for old_key, (_, old_id, _) in list(self._functions.items()):
                 if len(self._functions) <= _MAX_CACHED_FUNCTIONS:
                     break
-                if not self._outstanding.get(old_id):
+                if not self._outstanding.get(old_id) and self._last is not self._functions[old_key]:
                     del self._functions[old_key]
                     session.unregister(old_id)
         return spec_id, spec
@@ -125,7 +215,7 @@ class Executor(cf.Executor):
                 self._session = self._pool.open_session(ordered=False)
             session = self._session
             spec_id, spec = self._spec_id(session, fn)
-            future: cf.Future[Any] = cf.Future()
+            future = _Future()
             seq = self._next_seq
             item = (args, kwargs)
             self._futures[seq] = (future, spec_id, item, spec.name)
@@ -152,7 +242,8 @@ class Executor(cf.Executor):
                     self._outstanding[entry[1]] -= 1
                     done.append((res, entry))
         for res, (future, _, item, name) in done:
-            if not future.set_running_or_notify_cancel():
+            if not res.crash and not res.errors:
+                future._settle(res.values[0])
                 continue
             if res.crash is not None:
                 arguments = describe_item(_KW_SPEC, item)
@@ -162,14 +253,14 @@ class Executor(cf.Executor):
                     )
                 else:
                     exc = WorkerCrashedError(None, arguments, res.crash.pid, res.crash.exit, name)
-                future.set_exception(exc)
-            elif res.errors:
-                err = res.errors[0]
-                future.set_exception(
-                    annotate(err.exc, index=None, tb=err.traceback, function=name, arguments=err.arguments)
-                )
+                future._settle(exc=exc)
             else:
-                future.set_result(res.values[0])
+                err = res.errors[0]
+                future._settle(
+                    exc=annotate(
+                        err.exc, index=None, tb=err.traceback, function=name, arguments=err.arguments
+                    )
+                )
 
     def _run_pump(self) -> None:
         session = self._session

@@ -118,4 +118,6 @@ def encode_outcome(values: list[Any], errors: list[ItemError]) -> bytes:
 def decode_outcome(payload: bytes) -> tuple[list[Any], list[ItemError]]:
     """Unpickle a chunk's outcome in the driver."""
     values, wire = pickle.loads(payload)
+    if not wire:
+        return values, []
     return values, [ItemError(off, exc, tb, args) for off, exc, tb, args in wire]

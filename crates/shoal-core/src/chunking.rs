@@ -41,6 +41,9 @@ impl ItemTimer {
 pub struct ChunkPolicy {
     /// Wanted compute time of one chunk, in nanoseconds.
     pub target_ns: u64,
+    /// Smallest worthwhile compute time of a chunk, in nanoseconds. Shrinking the tail below
+    /// this buys no balance (the chunks are already short) and costs round trips.
+    pub min_ns: u64,
     /// Upper bound on items per chunk (bounds memory per message).
     pub max_items: usize,
     /// When the remaining count is known, at least this many chunks per worker are left for the
@@ -52,6 +55,7 @@ impl Default for ChunkPolicy {
     fn default() -> Self {
         ChunkPolicy {
             target_ns: 4_000_000,
+            min_ns: 1_000_000,
             max_items: 50_000,
             tail_chunks_per_worker: 2,
         }
@@ -67,14 +71,16 @@ impl ChunkPolicy {
         let Some(per_item) = per_item_ns else {
             return 1;
         };
-        let by_time = (self.target_ns as f64 / per_item.max(1.0)).floor() as usize;
-        let mut size = by_time.clamp(1, self.max_items.max(1));
+        let per_item = per_item.max(1.0);
+        let by_time = (self.target_ns as f64 / per_item).floor() as usize;
+        let mut size = by_time;
         if let Some(left) = remaining {
             let slots = (workers.max(1) * self.tail_chunks_per_worker.max(1)) as u64;
             let tail_cap = left.div_ceil(slots).max(1);
-            size = size.min(tail_cap as usize);
+            let floor = (self.min_ns as f64 / per_item).floor() as usize;
+            size = size.min((tail_cap as usize).max(floor)).min(left.max(1) as usize);
         }
-        size
+        size.clamp(1, self.max_items.max(1))
     }
 }
 
@@ -108,10 +114,24 @@ mod tests {
     #[test]
     fn tail_shrinks_chunks_near_the_end() {
         let p = ChunkPolicy::default();
-        assert_eq!(p.chunk_size(Some(100.0), Some(100_000), 2), 25_000);
-        assert_eq!(p.chunk_size(Some(100.0), Some(40), 2), 10);
-        assert_eq!(p.chunk_size(Some(100.0), Some(3), 2), 1);
-        assert_eq!(p.chunk_size(Some(100.0), Some(0), 2), 1);
+        // 100 us items: 40 per chunk by time; near the end, a quarter of what is left...
+        assert_eq!(p.chunk_size(Some(100_000.0), Some(1_000), 2), 40);
+        assert_eq!(p.chunk_size(Some(100_000.0), Some(80), 2), 20);
+        // ...but never under 1 ms of work (10 items) while that many remain.
+        assert_eq!(p.chunk_size(Some(100_000.0), Some(20), 2), 10);
+        assert_eq!(p.chunk_size(Some(100_000.0), Some(3), 2), 3);
+        assert_eq!(p.chunk_size(Some(100_000.0), Some(0), 2), 1);
+        // 10 ms items: one by one to the very end.
+        assert_eq!(p.chunk_size(Some(10e6), Some(3), 2), 1);
+    }
+
+    #[test]
+    fn tiny_items_do_not_crawl_through_the_tail() {
+        let p = ChunkPolicy::default();
+        // 50 ns items: 1 ms is 20,000 items, so the last 20,000 go in one chunk, not in dozens.
+        assert_eq!(p.chunk_size(Some(50.0), Some(100_000), 2), 25_000);
+        assert_eq!(p.chunk_size(Some(50.0), Some(30_000), 2), 20_000);
+        assert_eq!(p.chunk_size(Some(50.0), Some(5_000), 2), 5_000);
     }
 
     #[test]

@@ -30,6 +30,8 @@ use crate::error::{Error, Result};
 
 /// A task estimated at or under this many nanoseconds may be queued behind another.
 const PIPELINE_ANY_NS: f64 = 1_000_000.0;
+/// Work a worker may hold queued, at the least, when tasks are pipelined.
+const PIPELINE_MIN_BUDGET_NS: f64 = 1_000_000.0;
 /// A task of at least this many items may be queued behind another, whatever its cost.
 const PIPELINE_MIN_ITEMS: u64 = 8;
 
@@ -593,7 +595,12 @@ impl Scheduler {
     /// anything queued behind it waits while other workers idle. So a task is pipelined only if
     /// it is cheap in absolute terms or holds many items.
     fn pick_worker(&self, est: Option<f64>, weight: u64, suspect: bool) -> Option<WorkerId> {
-        let budget = 2.0 * self.config.policy.target_ns as f64;
+        // Queue about two tasks' worth, and at least enough to cover a round trip. A deeper
+        // pipeline buys nothing and makes every submit wake a writer thread; left in our queue,
+        // tasks go out in batches as results come back.
+        let budget = est.map_or(0.0, |cost| {
+            (2.0 * cost).clamp(PIPELINE_MIN_BUDGET_NS, 2.0 * self.config.policy.target_ns as f64)
+        });
         let mut best: Option<(WorkerId, f64)> = None;
         for (&id, w) in &self.workers {
             if w.state != WorkerState::Ready {
@@ -973,6 +980,6 @@ mod tests {
         let (workers, sends) = start_with_tasks(&mut s, setup, 1);
         s.task_finished(workers[0], sends[0].1, 200, Vec::new(), 1);
         assert!(s.chunk_size(setup, None) > 1000);
-        assert_eq!(s.chunk_size(setup, Some(8)), 2);
+        assert_eq!(s.chunk_size(setup, Some(8)), 8, "tiny items: the tail is not split");
     }
 }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import pickle
 import sys
 import threading
 import weakref
@@ -21,7 +22,7 @@ from typing import Any
 
 from .. import _native
 from .._errors import PicklingError
-from .._pickling import decode_outcome, dumps_items, dumps_spec
+from .._pickling import PROTOCOL, decode_outcome, dumps_items, dumps_spec
 from .._spec import ChunkResult, Crash, CallSpec, ItemError
 from ._base import Backend, Pool, Session
 
@@ -45,15 +46,20 @@ class ProcessSession(Session):
         self._engine.remove_setup(spec_id)
 
     def submit(self, spec_id: int, items: list[Any], start: int) -> int:
-        return int(self._engine.submit(spec_id, len(items), dumps_items(items, start)))
+        try:
+            payload = pickle.dumps(items, PROTOCOL)  # the fast path, inlined: hot for futures
+        except Exception:
+            payload = dumps_items(items, start)  # cloudpickle, or an error naming the item
+        return self._engine.submit(spec_id, len(items), payload)  # type: ignore[no-any-return]
 
     def chunk_size(self, spec_id: int, remaining: int | None) -> int:
         return int(self._engine.chunk_size(spec_id, remaining))
 
     def wait(self, timeout: float | None) -> list[ChunkResult]:
         out = []
+        done = _native.OUTCOME_DONE
         for seq, kind, payload, elapsed, pid, message in self._engine.wait(self._id, timeout):
-            if kind == _native.OUTCOME_DONE:
+            if kind == done:
                 try:
                     values, errors = decode_outcome(payload)
                 except Exception as exc:
