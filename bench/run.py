@@ -25,10 +25,10 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import workloads  # noqa: E402
-from workloads import noop, spin  # noqa: E402
+import shoal
 
-import shoal  # noqa: E402
+import workloads
+from workloads import noop, spin
 
 WORKERS = shoal.cpu_count()
 

@@ -65,7 +65,7 @@ def return_unpicklable(x):
     return threading.Lock() if x == 2 else x
 
 
-class Unbuildable(Exception):
+class UnbuildableError(Exception):
     """An exception that pickles but cannot be rebuilt from its pickle."""
 
     def __init__(self, a, b):
@@ -73,4 +73,4 @@ class Unbuildable(Exception):
 
 
 def raise_unbuildable(x):
-    raise Unbuildable(x, "y")
+    raise UnbuildableError(x, "y")

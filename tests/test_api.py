@@ -7,10 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from helpers import square
 
 import shoal
 from shoal.backends.threads import ThreadBackend
+
+from helpers import square
 
 
 def test_cpu_count_is_positive_and_within_the_machine():
@@ -25,7 +26,10 @@ def _cpu_count_in_child(env=None, affinity=None):
         code += f"os.sched_setaffinity(0, {affinity!r})\n"
     code += "print(shoal.cpu_count())"
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
         env={**os.environ, **(env or {})},
     )
     assert out.returncode == 0, out.stderr
@@ -46,7 +50,7 @@ def test_workers_none_means_all_usable_cpus():
 
 
 def test_unknown_backend_and_option():
-    with pytest.raises(ValueError, match="unknown backend 'gpu'.*processes"):
+    with pytest.raises(ValueError, match=r"unknown backend 'gpu'.*processes"):
         shoal.map(square, [1], backend="gpu")
     with pytest.raises(TypeError):
         shoal.get_backend("threads", bogus=1)

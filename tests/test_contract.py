@@ -6,6 +6,9 @@ import itertools
 import operator
 
 import pytest
+
+import shoal
+
 from helpers import (
     add,
     affine,
@@ -15,8 +18,6 @@ from helpers import (
     sleep_then,
     square,
 )
-
-import shoal
 
 
 def test_map_matches_builtin(backend):
@@ -89,7 +90,9 @@ def test_lambdas_and_closures(backend):
 
 
 def test_explicit_chunksize(backend):
-    assert shoal.map(square, range(100), chunksize=7, backend=backend) == [x * x for x in range(100)]
+    assert shoal.map(square, range(100), chunksize=7, backend=backend) == [
+        x * x for x in range(100)
+    ]
 
 
 def test_error_is_reraised_with_cause_and_note(backend):
@@ -186,7 +189,7 @@ def test_bad_options_fail_before_work(backend, kwargs, error):
 def test_bad_function_and_inputs(backend):
     with pytest.raises(TypeError, match="callable"):
         shoal.map(42, [1], backend=backend)
-    with pytest.raises(TypeError, match="argument 2 .* iterable"):
+    with pytest.raises(TypeError, match=r"argument 2 .* iterable"):
         shoal.map(square, 5, backend=backend)
     with pytest.raises(TypeError, match="at least one iterable"):
         shoal.map(square, backend=backend)

@@ -13,8 +13,12 @@ import threading
 import time
 
 import pytest
+
+import shoal
+from shoal.backends.processes import ProcessBackend
+
 from helpers import (
-    Unbuildable,
+    UnbuildableError,
     crash_on,
     fail_on,
     pid_of,
@@ -24,9 +28,6 @@ from helpers import (
     slow_pid,
     square,
 )
-
-import shoal
-from shoal.backends.processes import ProcessBackend
 
 
 def alive(pid: int) -> bool:
@@ -55,7 +56,11 @@ def run_script(code: str, timeout: float = 60, **kwargs) -> subprocess.Completed
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, timeout=timeout, env=env, **kwargs,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        **kwargs,
     )
 
 
@@ -130,16 +135,22 @@ def test_functions_defined_in_main_work():
 
 def test_killing_the_driver_kills_its_workers():
     proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(
-            """
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                """
             import sys, time, shoal, helpers
             pool = shoal.get_backend().pool(2)
             shoal.map(helpers.slow_pid, range(4), workers=2, chunksize=1)
             print(*pool.pids(), flush=True)
             time.sleep(60)
             """
-        )],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
     pids = [int(p) for p in proc.stdout.readline().split()]
     assert len(pids) == 2
@@ -150,8 +161,11 @@ def test_killing_the_driver_kills_its_workers():
 
 def test_ctrl_c_interrupts_promptly_and_stops_workers():
     proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(
-            """
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                """
             import shoal, helpers, sys
             pool = shoal.get_backend().pool(2)
             pool.prestart()
@@ -165,8 +179,11 @@ def test_ctrl_c_interrupts_promptly_and_stops_workers():
                 print("interrupted", flush=True)
                 sys.exit(3)
             """
-        )],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
     pids = [int(p) for p in proc.stdout.readline().split()]
@@ -224,9 +241,9 @@ def test_unpicklable_result_is_an_error_of_its_item():
 def test_exception_that_cannot_be_rebuilt_becomes_remote_error():
     with pytest.raises(shoal.RemoteError) as info:
         shoal.map(raise_unbuildable, [1])
-    assert info.value.type_name.endswith("Unbuildable")
+    assert info.value.type_name.endswith("UnbuildableError")
     assert "1-y" in str(info.value)
-    assert issubclass(Unbuildable, Exception)
+    assert issubclass(UnbuildableError, Exception)
 
 
 def test_fixed_arguments_are_pickled_once_per_call():
@@ -289,7 +306,9 @@ def test_executor_is_a_concurrent_futures_executor():
         futures = [ex.submit(square, i) for i in range(100)]
         done, _ = cf.wait(futures, timeout=30)
         assert len(done) == 100
-        assert sorted(f.result() for f in cf.as_completed(futures)) == sorted(i * i for i in range(100))
+        assert sorted(f.result() for f in cf.as_completed(futures)) == sorted(
+            i * i for i in range(100)
+        )
         crash = ex.submit(crash_on, 3)
         with pytest.raises(shoal.WorkerCrashedError):
             crash.result(timeout=30)

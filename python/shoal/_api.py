@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from . import _driver
 from ._options import check_chunksize, check_on_error, resolve_workers
@@ -65,10 +65,14 @@ class Prepared:
         self.on_error = check_on_error(on_error)
         self.chunksize = check_chunksize(chunksize)
         if isinstance(args, (str, bytes)) or not isinstance(args, Iterable):
-            raise TypeError(f"args must be a tuple or list of extra positional arguments, not {args!r}")
+            raise TypeError(
+                f"args must be a tuple or list of extra positional arguments, not {args!r}"
+            )
         fixed_args = tuple(args)
         if kwargs is not None and not isinstance(kwargs, Mapping):
-            raise TypeError(f"kwargs must be a mapping of keyword arguments, not {type(kwargs).__name__}")
+            raise TypeError(
+                f"kwargs must be a mapping of keyword arguments, not {type(kwargs).__name__}"
+            )
         fixed_kwargs = dict(kwargs or {})
         for key in fixed_kwargs:
             if not isinstance(key, str):
@@ -78,7 +82,9 @@ class Prepared:
         sources = list(iterables)
         if iterkwargs is not None:
             if isinstance(iterkwargs, Mapping):
-                raise TypeError("iterkwargs must be an iterable of dicts (one per item), not a dict")
+                raise TypeError(
+                    "iterkwargs must be an iterable of dicts (one per item), not a dict"
+                )
             sources.append(iterkwargs)
         iterators = _iterators(api, tuple(sources))
         self.total = _length(tuple(sources))
@@ -87,17 +93,17 @@ class Prepared:
             if star:
                 positional: Iterator[Any] = (tuple(t) for t in iterators[0])
             elif iterators:
-                positional = zip(*iterators)
+                positional = zip(*iterators, strict=False)
             else:
                 positional = itertools.repeat(())
-            self.items: Iterator[Any] = zip(positional, kw_iter)
+            self.items: Iterator[Any] = zip(positional, kw_iter, strict=False)
             mode = MODE_KW
         elif star:
             self.items, mode = iterators[0], MODE_STAR
         elif len(iterators) == 1:
             self.items, mode = iterators[0], MODE_SINGLE
         else:
-            self.items, mode = zip(*iterators), MODE_STAR
+            self.items, mode = zip(*iterators, strict=False), MODE_STAR
         self.spec = CallSpec(
             fn, mode, fixed_args, fixed_kwargs, stop_on_error=self.on_error == "raise"
         )
@@ -129,7 +135,7 @@ def _pool(workers: Any, backend: str | Backend | None) -> Pool:
     return get_backend(backend).pool(workers)
 
 
-def map(  # noqa: A001 - the name users know
+def map(
     fn: Callable[..., Any],
     *iterables: Iterable[Any],
     workers: int | float | None = None,
@@ -191,8 +197,15 @@ def map(  # noqa: A001 - the name users know
     [32, 9]
     """
     call = Prepared(
-        "map", fn, iterables, star=False, args=args, kwargs=kwargs, iterkwargs=iterkwargs,
-        on_error=on_error, chunksize=chunksize,
+        "map",
+        fn,
+        iterables,
+        star=False,
+        args=args,
+        kwargs=kwargs,
+        iterkwargs=iterkwargs,
+        on_error=on_error,
+        chunksize=chunksize,
     )
     _, gen = call.open(_pool(workers, backend), ordered=True)
     out: list[Any] = []
@@ -222,8 +235,15 @@ def starmap(
     [32, 9]
     """
     call = Prepared(
-        "starmap", fn, (iterable,), star=True, args=args, kwargs=kwargs, iterkwargs=iterkwargs,
-        on_error=on_error, chunksize=chunksize,
+        "starmap",
+        fn,
+        (iterable,),
+        star=True,
+        args=args,
+        kwargs=kwargs,
+        iterkwargs=iterkwargs,
+        on_error=on_error,
+        chunksize=chunksize,
     )
     _, gen = call.open(_pool(workers, backend), ordered=True)
     out: list[Any] = []
@@ -250,8 +270,15 @@ def imap(
     Closing the iterator (or leaving a ``for`` loop over it) drops the queued work.
     """
     call = Prepared(
-        "imap", fn, iterables, star=False, args=args, kwargs=kwargs, iterkwargs=iterkwargs,
-        on_error=on_error, chunksize=chunksize,
+        "imap",
+        fn,
+        iterables,
+        star=False,
+        args=args,
+        kwargs=kwargs,
+        iterkwargs=iterkwargs,
+        on_error=on_error,
+        chunksize=chunksize,
     )
     session, gen = call.open(_pool(workers, backend), ordered=True)
     return _driver.ResultStream(session, _driver.flatten(gen))
@@ -278,8 +305,15 @@ def as_completed(
         can be matched to its input.
     """
     call = Prepared(
-        "as_completed", fn, iterables, star=False, args=args, kwargs=kwargs,
-        iterkwargs=iterkwargs, on_error=on_error, chunksize=chunksize,
+        "as_completed",
+        fn,
+        iterables,
+        star=False,
+        args=args,
+        kwargs=kwargs,
+        iterkwargs=iterkwargs,
+        on_error=on_error,
+        chunksize=chunksize,
     )
     session, gen = call.open(_pool(workers, backend), ordered=False)
     stream = _driver.with_indices(gen) if with_index else _driver.flatten(gen)
@@ -293,4 +327,3 @@ def deadline_after(timeout: float | None) -> float | None:
     if timeout < 0:
         raise ValueError(f"timeout must be non-negative, got {timeout}")
     return time.monotonic() + timeout
-

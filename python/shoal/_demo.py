@@ -69,7 +69,10 @@ def _row(label: str, serial: float, parallel: float, note: str) -> str:
 def run(workers: int | None = None, scale: float = 1.0, out: Any = sys.stdout) -> bool:
     """Run the demo; return True if every parallel result matched the serial one."""
     n_workers = workers or shoal.cpu_count()
-    print(f"shoal demo: {n_workers} workers ({shoal.cpu_count()} usable CPUs), processes backend", file=out)
+    print(
+        f"shoal demo: {n_workers} workers ({shoal.cpu_count()} usable CPUs), processes backend",
+        file=out,
+    )
     # Start the pool first, as a long-running program would have it.
     shoal.map(double, range(n_workers * 4), workers=n_workers)
     print(f"{'workload':<34}{'serial':>11}{'shoal':>11}{'speedup':>10}", file=out)
@@ -107,7 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shoal", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="time real parallel work, serial versus shoal")
-    demo.add_argument("--workers", type=int, default=None, help="workers (default: all usable CPUs)")
+    demo.add_argument(
+        "--workers", type=int, default=None, help="workers (default: all usable CPUs)"
+    )
     demo.add_argument("--scale", type=float, default=1.0, help="work size factor (default 1.0)")
     sub.add_parser("info", help="print version, usable CPUs and backends")
     args = parser.parse_args(argv)

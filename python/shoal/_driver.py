@@ -11,6 +11,7 @@ list per chunk instead of paying a generator step per item.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections.abc import Iterable, Iterator
@@ -23,7 +24,9 @@ from .backends._base import Session
 Batch = tuple[int, list[Any]]
 
 
-def _crash_errors(res: ChunkResult, chunk: list[Any], start: int, spec: CallSpec) -> list[ItemError]:
+def _crash_errors(
+    res: ChunkResult, chunk: list[Any], start: int, spec: CallSpec
+) -> list[ItemError]:
     crash = res.crash
     assert crash is not None
     errors = []
@@ -49,7 +52,11 @@ def _settle(
     for err in errors:
         arguments = err.arguments or describe_item(spec, chunk[err.offset])
         exc = annotate(
-            err.exc, index=start + err.offset, tb=err.traceback, function=spec.name, arguments=arguments
+            err.exc,
+            index=start + err.offset,
+            tb=err.traceback,
+            function=spec.name,
+            arguments=arguments,
         )
         if raise_first:
             return values[: err.offset], exc
@@ -104,7 +111,9 @@ def batches(
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             results = session.wait(timeout)
             if not results and deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"results not ready within the timeout ({len(in_flight)} chunks pending)")
+                raise TimeoutError(
+                    f"results not ready within the timeout ({len(in_flight)} chunks pending)"
+                )
             for res in results:
                 entry = in_flight.pop(res.seq, None)
                 if entry is None:
@@ -163,10 +172,8 @@ class ResultStream(Iterator[Any]):
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
 
 def flatten(gen: Iterable[Batch]) -> Iterator[Any]:

@@ -27,7 +27,7 @@ class ShoalError(Exception):
     """Base class of every exception that shoal itself defines."""
 
 
-class RemoteTraceback(ShoalError):
+class RemoteTraceback(ShoalError):  # noqa: N818 - a cause carrier, never raised by itself
     """The traceback of an exception raised in a worker, attached as ``__cause__``."""
 
     def __init__(self, tb: str) -> None:

@@ -6,9 +6,9 @@ Every backend calls :func:`run_chunk`, which is why errors, argument handling an
 
 from __future__ import annotations
 
-TYPE_CHECKING = False  # typing itself costs ~7 ms at worker start-up
-
 from ._spec import MODE_KW, MODE_SINGLE, MODE_STAR, CallSpec, ItemError, describe_item
+
+TYPE_CHECKING = False  # typing itself costs ~7 ms at worker start-up
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -69,7 +69,9 @@ def run_chunk(spec: CallSpec, items: list[Any]) -> tuple[list[Any], list[ItemErr
             offset = len(values)
             append(None)
             errors.append(
-                ItemError(offset, exc, format_remote_traceback(exc), describe_item(spec, items[offset]))
+                ItemError(
+                    offset, exc, format_remote_traceback(exc), describe_item(spec, items[offset])
+                )
             )
             if spec.stop_on_error:
                 return values, errors

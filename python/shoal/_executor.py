@@ -16,8 +16,8 @@ import concurrent.futures as cf
 import threading
 import types
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from . import _driver
 from ._api import Prepared, deadline_after
@@ -229,7 +229,9 @@ class Executor(cf.Executor):
             self._next_seq += 1
             self._outstanding[spec_id] = self._outstanding.get(spec_id, 0) + 1
             if self._pump is None:
-                self._pump = threading.Thread(target=self._run_pump, name="shoal-executor", daemon=True)
+                self._pump = threading.Thread(
+                    target=self._run_pump, name="shoal-executor", daemon=True
+                )
                 self._pump.start()
         return future
 
@@ -258,7 +260,11 @@ class Executor(cf.Executor):
                 err = res.errors[0]
                 future._settle(
                     exc=annotate(
-                        err.exc, index=None, tb=err.traceback, function=name, arguments=err.arguments
+                        err.exc,
+                        index=None,
+                        tb=err.traceback,
+                        function=name,
+                        arguments=err.arguments,
                     )
                 )
 
@@ -345,8 +351,17 @@ class Executor(cf.Executor):
         to adaptive chunking.
         """
         return self._stream(
-            "map", fn, iterables, star=False, ordered=True, timeout=timeout, chunksize=chunksize,
-            args=args, kwargs=kwargs, iterkwargs=iterkwargs, on_error=on_error,
+            "map",
+            fn,
+            iterables,
+            star=False,
+            ordered=True,
+            timeout=timeout,
+            chunksize=chunksize,
+            args=args,
+            kwargs=kwargs,
+            iterkwargs=iterkwargs,
+            on_error=on_error,
         )
 
     imap = map
@@ -362,8 +377,17 @@ class Executor(cf.Executor):
     ) -> Iterator[Any]:
         """Lazy, ordered ``fn(*item)`` over ``iterable``."""
         return self._stream(
-            "starmap", fn, (iterable,), star=True, ordered=True, timeout=timeout,
-            chunksize=chunksize, args=(), kwargs=None, iterkwargs=None, on_error=on_error,
+            "starmap",
+            fn,
+            (iterable,),
+            star=True,
+            ordered=True,
+            timeout=timeout,
+            chunksize=chunksize,
+            args=(),
+            kwargs=None,
+            iterkwargs=None,
+            on_error=on_error,
         )
 
     def as_completed(
@@ -380,9 +404,18 @@ class Executor(cf.Executor):
     ) -> Iterator[Any]:
         """Results in completion order (see :func:`shoal.as_completed`)."""
         return self._stream(
-            "as_completed", fn, iterables, star=False, ordered=False, timeout=timeout,
-            with_index=with_index, chunksize=chunksize, args=args, kwargs=kwargs,
-            iterkwargs=iterkwargs, on_error=on_error,
+            "as_completed",
+            fn,
+            iterables,
+            star=False,
+            ordered=False,
+            timeout=timeout,
+            with_index=with_index,
+            chunksize=chunksize,
+            args=args,
+            kwargs=kwargs,
+            iterkwargs=iterkwargs,
+            on_error=on_error,
         )
 
     def __enter__(self) -> Executor:

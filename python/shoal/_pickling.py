@@ -10,10 +10,11 @@ When even cloudpickle fails, the offending item is located and named in a
 from __future__ import annotations
 
 import pickle
-TYPE_CHECKING = False  # typing itself costs ~7 ms at worker start-up
 
 from ._errors import PicklingError, RemoteError
 from ._spec import CallSpec, ItemError
+
+TYPE_CHECKING = False  # typing itself costs ~7 ms at worker start-up
 
 if TYPE_CHECKING:
     from typing import Any

@@ -8,6 +8,7 @@ items. A :class:`ChunkResult` is what comes back for one chunk.
 from __future__ import annotations
 
 import reprlib
+
 TYPE_CHECKING = False  # typing itself costs ~7 ms at worker start-up
 
 if TYPE_CHECKING:  # kept out of the worker's import path, which must start fast

@@ -19,13 +19,14 @@ import os
 import pickle
 import sys
 import time
-TYPE_CHECKING = False  # typing itself costs ~7 ms at worker start-up
 
 from . import _native
 from ._errors import ShoalError
 from ._execute import format_remote_traceback, run_chunk
 from ._pickling import encode_outcome
 from ._spec import CallSpec, ItemError
+
+TYPE_CHECKING = False  # typing itself costs ~7 ms at worker start-up
 
 if TYPE_CHECKING:
     from typing import Any
@@ -86,7 +87,7 @@ def main(fd: int | None = None) -> None:
         elif kind == setup_kind:
             try:
                 setups[ident] = pickle.loads(payload)
-            except BaseException as exc:  # noqa: BLE001 - reported with every task that needs it
+            except BaseException as exc:
                 setups[ident] = SetupLoadError(
                     f"the function could not be loaded in the worker: {exc!r}"
                 )

@@ -67,7 +67,12 @@ impl ChunkPolicy {
     ///
     /// `per_item_ns` is the current estimate ([`ItemTimer::per_item_ns`]), `remaining` the number
     /// of items not yet sent if known, `workers` the pool size.
-    pub fn chunk_size(&self, per_item_ns: Option<f64>, remaining: Option<u64>, workers: usize) -> usize {
+    pub fn chunk_size(
+        &self,
+        per_item_ns: Option<f64>,
+        remaining: Option<u64>,
+        workers: usize,
+    ) -> usize {
         let Some(per_item) = per_item_ns else {
             return 1;
         };
@@ -78,7 +83,9 @@ impl ChunkPolicy {
             let slots = (workers.max(1) * self.tail_chunks_per_worker.max(1)) as u64;
             let tail_cap = left.div_ceil(slots).max(1);
             let floor = (self.min_ns as f64 / per_item).floor() as usize;
-            size = size.min((tail_cap as usize).max(floor)).min(left.max(1) as usize);
+            size = size
+                .min((tail_cap as usize).max(floor))
+                .min(left.max(1) as usize);
         }
         size.clamp(1, self.max_items.max(1))
     }

@@ -51,7 +51,11 @@ pub fn parse_cfs(quota: &str, period: &str) -> Option<f64> {
 /// mount (`mount` is usually `/sys/fs/cgroup`). Both v2 (unified) and v1 (`cpu` controller)
 /// hierarchies are tried, and every ancestor is checked, because a quota set on a parent cgroup
 /// limits its children too.
-pub fn cgroup_cpus(proc_self_cgroup: &str, mount: &Path, read: &dyn Fn(&Path) -> Option<String>) -> Option<f64> {
+pub fn cgroup_cpus(
+    proc_self_cgroup: &str,
+    mount: &Path,
+    read: &dyn Fn(&Path) -> Option<String>,
+) -> Option<f64> {
     let mut best: Option<f64> = None;
     let mut consider = |v: Option<f64>| {
         if let Some(v) = v {
@@ -71,7 +75,11 @@ pub fn cgroup_cpus(proc_self_cgroup: &str, mount: &Path, read: &dyn Fn(&Path) ->
                 consider(read(&dir.join("cpu.max")).and_then(|t| parse_cpu_max(&t)));
             }
         } else if controllers.split(',').any(|c| c == "cpu") {
-            for base in [mount.join("cpu"), mount.join("cpu,cpuacct"), mount.join("cpuacct,cpu")] {
+            for base in [
+                mount.join("cpu"),
+                mount.join("cpu,cpuacct"),
+                mount.join("cpuacct,cpu"),
+            ] {
                 for dir in ancestors(&base.join(rel), &base) {
                     let quota = read(&dir.join("cpu.cfs_quota_us"));
                     let period = read(&dir.join("cpu.cfs_period_us"));
@@ -111,7 +119,12 @@ pub fn slurm_cpus(get: &dyn Fn(&str) -> Option<String>) -> Option<usize> {
 }
 
 /// Combines the limits: the smallest of affinity, quota (rounded up) and Slurm; at least 1.
-pub fn combine(affinity: Option<usize>, quota: Option<f64>, slurm: Option<usize>, fallback: usize) -> usize {
+pub fn combine(
+    affinity: Option<usize>,
+    quota: Option<f64>,
+    slurm: Option<usize>,
+    fallback: usize,
+) -> usize {
     let mut n = affinity.unwrap_or(fallback).max(1);
     if let Some(q) = quota {
         n = n.min((q.ceil() as usize).max(1));
@@ -127,7 +140,11 @@ pub fn available_cpus() -> usize {
     let fallback = std::thread::available_parallelism().map_or(1, |n| n.get());
     let quota = std::fs::read_to_string("/proc/self/cgroup")
         .ok()
-        .and_then(|text| cgroup_cpus(&text, Path::new("/sys/fs/cgroup"), &|p| std::fs::read_to_string(p).ok()));
+        .and_then(|text| {
+            cgroup_cpus(&text, Path::new("/sys/fs/cgroup"), &|p| {
+                std::fs::read_to_string(p).ok()
+            })
+        });
     let slurm = slurm_cpus(&|name| std::env::var(name).ok());
     combine(affinity_cpus(), quota, slurm, fallback)
 }
@@ -153,8 +170,10 @@ mod tests {
     }
 
     fn fake_fs(files: &[(&str, &str)]) -> impl Fn(&Path) -> Option<String> {
-        let map: HashMap<PathBuf, String> =
-            files.iter().map(|(p, t)| (PathBuf::from(p), t.to_string())).collect();
+        let map: HashMap<PathBuf, String> = files
+            .iter()
+            .map(|(p, t)| (PathBuf::from(p), t.to_string()))
+            .collect();
         move |p: &Path| map.get(p).cloned()
     }
 
@@ -171,22 +190,35 @@ mod tests {
     #[test]
     fn cgroup_v1_cpu_controller() {
         let read = fake_fs(&[
-            ("/sys/fs/cgroup/cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "50000"),
-            ("/sys/fs/cgroup/cpu,cpuacct/docker/abc/cpu.cfs_period_us", "100000"),
+            (
+                "/sys/fs/cgroup/cpu,cpuacct/docker/abc/cpu.cfs_quota_us",
+                "50000",
+            ),
+            (
+                "/sys/fs/cgroup/cpu,cpuacct/docker/abc/cpu.cfs_period_us",
+                "100000",
+            ),
         ]);
         let text = "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n";
-        assert_eq!(cgroup_cpus(text, Path::new("/sys/fs/cgroup"), &read), Some(0.5));
+        assert_eq!(
+            cgroup_cpus(text, Path::new("/sys/fs/cgroup"), &read),
+            Some(0.5)
+        );
     }
 
     #[test]
     fn no_cgroup_limit() {
         let read = fake_fs(&[("/sys/fs/cgroup/cpu.max", "max 100000")]);
-        assert_eq!(cgroup_cpus("0::/\n", Path::new("/sys/fs/cgroup"), &read), None);
+        assert_eq!(
+            cgroup_cpus("0::/\n", Path::new("/sys/fs/cgroup"), &read),
+            None
+        );
     }
 
     #[test]
     fn slurm_variables() {
-        let env: HashMap<&str, &str> = [("SLURM_CPUS_ON_NODE", "8"), ("SLURM_CPUS_PER_TASK", "3")].into();
+        let env: HashMap<&str, &str> =
+            [("SLURM_CPUS_ON_NODE", "8"), ("SLURM_CPUS_PER_TASK", "3")].into();
         assert_eq!(slurm_cpus(&|k| env.get(k).map(|v| v.to_string())), Some(3));
         let env: HashMap<&str, &str> = [("SLURM_CPUS_ON_NODE", "8")].into();
         assert_eq!(slurm_cpus(&|k| env.get(k).map(|v| v.to_string())), Some(8));

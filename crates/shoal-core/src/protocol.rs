@@ -99,7 +99,13 @@ impl Frame {
 }
 
 /// Encodes a header for a payload of `payload_len` bytes and the given buffer lengths.
-pub fn encode_header(kind: Kind, id: u64, aux: u64, payload_len: usize, buffer_lens: &[usize]) -> Vec<u8> {
+pub fn encode_header(
+    kind: Kind,
+    id: u64,
+    aux: u64,
+    payload_len: usize,
+    buffer_lens: &[usize],
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + 8 * buffer_lens.len());
     out.extend_from_slice(&MAGIC.to_le_bytes());
     out.push(VERSION);
@@ -118,7 +124,14 @@ pub fn encode_header(kind: Kind, id: u64, aux: u64, payload_len: usize, buffer_l
 ///
 /// Taking slices rather than a [`Frame`] lets callers send shared payloads without copying them
 /// into an owned frame first.
-pub fn encode_into(out: &mut Vec<u8>, kind: Kind, id: u64, aux: u64, payload: &[u8], buffers: &[&[u8]]) {
+pub fn encode_into(
+    out: &mut Vec<u8>,
+    kind: Kind,
+    id: u64,
+    aux: u64,
+    payload: &[u8],
+    buffers: &[&[u8]],
+) {
     let lens: Vec<usize> = buffers.iter().map(|b| b.len()).collect();
     out.extend_from_slice(&encode_header(kind, id, aux, payload.len(), &lens));
     for buffer in buffers {
@@ -131,7 +144,14 @@ pub fn encode_into(out: &mut Vec<u8>, kind: Kind, id: u64, aux: u64, payload: &[
 pub fn encode(frame: &Frame) -> Vec<u8> {
     let buffers: Vec<&[u8]> = frame.buffers.iter().map(Vec::as_slice).collect();
     let mut out = Vec::with_capacity(HEADER_LEN + frame.payload.len());
-    encode_into(&mut out, frame.kind, frame.id, frame.aux, &frame.payload, &buffers);
+    encode_into(
+        &mut out,
+        frame.kind,
+        frame.id,
+        frame.aux,
+        &frame.payload,
+        &buffers,
+    );
     out
 }
 
@@ -160,7 +180,9 @@ fn u64_at(bytes: &[u8], at: usize) -> u64 {
 fn parse_header(bytes: &[u8; HEADER_LEN]) -> Result<Header> {
     let magic = u16::from_le_bytes([bytes[0], bytes[1]]);
     if magic != MAGIC {
-        return Err(Error::Protocol(format!("bad magic {magic:#06x}: stream out of sync")));
+        return Err(Error::Protocol(format!(
+            "bad magic {magic:#06x}: stream out of sync"
+        )));
     }
     if bytes[2] != VERSION {
         return Err(Error::Protocol(format!(
@@ -282,12 +304,19 @@ mod tests {
     fn several_frames_then_clean_eof() {
         let mut bytes = Vec::new();
         for i in 0..5u64 {
-            write_frame(&mut bytes, &Frame::new(Kind::Result, i, i * 10, vec![i as u8; i as usize])).unwrap();
+            write_frame(
+                &mut bytes,
+                &Frame::new(Kind::Result, i, i * 10, vec![i as u8; i as usize]),
+            )
+            .unwrap();
         }
         let mut cursor = Cursor::new(bytes);
         for i in 0..5u64 {
             let f = read_frame(&mut cursor).unwrap().unwrap();
-            assert_eq!((f.kind, f.id, f.aux, f.payload.len()), (Kind::Result, i, i * 10, i as usize));
+            assert_eq!(
+                (f.kind, f.id, f.aux, f.payload.len()),
+                (Kind::Result, i, i * 10, i as usize)
+            );
         }
         assert!(read_frame(&mut cursor).unwrap().is_none());
     }
@@ -305,17 +334,26 @@ mod tests {
     fn bad_magic_and_kind_are_protocol_errors() {
         let mut bytes = encode(&sample());
         bytes[0] ^= 0xff;
-        assert!(matches!(read_frame(&mut Cursor::new(&bytes)), Err(Error::Protocol(_))));
+        assert!(matches!(
+            read_frame(&mut Cursor::new(&bytes)),
+            Err(Error::Protocol(_))
+        ));
         let mut bytes = encode(&sample());
         bytes[3] = 99;
-        assert!(matches!(read_frame(&mut Cursor::new(&bytes)), Err(Error::Protocol(_))));
+        assert!(matches!(
+            read_frame(&mut Cursor::new(&bytes)),
+            Err(Error::Protocol(_))
+        ));
     }
 
     #[test]
     fn huge_length_is_rejected_before_allocating() {
         let mut bytes = encode(&Frame::new(Kind::Setup, 1, 0, Vec::new()));
         bytes[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(matches!(read_frame(&mut Cursor::new(&bytes)), Err(Error::Protocol(_))));
+        assert!(matches!(
+            read_frame(&mut Cursor::new(&bytes)),
+            Err(Error::Protocol(_))
+        ));
     }
 
     #[test]

@@ -258,7 +258,10 @@ impl Scheduler {
     /// [`Error::Unknown`] if the session is closed.
     pub fn add_setup(&mut self, session: SessionId, blob: Arc<[u8]>) -> Result<SetupId> {
         if !self.sessions.contains_key(&session) {
-            return Err(Error::Unknown { what: "session", id: session });
+            return Err(Error::Unknown {
+                what: "session",
+                id: session,
+            });
         }
         let id = self.fresh_id();
         self.setups.insert(
@@ -269,7 +272,11 @@ impl Scheduler {
                 timer: ItemTimer::default(),
             },
         );
-        self.sessions.get_mut(&session).expect("checked").setups.insert(id);
+        self.sessions
+            .get_mut(&session)
+            .expect("checked")
+            .setups
+            .insert(id);
         Ok(id)
     }
 
@@ -297,16 +304,24 @@ impl Scheduler {
     ///
     /// # Errors
     /// [`Error::Unknown`] if the setup was removed or its session closed.
-    pub fn submit(&mut self, setup: SetupId, weight: u64, payload: Arc<[u8]>) -> Result<(u64, Vec<Action>)> {
+    pub fn submit(
+        &mut self,
+        setup: SetupId,
+        weight: u64,
+        payload: Arc<[u8]>,
+    ) -> Result<(u64, Vec<Action>)> {
         let session = self
             .setups
             .get(&setup)
             .map(|s| s.session)
-            .ok_or(Error::Unknown { what: "setup", id: setup })?;
-        let sess = self
-            .sessions
-            .get_mut(&session)
-            .ok_or(Error::Unknown { what: "session", id: session })?;
+            .ok_or(Error::Unknown {
+                what: "setup",
+                id: setup,
+            })?;
+        let sess = self.sessions.get_mut(&session).ok_or(Error::Unknown {
+            what: "session",
+            id: session,
+        })?;
         let seq = sess.next_seq;
         sess.next_seq += 1;
         let id = self.fresh_id();
@@ -332,7 +347,9 @@ impl Scheduler {
     /// Items per chunk the policy suggests for the next task of `setup`.
     pub fn chunk_size(&self, setup: SetupId, remaining: Option<u64>) -> usize {
         let est = self.setups.get(&setup).and_then(|s| s.timer.per_item_ns());
-        self.config.policy.chunk_size(est, remaining, self.config.max_workers)
+        self.config
+            .policy
+            .chunk_size(est, remaining, self.config.max_workers)
     }
 
     /// Asks for workers up front (up to the pool size), so the first task does not wait for a
@@ -346,7 +363,10 @@ impl Scheduler {
     }
 
     fn live_workers(&self) -> usize {
-        self.workers.values().filter(|w| w.state != WorkerState::Retiring).count()
+        self.workers
+            .values()
+            .filter(|w| w.state != WorkerState::Retiring)
+            .count()
     }
 
     fn spawn(&mut self, out: &mut Vec<Action>) {
@@ -458,7 +478,10 @@ impl Scheduler {
             }
         }
         if self.start_failures >= self.config.max_start_failures && !self.queue.is_empty() {
-            let msg = format!("{} worker processes in a row failed to start; last: {exit}", self.start_failures);
+            let msg = format!(
+                "{} worker processes in a row failed to start; last: {exit}",
+                self.start_failures
+            );
             for task in std::mem::take(&mut self.queue) {
                 if let Some(t) = self.tasks.remove(&task) {
                     let outcome = Outcome {
@@ -500,7 +523,10 @@ impl Scheduler {
         };
         if abort {
             for (&id, w) in &self.workers {
-                if w.running.iter().any(|t| self.tasks.get(t).is_some_and(|t| t.session == session)) {
+                if w.running
+                    .iter()
+                    .any(|t| self.tasks.get(t).is_some_and(|t| t.session == session))
+                {
                     out.push(Action::Kill { worker: id });
                 }
             }
@@ -517,10 +543,10 @@ impl Scheduler {
     /// # Errors
     /// [`Error::Unknown`] if the session is closed.
     pub fn take_ready(&mut self, session: SessionId) -> Result<Vec<Outcome>> {
-        let sess = self
-            .sessions
-            .get_mut(&session)
-            .ok_or(Error::Unknown { what: "session", id: session })?;
+        let sess = self.sessions.get_mut(&session).ok_or(Error::Unknown {
+            what: "session",
+            id: session,
+        })?;
         Ok(sess.ready.drain(..).collect())
     }
 
@@ -599,7 +625,10 @@ impl Scheduler {
         // pipeline buys nothing and makes every submit wake a writer thread; left in our queue,
         // tasks go out in batches as results come back.
         let budget = est.map_or(0.0, |cost| {
-            (2.0 * cost).clamp(PIPELINE_MIN_BUDGET_NS, 2.0 * self.config.policy.target_ns as f64)
+            (2.0 * cost).clamp(
+                PIPELINE_MIN_BUDGET_NS,
+                2.0 * self.config.policy.target_ns as f64,
+            )
         });
         let mut best: Option<(WorkerId, f64)> = None;
         for (&id, w) in &self.workers {
@@ -641,7 +670,11 @@ impl Scheduler {
             let w = self.workers.get_mut(&worker).expect("picked worker exists");
             if w.setups.insert(setup) {
                 let blob = self.setups[&setup].blob.clone();
-                out.push(Action::SendSetup { worker, setup, blob });
+                out.push(Action::SendSetup {
+                    worker,
+                    setup,
+                    blob,
+                });
             }
             w.running.push(task_id);
             w.exclusive = suspect;
@@ -702,7 +735,11 @@ mod tests {
     }
 
     /// Submits `n` tasks, starts all requested workers, and returns (workers, task sends).
-    fn start_with_tasks(s: &mut Scheduler, setup: SetupId, n: usize) -> (Vec<WorkerId>, Vec<(WorkerId, TaskId)>) {
+    fn start_with_tasks(
+        s: &mut Scheduler,
+        setup: SetupId,
+        n: usize,
+    ) -> (Vec<WorkerId>, Vec<(WorkerId, TaskId)>) {
         let mut actions = Vec::new();
         for i in 0..n {
             let (seq, acts) = s.submit(setup, 1, blob(&format!("t{i}"))).unwrap();
@@ -737,13 +774,18 @@ mod tests {
         let (_, acts) = s.submit(setup, 1, blob("a")).unwrap();
         let w = spawned(&acts)[0];
         let acts = s.worker_started(w, 1, 0);
-        assert!(matches!(acts[0], Action::SendSetup { worker, setup: st, .. } if worker == w && st == setup));
+        assert!(
+            matches!(acts[0], Action::SendSetup { worker, setup: st, .. } if worker == w && st == setup)
+        );
         assert!(matches!(acts[1], Action::SendTask { .. }));
         let task = sent_tasks(&acts)[0].1;
         let (_, acts) = s.submit(setup, 1, blob("b")).unwrap();
         assert!(acts.is_empty(), "worker busy, cost unknown: wait");
         let acts = s.task_finished(w, task, 1000, b"r".to_vec(), 1);
-        assert!(!acts.iter().any(|a| matches!(a, Action::SendSetup { .. })), "{acts:?}");
+        assert!(
+            !acts.iter().any(|a| matches!(a, Action::SendSetup { .. })),
+            "{acts:?}"
+        );
         assert_eq!(sent_tasks(&acts).len(), 1);
     }
 
@@ -816,7 +858,11 @@ mod tests {
         let (_, acts) = s.submit(setup, 1, blob("x")).unwrap();
         assert_eq!(sent_tasks(&acts).len(), 1, "idle worker takes it");
         let (_, acts) = s.submit(setup, 10, blob("y")).unwrap();
-        assert_eq!(sent_tasks(&acts).len(), 1, "3 ms chunk of 10 items: pipelined");
+        assert_eq!(
+            sent_tasks(&acts).len(),
+            1,
+            "3 ms chunk of 10 items: pipelined"
+        );
         let mut s2 = sched(1);
         let sess2 = s2.open_session(false);
         let setup2 = s2.add_setup(sess2, blob("f")).unwrap();
@@ -824,7 +870,10 @@ mod tests {
         s2.task_finished(w2[0], sends2[0].1, 3_000_000, Vec::new(), 1);
         s2.submit(setup2, 1, blob("x")).unwrap();
         let (_, acts) = s2.submit(setup2, 1, blob("y")).unwrap();
-        assert!(sent_tasks(&acts).is_empty(), "3 ms single item: not pipelined");
+        assert!(
+            sent_tasks(&acts).is_empty(),
+            "3 ms single item: not pipelined"
+        );
     }
 
     #[test]
@@ -867,7 +916,10 @@ mod tests {
         }
         assert_eq!(piped.len(), 3, "pipelined on the one worker");
         let acts = s.worker_lost(workers[0], "killed by signal 11 (SIGSEGV)".into());
-        assert!(s.take_ready(sess).unwrap().is_empty(), "nobody is blamed yet");
+        assert!(
+            s.take_ready(sess).unwrap().is_empty(),
+            "nobody is blamed yet"
+        );
         assert_eq!(s.queued(), 3);
         // The replacement gets the suspects one at a time, in order.
         let w = spawned(&acts)[0];
@@ -875,15 +927,25 @@ mod tests {
         let first = sent_tasks(&acts);
         assert_eq!(first, vec![(w, piped[0].1)]);
         let acts = s.task_finished(w, piped[0].1, 1_000, Vec::new(), 3);
-        assert_eq!(sent_tasks(&acts), vec![(w, piped[1].1)], "still one at a time");
+        assert_eq!(
+            sent_tasks(&acts),
+            vec![(w, piped[1].1)],
+            "still one at a time"
+        );
         // The second one crashes again, alone: it is the culprit.
         let acts = s.worker_lost(w, "killed by signal 11 (SIGSEGV)".into());
         let ready = s.take_ready(sess).unwrap();
         assert_eq!(ready.len(), 2);
         assert_eq!(ready[0].status, Status::Done);
-        assert!(matches!(ready[1].status, Status::WorkerLost { pid: Some(9), .. }));
+        assert!(matches!(
+            ready[1].status,
+            Status::WorkerLost { pid: Some(9), .. }
+        ));
         let w = spawned(&acts)[0];
-        assert_eq!(sent_tasks(&s.worker_started(w, 10, 4)), vec![(w, piped[2].1)]);
+        assert_eq!(
+            sent_tasks(&s.worker_started(w, 10, 4)),
+            vec![(w, piped[2].1)]
+        );
     }
 
     #[test]
@@ -916,7 +978,11 @@ mod tests {
         s.cancel(sess, Some(2));
         assert_eq!(s.queued(), 2, "seq 1 and 2 stay, 3 and 4 go");
         let acts = s.task_finished(workers[0], sends[0].1, 5, Vec::new(), 1);
-        assert_eq!(sent_tasks(&acts).len(), 2, "cheap known tasks are pipelined");
+        assert_eq!(
+            sent_tasks(&acts).len(),
+            2,
+            "cheap known tasks are pipelined"
+        );
         assert_eq!(s.queued(), 0);
     }
 
@@ -964,7 +1030,10 @@ mod tests {
         let (workers, sends) = start_with_tasks(&mut s, setup, 1);
         s.task_finished(workers[0], sends[0].1, 5, Vec::new(), 1_000);
         assert!(s.reap_idle(1_500, 1_000).is_empty());
-        assert_eq!(s.reap_idle(2_000, 1_000), vec![Action::Retire { worker: workers[0] }]);
+        assert_eq!(
+            s.reap_idle(2_000, 1_000),
+            vec![Action::Retire { worker: workers[0] }]
+        );
         assert_eq!(s.worker_counts(), (0, 0, 1));
         // New work starts a fresh worker rather than waiting for the retiring one.
         let (_, acts) = s.submit(setup, 1, blob("x")).unwrap();
@@ -980,6 +1049,10 @@ mod tests {
         let (workers, sends) = start_with_tasks(&mut s, setup, 1);
         s.task_finished(workers[0], sends[0].1, 200, Vec::new(), 1);
         assert!(s.chunk_size(setup, None) > 1000);
-        assert_eq!(s.chunk_size(setup, Some(8)), 8, "tiny items: the tail is not split");
+        assert_eq!(
+            s.chunk_size(setup, Some(8)),
+            8,
+            "tiny items: the tail is not split"
+        );
     }
 }

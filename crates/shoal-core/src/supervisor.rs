@@ -106,14 +106,30 @@ impl Shared {
         for action in actions {
             match action {
                 Action::Spawn { worker } => {
-                    let sent = self.spawn_tx.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|tx| tx.send(worker));
+                    let sent = self
+                        .spawn_tx
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .as_ref()
+                        .map(|tx| tx.send(worker));
                     if !matches!(sent, Some(Ok(()))) {
-                        let more = st.sched.worker_lost(worker, "the pool is shutting down".into());
+                        let more = st
+                            .sched
+                            .worker_lost(worker, "the pool is shutting down".into());
                         self.apply(st, more);
                     }
                 }
-                Action::SendSetup { worker, setup, blob } => {
-                    send(st, worker, protocol::encode_header(Kind::Setup, setup, 0, blob.len(), &[]), Some(blob));
+                Action::SendSetup {
+                    worker,
+                    setup,
+                    blob,
+                } => {
+                    send(
+                        st,
+                        worker,
+                        protocol::encode_header(Kind::Setup, setup, 0, blob.len(), &[]),
+                        Some(blob),
+                    );
                 }
                 Action::SendTask {
                     worker,
@@ -121,14 +137,25 @@ impl Shared {
                     setup,
                     payload,
                 } => {
-                    let header = protocol::encode_header(Kind::Task, task, setup, payload.len(), &[]);
+                    let header =
+                        protocol::encode_header(Kind::Task, task, setup, payload.len(), &[]);
                     send(st, worker, header, Some(payload));
                 }
                 Action::SendRelease { worker, setup } => {
-                    send(st, worker, protocol::encode_header(Kind::Release, setup, 0, 0, &[]), None);
+                    send(
+                        st,
+                        worker,
+                        protocol::encode_header(Kind::Release, setup, 0, 0, &[]),
+                        None,
+                    );
                 }
                 Action::Retire { worker } => {
-                    send(st, worker, protocol::encode_header(Kind::Shutdown, 0, 0, 0, &[]), None);
+                    send(
+                        st,
+                        worker,
+                        protocol::encode_header(Kind::Shutdown, 0, 0, 0, &[]),
+                        None,
+                    );
                 }
                 Action::Kill { worker } => {
                     if let Some(link) = st.links.get(&worker) {
@@ -384,7 +411,11 @@ impl Engine {
             let _ = reader.join();
         }
         self.shared.stop.store(true, Ordering::SeqCst);
-        self.shared.spawn_tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.shared
+            .spawn_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         for handle in [&self.spawner, &self.housekeeper] {
             if let Some(h) = handle.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 let _ = h.join();
@@ -432,7 +463,13 @@ fn spawn_worker(config: &EngineConfig) -> Result<(Child, UnixStream)> {
     unsafe {
         cmd.pre_exec(move || {
             libc::setpgid(0, 0);
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
             if libc::getppid() != parent {
                 // The driver died between fork and prctl.
                 libc::kill(libc::getpid(), libc::SIGKILL);
@@ -461,7 +498,9 @@ fn attach_worker(shared: &Arc<Shared>, worker: WorkerId, mut child: Child, strea
             let _ = child.kill();
             let _ = child.wait();
             let mut st = shared.lock();
-            let actions = st.sched.worker_lost(worker, format!("socket clone failed: {e}"));
+            let actions = st
+                .sched
+                .worker_lost(worker, format!("socket clone failed: {e}"));
             shared.apply(&mut st, actions);
             return;
         }
@@ -495,7 +534,9 @@ fn attach_worker(shared: &Arc<Shared>, worker: WorkerId, mut child: Child, strea
         _ => {
             kill(pid);
             st.links.remove(&worker);
-            let actions = st.sched.worker_lost(worker, "could not start I/O threads".into());
+            let actions = st
+                .sched
+                .worker_lost(worker, "could not start I/O threads".into());
             shared.apply(&mut st, actions);
         }
     }
@@ -570,7 +611,9 @@ fn handle_frame(shared: &Arc<Shared>, worker: WorkerId, frame: Frame) {
     let mut st = shared.lock();
     let actions = match frame.kind {
         Kind::Hello => st.sched.worker_started(worker, frame.id as u32, now),
-        Kind::Result => st.sched.task_finished(worker, frame.id, frame.aux, frame.payload, now),
+        Kind::Result => st
+            .sched
+            .task_finished(worker, frame.id, frame.aux, frame.payload, now),
         // Other kinds only travel towards workers; ignore rather than kill the pool.
         _ => Vec::new(),
     };
@@ -602,8 +645,14 @@ mod tests {
     /// A worker written in shell is too awkward; these tests use `python3` when present and a
     /// tiny echo worker in Python, which exercises the real spawn, socket and reaping paths.
     fn python() -> Option<PathBuf> {
-        let out = Command::new("python3").arg("-c").arg("import sys; print(sys.executable)").output().ok()?;
-        out.status.success().then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg("import sys; print(sys.executable)")
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
     }
 
     const ECHO_WORKER: &str = r#"
@@ -663,7 +712,10 @@ while True:
         let session = e.open_session(true).unwrap();
         let setup = e.add_setup(session, b"setup".to_vec()).unwrap();
         for i in 0..20 {
-            assert_eq!(e.submit(setup, 1, format!("item{i}").into_bytes()).unwrap(), i);
+            assert_eq!(
+                e.submit(setup, 1, format!("item{i}").into_bytes()).unwrap(),
+                i
+            );
         }
         let got = collect(&e, session, 20);
         assert_eq!(got.len(), 20);
@@ -714,7 +766,9 @@ while True:
         let setup = e.add_setup(session, Vec::new()).unwrap();
         e.submit(setup, 1, b"a".to_vec()).unwrap();
         let got = collect(&e, session, 1);
-        assert!(matches!(&got[0].status, Status::StartFailed(m) if m.contains("/nonexistent/python")));
+        assert!(
+            matches!(&got[0].status, Status::StartFailed(m) if m.contains("/nonexistent/python"))
+        );
     }
 
     #[test]

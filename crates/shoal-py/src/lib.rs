@@ -47,6 +47,8 @@ struct Engine {
 }
 
 type WaitItem<'py> = (u64, u8, Bound<'py, PyBytes>, u64, Option<u32>, String);
+/// `(kind, id, aux, payload)` of a frame received by a worker.
+type Received<'py> = (u8, u64, u64, Bound<'py, PyBytes>);
 
 #[pymethods]
 impl Engine {
@@ -106,7 +108,9 @@ impl Engine {
     }
 
     fn submit(&self, setup: u64, weight: u64, payload: &[u8]) -> PyResult<u64> {
-        self.inner.submit(setup, weight, payload.to_vec()).map_err(to_py)
+        self.inner
+            .submit(setup, weight, payload.to_vec())
+            .map_err(to_py)
     }
 
     #[pyo3(signature = (setup, remaining=None))]
@@ -132,14 +136,23 @@ impl Engine {
     ///
     /// Returns a list of `(seq, kind, payload, elapsed_ns, pid, message)`.
     #[pyo3(signature = (session, timeout=None))]
-    fn wait<'py>(&self, py: Python<'py>, session: u64, timeout: Option<f64>) -> PyResult<Vec<WaitItem<'py>>> {
+    fn wait<'py>(
+        &self,
+        py: Python<'py>,
+        session: u64,
+        timeout: Option<f64>,
+    ) -> PyResult<Vec<WaitItem<'py>>> {
         let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
         loop {
             let slice = match deadline {
-                Some(d) => d.saturating_duration_since(Instant::now()).min(SIGNAL_SLICE),
+                Some(d) => d
+                    .saturating_duration_since(Instant::now())
+                    .min(SIGNAL_SLICE),
                 None => SIGNAL_SLICE,
             };
-            let (outcomes, woken) = py.detach(|| self.inner.wait(session, slice)).map_err(to_py)?;
+            let (outcomes, woken) = py
+                .detach(|| self.inner.wait(session, slice))
+                .map_err(to_py)?;
             if !outcomes.is_empty() {
                 return Ok(outcomes
                     .into_iter()
@@ -149,7 +162,14 @@ impl Engine {
                             Status::WorkerLost { pid, exit } => (WORKER_LOST, pid, exit),
                             Status::StartFailed(msg) => (START_FAILED, None, msg),
                         };
-                        (o.seq, kind, PyBytes::new(py, &o.payload), o.elapsed_ns, pid, msg)
+                        (
+                            o.seq,
+                            kind,
+                            PyBytes::new(py, &o.payload),
+                            o.elapsed_ns,
+                            pid,
+                            msg,
+                        )
                     })
                     .collect());
             }
@@ -202,7 +222,7 @@ impl WorkerChannel {
     }
 
     /// Blocks for the next frame: `(kind, id, aux, payload)`, or `None` at end of stream.
-    fn recv<'py>(&mut self, py: Python<'py>) -> PyResult<Option<(u8, u64, u64, Bound<'py, PyBytes>)>> {
+    fn recv<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Received<'py>>> {
         let (reader, writer) = (&mut self.reader, &mut self.writer);
         let frame = py.detach(|| -> shoal_core::Result<_> {
             if !protocol::holds_complete_frame(reader.buffer()) {
@@ -211,17 +231,32 @@ impl WorkerChannel {
             protocol::read_frame(reader)
         });
         match frame {
-            Ok(Some(f)) => Ok(Some((f.kind as u8, f.id, f.aux, PyBytes::new(py, &f.payload)))),
+            Ok(Some(f)) => Ok(Some((
+                f.kind as u8,
+                f.id,
+                f.aux,
+                PyBytes::new(py, &f.payload),
+            ))),
             Ok(None) => Ok(None),
             Err(e) => Err(to_py(e)),
         }
     }
 
     /// Queues a result frame (sent at the next `recv` or `flush`).
-    fn send_result(&mut self, py: Python<'_>, task: u64, elapsed_ns: u64, payload: PyBackedBytes) -> PyResult<()> {
+    fn send_result(
+        &mut self,
+        py: Python<'_>,
+        task: u64,
+        elapsed_ns: u64,
+        payload: PyBackedBytes,
+    ) -> PyResult<()> {
         let header = protocol::encode_header(Kind::Result, task, elapsed_ns, payload.len(), &[]);
         let writer = &mut self.writer;
-        py.detach(|| writer.write_all(&header).and_then(|_| writer.write_all(&payload)))?;
+        py.detach(|| {
+            writer
+                .write_all(&header)
+                .and_then(|_| writer.write_all(&payload))
+        })?;
         Ok(())
     }
 
@@ -262,7 +297,8 @@ impl ChunkSizer {
 
     #[pyo3(signature = (remaining=None))]
     fn size(&self, remaining: Option<u64>) -> usize {
-        self.policy.chunk_size(self.timer.per_item_ns(), remaining, self.workers)
+        self.policy
+            .chunk_size(self.timer.per_item_ns(), remaining, self.workers)
     }
 }
 

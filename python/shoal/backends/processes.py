@@ -23,7 +23,7 @@ from typing import Any
 from .. import _native
 from .._errors import PicklingError
 from .._pickling import PROTOCOL, decode_outcome, dumps_items, dumps_spec
-from .._spec import ChunkResult, Crash, CallSpec, ItemError
+from .._spec import CallSpec, ChunkResult, Crash, ItemError
 from ._base import Backend, Pool, Session
 
 _WORKER_ARGS = ["-c", "from shoal._worker import main; main()"]
@@ -174,7 +174,9 @@ class ProcessBackend(Backend):
         self.env = dict(env or {})
 
     def create_pool(self, workers: int) -> ProcessPool:
-        return ProcessPool(workers, idle_timeout=self.idle_timeout, python=self.python, env=self.env)
+        return ProcessPool(
+            workers, idle_timeout=self.idle_timeout, python=self.python, env=self.env
+        )
 
 
 @atexit.register
