@@ -384,3 +384,28 @@ def test_futures_work_with_waiters_callbacks_and_cancel():
 def sleep_then_value(seconds, value):
     time.sleep(seconds)
     return value
+
+
+def _child_maps(queue):
+    queue.put((os.getpid(), sorted(set(shoal.map(pid_of, range(4), workers=2, chunksize=1)))))
+
+
+def test_a_forked_child_gets_its_own_pool_and_spares_the_parents():
+    import multiprocessing
+
+    pool = shoal.get_backend().pool(2)
+    shoal.map(slow_pid, range(4), workers=2, chunksize=1)
+    parent_workers = pool.pids()
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_maps, args=(queue,))
+    child.start()
+    child_pid, child_workers = queue.get(timeout=60)
+    assert child_pid == child.pid
+    child.join(30)
+    assert child.exitcode == 0
+    assert child_workers and not set(child_workers) & set(parent_workers)
+    # The child's exit did not touch the parent's workers.
+    assert pool.pids() == parent_workers
+    assert all(alive(p) for p in parent_workers)
+    assert shoal.map(square, [3], workers=2) == [9]

@@ -85,6 +85,10 @@ struct Shared {
 
 /// A running pool of worker processes. Cheap to share across threads (`&Engine` is enough).
 pub struct Engine {
+    /// The process that started the pool. After a `fork()`, the child holds a copy of this
+    /// object but none of its threads, and the workers are not its children: there, the
+    /// engine must do nothing, and above all not kill the parent's workers.
+    owner_pid: u32,
     shared: Arc<Shared>,
     spawner: Mutex<Option<JoinHandle<()>>>,
     housekeeper: Mutex<Option<JoinHandle<()>>>,
@@ -253,13 +257,22 @@ impl Engine {
             .spawn(move || housekeeper_loop(&s))
             .map_err(|e| Error::Spawn(e.to_string()))?;
         Ok(Engine {
+            owner_pid: std::process::id(),
             shared,
             spawner: Mutex::new(Some(spawner)),
             housekeeper: Mutex::new(Some(housekeeper)),
         })
     }
 
+    /// Whether this process is the one that started the pool (false in a forked child).
+    pub fn is_owner(&self) -> bool {
+        std::process::id() == self.owner_pid
+    }
+
     fn with_state<T>(&self, f: impl FnOnce(&mut State) -> Result<(T, Vec<Action>)>) -> Result<T> {
+        if !self.is_owner() {
+            return Err(Error::Closed);
+        }
         let mut st = self.shared.lock();
         if st.closed {
             return Err(Error::Closed);
@@ -393,6 +406,9 @@ impl Engine {
     /// Stops the pool. With `kill`, workers are killed at once; otherwise each finishes the
     /// task in its hands and exits. Waits for every worker process to be reaped. Idempotent.
     pub fn shutdown(&self, kill_now: bool) {
+        if !self.is_owner() {
+            return; // a forked copy: the workers and threads belong to the parent
+        }
         let readers = {
             let mut st = self.shared.lock();
             st.closed = true;

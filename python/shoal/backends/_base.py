@@ -23,8 +23,10 @@ that run Python callables in this process (threads, serial) and is a good model 
 from __future__ import annotations
 
 import abc
+import os
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any, ClassVar
 
@@ -111,6 +113,7 @@ class Backend(abc.ABC):
         self.workers = workers
         self._pools: dict[int, Pool] = {}
         self._lock = threading.Lock()
+        _ALL_BACKENDS.add(self)
 
     def pool(self, workers: int | float | None = None) -> Pool:
         """The shared pool of this backend for ``workers`` (default: the backend's setting).
@@ -137,6 +140,19 @@ class Backend(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<shoal backend {self.name!r} workers={self.workers!r}>"
+
+
+_ALL_BACKENDS: weakref.WeakSet[Backend] = weakref.WeakSet()
+
+
+def _forget_pools_after_fork() -> None:
+    # A forked child inherits pool objects but not their threads or workers: start afresh.
+    for backend in list(_ALL_BACKENDS):
+        backend._pools = {}
+        backend._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 
 class LocalSession(Session):
