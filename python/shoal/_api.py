@@ -104,12 +104,19 @@ class Prepared:
             self.items, mode = iterators[0], MODE_SINGLE
         else:
             self.items, mode = zip(*iterators, strict=False), MODE_STAR
+        #: Raise the lowest-index failure even on an unordered session (map, starmap).
+        self.in_order_errors = api in ("map", "starmap")
         self.spec = CallSpec(
             fn, mode, fixed_args, fixed_kwargs, stop_on_error=self.on_error == "raise"
         )
 
     def open(self, pool: Pool, *, ordered: bool, deadline: float | None = None) -> Any:
-        """Open a session on ``pool``; return ``(session, batch generator)``."""
+        """Open a session on ``pool``; return ``(session, batch generator)``.
+
+        An unordered session still raises the failure of lowest input index (``map`` needs no
+        ordered delivery, since it holds every result anyway, and so avoids a long item at the
+        head of the input stalling the window while other workers idle).
+        """
         session = pool.open_session(ordered=ordered)
         try:
             spec_id = session.register(self.spec)
@@ -125,6 +132,7 @@ class Prepared:
             on_error=self.on_error,
             chunksize=self.chunksize,
             deadline=deadline,
+            first_error_in_input_order=not ordered and self.in_order_errors,
         )
         return session, gen
 
@@ -207,11 +215,8 @@ def map(
         on_error=on_error,
         chunksize=chunksize,
     )
-    _, gen = call.open(_pool(workers, backend), ordered=True)
-    out: list[Any] = []
-    for _, values in gen:
-        out.extend(values)
-    return out
+    _, gen = call.open(_pool(workers, backend), ordered=False)
+    return _driver.collect(gen)
 
 
 def starmap(
@@ -245,11 +250,8 @@ def starmap(
         on_error=on_error,
         chunksize=chunksize,
     )
-    _, gen = call.open(_pool(workers, backend), ordered=True)
-    out: list[Any] = []
-    for _, values in gen:
-        out.extend(values)
-    return out
+    _, gen = call.open(_pool(workers, backend), ordered=False)
+    return _driver.collect(gen)
 
 
 def imap(

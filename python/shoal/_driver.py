@@ -74,8 +74,15 @@ def batches(
     on_error: str,
     chunksize: int | None,
     deadline: float | None = None,
+    first_error_in_input_order: bool = False,
 ) -> Iterator[Batch]:
     """Run a call on an open session; yield ``(start_index, values)`` per finished chunk.
+
+    Batches come in the session's order (submission order for an ordered session, completion
+    order otherwise). With ``on_error="raise"`` the call stops at a failure: queued chunks after
+    it are dropped and no new input is read. On an unordered session with
+    ``first_error_in_input_order``, the chunks before the failing one still finish, so that the
+    exception raised is that of the failing item with the lowest index, whatever the timing.
 
     The session is closed when the generator ends, fails or is closed; on Ctrl-C it is aborted
     (its running tasks are stopped where the engine can).
@@ -87,6 +94,7 @@ def batches(
     input_error: BaseException | None = None
     window = max(1, session.max_in_flight)
     raise_first = on_error == "raise"
+    failure: tuple[int, int, BaseException] | None = None  # (seq, index, exception)
     abort = False
     try:
         while True:
@@ -106,6 +114,8 @@ def batches(
                         remaining = max(0, remaining - len(chunk))
                 if len(chunk) < size:
                     exhausted = True
+            if failure is not None and all(seq > failure[0] for seq in in_flight):
+                raise failure[2]  # nothing before the failure is still running
             if not in_flight:
                 break
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -116,18 +126,23 @@ def batches(
                 )
             for res in results:
                 entry = in_flight.pop(res.seq, None)
-                if entry is None:
+                if entry is None or (failure is not None and res.seq > failure[0]):
                     continue
                 start, chunk = entry
                 if res.crash is None and not res.errors:
                     yield start, res.values
                     continue
                 values, first_error = _settle(res, chunk, start, spec, raise_first)
-                if first_error is not None:
-                    if values:
-                        yield start, values
+                if values:
+                    yield start, values
+                if first_error is None:
+                    continue
+                # Stop: drop what has not started, read no more input.
+                exhausted = True
+                session.cancel(after_seq=res.seq)
+                if not first_error_in_input_order:
                     raise first_error
-                yield start, values
+                failure = (res.seq, start + len(values), first_error)
         if input_error is not None:
             raise input_error
     except KeyboardInterrupt:
@@ -135,6 +150,17 @@ def batches(
         raise
     finally:
         session.close(abort=abort)
+
+
+def collect(gen: Iterable[Batch]) -> list[Any]:
+    """All values of a call, in input order, from batches in any order."""
+    parts = list(gen)
+    if len(parts) > 1 and any(parts[i][0] > parts[i + 1][0] for i in range(len(parts) - 1)):
+        parts.sort(key=lambda part: part[0])
+    out: list[Any] = []
+    for _, values in parts:
+        out.extend(values)
+    return out
 
 
 class ResultStream(Iterator[Any]):
