@@ -114,11 +114,33 @@ pub enum Action {
         /// Which worker.
         worker: WorkerId,
     },
+    /// Read the resident memory of a worker and report it with [`Scheduler::memory_report`].
+    CheckMemory {
+        /// Which worker.
+        worker: WorkerId,
+        /// The limit that applies, in bytes.
+        limit: u64,
+    },
     /// A session has outcomes ready (wake its waiter).
     Wake {
         /// Which session.
         session: SessionId,
     },
+}
+
+/// Limits that a session puts on its tasks and on the workers that run them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionOptions {
+    /// Release outcomes in submission order.
+    pub ordered: bool,
+    /// Kill a task's worker when the task runs longer than this. Tasks of such a session run
+    /// alone on their worker (no pipelining), so that "running" starts when it is sent.
+    pub timeout_ns: Option<u64>,
+    /// Replace a worker once it has run this many items of this session.
+    pub max_items_per_worker: Option<u64>,
+    /// Replace a worker whose resident memory exceeds this after a task; kill it (failing the
+    /// task) if it exceeds it while running one.
+    pub max_rss_bytes: Option<u64>,
 }
 
 /// How a task ended.
@@ -135,6 +157,22 @@ pub enum Status {
     },
     /// No worker could be started to run it.
     StartFailed(String),
+    /// It ran past the session's timeout; its worker was killed.
+    TimedOut {
+        /// Pid of the killed worker.
+        pid: Option<u32>,
+        /// The limit, in nanoseconds.
+        limit_ns: u64,
+    },
+    /// Its worker's resident memory went past the session's limit; the worker was killed.
+    MemoryExceeded {
+        /// Pid of the killed worker.
+        pid: Option<u32>,
+        /// Resident memory seen, in bytes.
+        rss: u64,
+        /// The limit, in bytes.
+        limit: u64,
+    },
 }
 
 /// A finished task, as handed to the session's consumer.
@@ -164,8 +202,12 @@ struct Worker {
     running: Vec<TaskId>,
     load_ns: f64,
     unknown_cost: usize,
-    /// Runs a suspect task: nothing may be pipelined behind it.
+    /// Runs an exclusive task: nothing may be pipelined behind it.
     exclusive: bool,
+    /// Items run so far (for recycling).
+    items_done: u64,
+    /// Why we killed it, if we did: the status its running task gets.
+    kill_reason: Option<Status>,
     setups: HashSet<SetupId>,
     last_active_ns: u64,
 }
@@ -179,13 +221,17 @@ struct Task {
     payload: Arc<[u8]>,
     worker: Option<WorkerId>,
     est_ns: Option<f64>,
-    /// Was in the pipeline of a worker that died: runs alone, so a crash is attributable.
-    suspect: bool,
+    /// Runs alone on its worker: it was in the pipeline of a worker that died (so a crash is
+    /// attributable), the caller asked, or its session has a timeout.
+    exclusive: bool,
+    /// When it was sent to its worker.
+    started_ns: u64,
 }
 
 #[derive(Debug, Default)]
 struct Session {
     ordered: bool,
+    options: SessionOptions,
     next_seq: u64,
     next_out: u64,
     parked: BTreeMap<u64, Outcome>,
@@ -211,6 +257,8 @@ pub struct Scheduler {
     queue: VecDeque<TaskId>,
     next_id: u64,
     start_failures: u32,
+    /// The latest time any input told us; dispatch stamps tasks with it.
+    clock_ns: u64,
 }
 
 impl Scheduler {
@@ -225,6 +273,7 @@ impl Scheduler {
             queue: VecDeque::new(),
             next_id: 1,
             start_failures: 0,
+            clock_ns: 0,
         }
     }
 
@@ -241,11 +290,20 @@ impl Scheduler {
 
     /// Opens a session.
     pub fn open_session(&mut self, ordered: bool) -> SessionId {
+        self.open_session_with(SessionOptions {
+            ordered,
+            ..SessionOptions::default()
+        })
+    }
+
+    /// Opens a session with limits (see [`SessionOptions`]).
+    pub fn open_session_with(&mut self, options: SessionOptions) -> SessionId {
         let id = self.fresh_id();
         self.sessions.insert(
             id,
             Session {
-                ordered,
+                ordered: options.ordered,
+                options,
                 ..Session::default()
             },
         );
@@ -310,6 +368,21 @@ impl Scheduler {
         weight: u64,
         payload: Arc<[u8]>,
     ) -> Result<(u64, Vec<Action>)> {
+        self.submit_with(setup, weight, payload, false)
+    }
+
+    /// Like [`Scheduler::submit`]; an `exclusive` task runs alone on its worker, so that if the
+    /// worker dies, this task is the one to blame.
+    ///
+    /// # Errors
+    /// [`Error::Unknown`] if the setup was removed or its session closed.
+    pub fn submit_with(
+        &mut self,
+        setup: SetupId,
+        weight: u64,
+        payload: Arc<[u8]>,
+        exclusive: bool,
+    ) -> Result<(u64, Vec<Action>)> {
         let session = self
             .setups
             .get(&setup)
@@ -324,6 +397,9 @@ impl Scheduler {
         })?;
         let seq = sess.next_seq;
         sess.next_seq += 1;
+        let exclusive = exclusive
+            || sess.options.timeout_ns.is_some()
+            || sess.options.max_items_per_worker.is_some();
         let id = self.fresh_id();
         self.tasks.insert(
             id,
@@ -335,7 +411,8 @@ impl Scheduler {
                 payload,
                 worker: None,
                 est_ns: None,
-                suspect: false,
+                exclusive,
+                started_ns: 0,
             },
         );
         self.queue.push_back(id);
@@ -380,6 +457,8 @@ impl Scheduler {
                 load_ns: 0.0,
                 unknown_cost: 0,
                 exclusive: false,
+                items_done: 0,
+                kill_reason: None,
                 setups: HashSet::new(),
                 last_active_ns: 0,
             },
@@ -389,6 +468,7 @@ impl Scheduler {
 
     /// A worker process said hello: it can take tasks.
     pub fn worker_started(&mut self, worker: WorkerId, pid: u32, now_ns: u64) -> Vec<Action> {
+        self.clock_ns = self.clock_ns.max(now_ns);
         let mut out = Vec::new();
         if let Some(w) = self.workers.get_mut(&worker) {
             w.pid = Some(pid);
@@ -411,8 +491,14 @@ impl Scheduler {
         payload: Vec<u8>,
         now_ns: u64,
     ) -> Vec<Action> {
+        self.clock_ns = self.clock_ns.max(now_ns);
         let mut out = Vec::new();
         if let Some(t) = self.tasks.remove(&task) {
+            let limits = self
+                .sessions
+                .get(&t.session)
+                .map(|s| s.options.clone())
+                .unwrap_or_default();
             if let Some(w) = self.workers.get_mut(&worker) {
                 w.running.retain(|&id| id != task);
                 w.exclusive = false;
@@ -421,6 +507,17 @@ impl Scheduler {
                     None => w.unknown_cost = w.unknown_cost.saturating_sub(1),
                 }
                 w.last_active_ns = now_ns;
+                w.items_done += t.weight;
+                let worn_out = limits
+                    .max_items_per_worker
+                    .is_some_and(|n| w.items_done >= n);
+                if worn_out && w.state == WorkerState::Ready {
+                    // Recycle: nothing new goes to it; it exits after what it holds.
+                    w.state = WorkerState::Retiring;
+                    out.push(Action::Retire { worker });
+                } else if let (Some(limit), WorkerState::Ready) = (limits.max_rss_bytes, &w.state) {
+                    out.push(Action::CheckMemory { worker, limit });
+                }
             }
             if let Some(s) = self.setups.get_mut(&t.setup) {
                 s.timer.record(t.weight, elapsed_ns);
@@ -459,18 +556,19 @@ impl Scheduler {
                 if let Some(t) = self.tasks.get_mut(&task) {
                     t.worker = None;
                     t.est_ns = None;
-                    t.suspect = true;
+                    t.exclusive = true;
                     self.queue.push_front(task);
                 }
             }
         } else if let Some(&task) = w.running.first() {
             if let Some(t) = self.tasks.remove(&task) {
+                let status = w.kill_reason.clone().unwrap_or(Status::WorkerLost {
+                    pid: w.pid,
+                    exit: exit.clone(),
+                });
                 let outcome = Outcome {
                     seq: t.seq,
-                    status: Status::WorkerLost {
-                        pid: w.pid,
-                        exit: exit.clone(),
-                    },
+                    status,
                     payload: Vec::new(),
                     elapsed_ns: 0,
                 };
@@ -550,6 +648,91 @@ impl Scheduler {
         Ok(sess.ready.drain(..).collect())
     }
 
+    /// Advances the clock: kills the workers of tasks that ran past their session's timeout.
+    pub fn tick(&mut self, now_ns: u64) -> Vec<Action> {
+        self.clock_ns = self.clock_ns.max(now_ns);
+        let mut out = Vec::new();
+        for (&id, w) in self.workers.iter_mut() {
+            if w.kill_reason.is_some() {
+                continue;
+            }
+            let Some(t) = w.running.first().and_then(|t| self.tasks.get(t)) else {
+                continue;
+            };
+            let limit = self
+                .sessions
+                .get(&t.session)
+                .and_then(|s| s.options.timeout_ns);
+            if let Some(limit_ns) = limit {
+                if now_ns.saturating_sub(t.started_ns) >= limit_ns {
+                    w.kill_reason = Some(Status::TimedOut {
+                        pid: w.pid,
+                        limit_ns,
+                    });
+                    out.push(Action::Kill { worker: id });
+                }
+            }
+        }
+        out
+    }
+
+    /// Workers whose memory must be watched now: those running a task of a session with a
+    /// memory limit, with that limit.
+    pub fn memory_watch(&self) -> Vec<(WorkerId, u64)> {
+        let mut out = Vec::new();
+        for (&id, w) in &self.workers {
+            if w.kill_reason.is_some() {
+                continue;
+            }
+            let limit = w
+                .running
+                .first()
+                .and_then(|t| self.tasks.get(t))
+                .and_then(|t| self.sessions.get(&t.session))
+                .and_then(|s| s.options.max_rss_bytes);
+            if let Some(limit) = limit {
+                out.push((id, limit));
+            }
+        }
+        out
+    }
+
+    /// The supervisor read a worker's resident memory (after [`Action::CheckMemory`], or
+    /// while watching it). Over the limit, a busy worker is killed (its task fails with
+    /// [`Status::MemoryExceeded`]) and an idle one is replaced.
+    pub fn memory_report(&mut self, worker: WorkerId, rss: u64, limit: Option<u64>) -> Vec<Action> {
+        let mut out = Vec::new();
+        let watched = self
+            .memory_watch()
+            .into_iter()
+            .find(|(w, _)| *w == worker)
+            .map(|(_, l)| l);
+        let Some(limit) = watched.or(limit) else {
+            return out;
+        };
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return out;
+        };
+        if rss <= limit || w.kill_reason.is_some() {
+            return out;
+        }
+        if w.running.is_empty() {
+            if w.state == WorkerState::Ready {
+                w.state = WorkerState::Retiring;
+                out.push(Action::Retire { worker });
+                self.dispatch(&mut out);
+            }
+        } else {
+            w.kill_reason = Some(Status::MemoryExceeded {
+                pid: w.pid,
+                rss,
+                limit,
+            });
+            out.push(Action::Kill { worker });
+        }
+        out
+    }
+
     /// Retires workers idle for `idle_ns` or more while no work is queued.
     pub fn reap_idle(&mut self, now_ns: u64, idle_ns: u64) -> Vec<Action> {
         let mut out = Vec::new();
@@ -620,7 +803,7 @@ impl Scheduler {
     /// single items, but a single heavy-tailed item may take fifty times the average, and
     /// anything queued behind it waits while other workers idle. So a task is pipelined only if
     /// it is cheap in absolute terms or holds many items.
-    fn pick_worker(&self, est: Option<f64>, weight: u64, suspect: bool) -> Option<WorkerId> {
+    fn pick_worker(&self, est: Option<f64>, weight: u64, exclusive: bool) -> Option<WorkerId> {
         // Queue about two tasks' worth, and at least enough to cover a round trip. A deeper
         // pipeline buys nothing and makes every submit wake a writer thread; left in our queue,
         // tasks go out in batches as results come back.
@@ -641,7 +824,7 @@ impl Scheduler {
             let Some(cost) = est else { continue };
             let pipelinable = cost <= PIPELINE_ANY_NS || weight >= PIPELINE_MIN_ITEMS;
             if !pipelinable
-                || suspect
+                || exclusive
                 || w.exclusive
                 || w.unknown_cost > 0
                 || w.running.len() >= self.config.max_tasks_per_worker
@@ -658,14 +841,15 @@ impl Scheduler {
     fn dispatch(&mut self, out: &mut Vec<Action>) {
         while let Some(&task_id) = self.queue.front() {
             let task = &self.tasks[&task_id];
-            let (est, weight, suspect) = (self.estimate(task), task.weight, task.suspect);
-            let Some(worker) = self.pick_worker(est, weight, suspect) else {
+            let (est, weight, exclusive) = (self.estimate(task), task.weight, task.exclusive);
+            let Some(worker) = self.pick_worker(est, weight, exclusive) else {
                 break;
             };
             self.queue.pop_front();
             let task = self.tasks.get_mut(&task_id).expect("queued task exists");
             task.worker = Some(worker);
             task.est_ns = est;
+            task.started_ns = self.clock_ns;
             let (setup, payload) = (task.setup, task.payload.clone());
             let w = self.workers.get_mut(&worker).expect("picked worker exists");
             if w.setups.insert(setup) {
@@ -677,7 +861,7 @@ impl Scheduler {
                 });
             }
             w.running.push(task_id);
-            w.exclusive = suspect;
+            w.exclusive = exclusive;
             match est {
                 Some(cost) => w.load_ns += cost,
                 None => w.unknown_cost += 1,
@@ -1053,6 +1237,124 @@ mod tests {
             s.chunk_size(setup, Some(8)),
             8,
             "tiny items: the tail is not split"
+        );
+    }
+
+    fn limited(options: SessionOptions) -> (Scheduler, SessionId, SetupId) {
+        let mut s = sched(1);
+        let sess = s.open_session_with(options);
+        let setup = s.add_setup(sess, blob("f")).unwrap();
+        (s, sess, setup)
+    }
+
+    #[test]
+    fn a_task_past_its_timeout_is_killed_and_reported() {
+        let (mut s, sess, setup) = limited(SessionOptions {
+            timeout_ns: Some(1_000),
+            ..SessionOptions::default()
+        });
+        assert_eq!(s.chunk_size(setup, Some(1_000)), 1, "timeouts are per item");
+        let (workers, sends) = start_with_tasks(&mut s, setup, 1);
+        // Known-cheap tasks of a timed session are still not pipelined.
+        s.task_finished(workers[0], sends[0].1, 10, Vec::new(), 100);
+        let (_, acts) = s.submit(setup, 1, blob("a")).unwrap();
+        assert_eq!(sent_tasks(&acts).len(), 1);
+        let (_, acts) = s.submit(setup, 1, blob("b")).unwrap();
+        assert!(sent_tasks(&acts).is_empty());
+        assert!(s.tick(600).is_empty(), "within the limit");
+        assert_eq!(s.tick(1_200), vec![Action::Kill { worker: workers[0] }]);
+        assert!(s.tick(5_000).is_empty(), "killed once");
+        s.worker_lost(workers[0], "killed by signal 9 (SIGKILL)".into());
+        let ready = s.take_ready(sess).unwrap();
+        assert_eq!(
+            ready.last().unwrap().status,
+            Status::TimedOut {
+                pid: Some(100),
+                limit_ns: 1_000
+            }
+        );
+        assert_eq!(s.queued(), 1, "the next task waits for a fresh worker");
+    }
+
+    #[test]
+    fn workers_are_recycled_after_n_items() {
+        let (mut s, _sess, setup) = limited(SessionOptions {
+            max_items_per_worker: Some(3),
+            ..SessionOptions::default()
+        });
+        assert_eq!(s.chunk_size(setup, None), 1);
+        let (workers, sends) = start_with_tasks(&mut s, setup, 1);
+        let w = workers[0];
+        let acts = s.task_finished(w, sends[0].1, 10, Vec::new(), 1);
+        assert!(!acts.contains(&Action::Retire { worker: w }));
+        let (_, acts) = s.submit(setup, 2, blob("x")).unwrap();
+        let t = sent_tasks(&acts)[0].1;
+        let acts = s.task_finished(w, t, 10, Vec::new(), 2);
+        assert!(
+            acts.contains(&Action::Retire { worker: w }),
+            "3 items done: recycle"
+        );
+        let (_, acts) = s.submit(setup, 1, blob("y")).unwrap();
+        assert_eq!(spawned(&acts).len(), 1, "a replacement starts for new work");
+        assert!(
+            sent_tasks(&acts).is_empty(),
+            "nothing goes to the retiring worker"
+        );
+    }
+
+    #[test]
+    fn memory_limits_kill_busy_workers_and_replace_idle_ones() {
+        let (mut s, sess, setup) = limited(SessionOptions {
+            max_rss_bytes: Some(1_000),
+            ..SessionOptions::default()
+        });
+        let (workers, sends) = start_with_tasks(&mut s, setup, 1);
+        let w = workers[0];
+        assert_eq!(s.memory_watch(), vec![(w, 1_000)]);
+        assert!(s.memory_report(w, 900, None).is_empty());
+        assert_eq!(
+            s.memory_report(w, 5_000, None),
+            vec![Action::Kill { worker: w }]
+        );
+        s.worker_lost(w, "killed by signal 9 (SIGKILL)".into());
+        let ready = s.take_ready(sess).unwrap();
+        assert_eq!(
+            ready[0].status,
+            Status::MemoryExceeded {
+                pid: Some(100),
+                rss: 5_000,
+                limit: 1_000
+            }
+        );
+        let _ = sends;
+        // After a task, an over-limit idle worker is replaced rather than killed.
+        let (_, acts) = s.submit(setup, 1, blob("x")).unwrap();
+        let w2 = spawned(&acts)[0];
+        let t = sent_tasks(&s.worker_started(w2, 7, 10))[0].1;
+        let acts = s.task_finished(w2, t, 10, Vec::new(), 11);
+        assert!(acts.contains(&Action::CheckMemory {
+            worker: w2,
+            limit: 1_000
+        }));
+        assert_eq!(
+            s.memory_report(w2, 2_000, Some(1_000)),
+            vec![Action::Retire { worker: w2 }]
+        );
+    }
+
+    #[test]
+    fn exclusive_tasks_are_never_pipelined() {
+        let mut s = sched(1);
+        let sess = s.open_session(false);
+        let setup = s.add_setup(sess, blob("f")).unwrap();
+        let (workers, sends) = start_with_tasks(&mut s, setup, 1);
+        s.task_finished(workers[0], sends[0].1, 10, Vec::new(), 1);
+        let (_, acts) = s.submit_with(setup, 1, blob("a"), true).unwrap();
+        assert_eq!(sent_tasks(&acts).len(), 1);
+        let (_, acts) = s.submit(setup, 1, blob("b")).unwrap();
+        assert!(
+            sent_tasks(&acts).is_empty(),
+            "nothing queues behind an exclusive task"
         );
     }
 }

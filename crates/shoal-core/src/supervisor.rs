@@ -37,7 +37,9 @@ use std::time::{Duration, Instant};
 use crate::chunking::ChunkPolicy;
 use crate::error::{Error, Result};
 use crate::protocol::{self, Frame, Kind};
-use crate::scheduler::{Action, Outcome, Scheduler, SchedulerConfig, SessionId, SetupId, WorkerId};
+use crate::scheduler::{
+    Action, Outcome, Scheduler, SchedulerConfig, SessionId, SessionOptions, SetupId, WorkerId,
+};
 
 /// How to start workers and size the pool.
 #[derive(Debug, Clone)]
@@ -166,6 +168,12 @@ impl Shared {
                         kill(link.pid);
                     }
                 }
+                Action::CheckMemory { worker, limit } => {
+                    if let Some(rss) = st.links.get(&worker).and_then(|l| resident_bytes(l.pid)) {
+                        let more = st.sched.memory_report(worker, rss, Some(limit));
+                        self.apply(st, more);
+                    }
+                }
                 Action::Wake { .. } => wake = true,
             }
         }
@@ -187,6 +195,15 @@ fn kill(pid: u32) {
     unsafe {
         libc::kill(pid as libc::pid_t, libc::SIGKILL);
     }
+}
+
+/// Resident memory of a process, from `/proc/PID/statm`.
+pub fn resident_bytes(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = text.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * page.max(4096) as u64)
 }
 
 /// Describes how a process ended, for error messages.
@@ -303,6 +320,14 @@ impl Engine {
         self.with_state(|st| Ok((st.sched.open_session(ordered), Vec::new())))
     }
 
+    /// Opens a session with limits (see [`SessionOptions`]).
+    ///
+    /// # Errors
+    /// [`Error::Closed`] after shutdown.
+    pub fn open_session_with(&self, options: SessionOptions) -> Result<SessionId> {
+        self.with_state(|st| Ok((st.sched.open_session_with(options), Vec::new())))
+    }
+
     /// Registers a setup for a session.
     ///
     /// # Errors
@@ -324,7 +349,24 @@ impl Engine {
     /// # Errors
     /// [`Error::Closed`], or [`Error::Unknown`] for a removed setup.
     pub fn submit(&self, setup: SetupId, weight: u64, payload: Vec<u8>) -> Result<u64> {
-        self.with_state(|st| st.sched.submit(setup, weight, Arc::from(payload)))
+        self.submit_with(setup, weight, payload, false)
+    }
+
+    /// Queues a task; an `exclusive` one runs alone on its worker.
+    ///
+    /// # Errors
+    /// [`Error::Closed`], or [`Error::Unknown`] for a removed setup.
+    pub fn submit_with(
+        &self,
+        setup: SetupId,
+        weight: u64,
+        payload: Vec<u8>,
+        exclusive: bool,
+    ) -> Result<u64> {
+        self.with_state(|st| {
+            st.sched
+                .submit_with(setup, weight, Arc::from(payload), exclusive)
+        })
     }
 
     /// Suggested items for the next chunk of `setup`.
@@ -637,18 +679,29 @@ fn handle_frame(shared: &Arc<Shared>, worker: WorkerId, frame: Frame) {
 }
 
 fn housekeeper_loop(shared: &Arc<Shared>) {
-    let tick = Duration::from_millis(200);
+    // Timeouts and memory limits are enforced from here, so the tick bounds their precision.
+    let tick = Duration::from_millis(20);
+    let mut since_reap = Duration::ZERO;
     while !shared.stop.load(Ordering::SeqCst) {
         thread::sleep(tick);
-        let Some(idle) = shared.config.idle_timeout else {
-            continue;
-        };
+        since_reap += tick;
         let now = shared.now_ns();
         let mut st = shared.lock();
         if st.closed {
             break;
         }
-        let actions = st.sched.reap_idle(now, idle.as_nanos() as u64);
+        let mut actions = st.sched.tick(now);
+        for (worker, limit) in st.sched.memory_watch() {
+            if let Some(rss) = st.links.get(&worker).and_then(|l| resident_bytes(l.pid)) {
+                actions.extend(st.sched.memory_report(worker, rss, Some(limit)));
+            }
+        }
+        if let Some(idle) = shared.config.idle_timeout {
+            if since_reap >= Duration::from_millis(200) {
+                since_reap = Duration::ZERO;
+                actions.extend(st.sched.reap_idle(now, idle.as_nanos() as u64));
+            }
+        }
         shared.apply(&mut st, actions);
     }
 }
