@@ -94,13 +94,13 @@ def test_a_user_backend_plugs_in():
             pool = super().create_pool(workers)
             real_open = pool.open_session
 
-            def open_session(*, ordered):
-                session = real_open(ordered=ordered)
+            def open_session(*, ordered, limits=None):
+                session = real_open(ordered=ordered, limits=limits)
                 real_submit = session.submit
 
-                def submit(spec_id, items, start):
+                def submit(spec_id, items, start, exclusive=False):
                     submitted.append(len(items))
-                    return real_submit(spec_id, items, start)
+                    return real_submit(spec_id, items, start, exclusive)
 
                 session.submit = submit
                 return session

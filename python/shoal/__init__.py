@@ -24,11 +24,14 @@ if TYPE_CHECKING:
         RemoteError,
         RemoteTraceback,
         ShoalError,
+        TaskTimeoutError,
         WorkerCrashedError,
+        WorkerMemoryError,
         WorkerStartError,
     )
     from ._executor import Executor
     from ._options import cpu_count
+    from ._progress import ProgressInfo
     from .backends import (
         Backend,
         Pool,
@@ -54,6 +57,9 @@ _LAZY = {
     "RemoteTraceback": "._errors",
     "ShoalError": "._errors",
     "WorkerCrashedError": "._errors",
+    "TaskTimeoutError": "._errors",
+    "WorkerMemoryError": "._errors",
+    "ProgressInfo": "._progress",
     "WorkerStartError": "._errors",
     "Executor": "._executor",
     "cpu_count": "._options",
@@ -86,11 +92,14 @@ __all__ = [
     "Executor",
     "PicklingError",
     "Pool",
+    "ProgressInfo",
     "RemoteError",
     "RemoteTraceback",
     "Session",
     "ShoalError",
+    "TaskTimeoutError",
     "WorkerCrashedError",
+    "WorkerMemoryError",
     "WorkerStartError",
     "__version__",
     "as_completed",

@@ -12,8 +12,18 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from . import _driver
-from ._options import check_chunksize, check_on_error, resolve_workers
-from ._spec import MODE_KW, MODE_SINGLE, MODE_STAR, CallSpec
+from ._options import (
+    check_chunksize,
+    check_max_tasks,
+    check_on_error,
+    check_retries,
+    check_retry_on,
+    check_timeout,
+    parse_memory,
+    resolve_workers,
+)
+from ._progress import make_progress
+from ._spec import MODE_KW, MODE_SINGLE, MODE_STAR, CallSpec, Limits
 from .backends import Backend, get_backend
 from .backends._base import Pool
 
@@ -57,13 +67,35 @@ class Prepared:
         iterkwargs: Iterable[Mapping[str, Any]] | None,
         on_error: str,
         chunksize: int | None,
+        timeout: float | None = None,
+        retries: int = 0,
+        retry_on: Any = None,
+        max_tasks_per_worker: int | None = None,
+        max_worker_memory: int | str | None = None,
+        progress: Any = False,
+        callback: Callable[[Any], Any] | None = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(
                 f"shoal.{api}() needs a callable as its first argument, not {type(fn).__name__}"
             )
+        self.api = api
         self.on_error = check_on_error(on_error)
         self.chunksize = check_chunksize(chunksize)
+        retry_types = check_retry_on(retry_on)
+        self.limits = Limits(
+            timeout=check_timeout(timeout),
+            retries=check_retries(retries),
+            retry_on=retry_types,
+            max_tasks_per_worker=check_max_tasks(max_tasks_per_worker),
+            max_worker_memory=parse_memory(max_worker_memory),
+        )
+        if progress not in (None, True, False) and not callable(progress):
+            raise TypeError(f"progress must be True, False or a callable, not {progress!r}")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable, not {type(callback).__name__}")
+        self.progress = progress
+        self.callback = callback
         if isinstance(args, (str, bytes)) or not isinstance(args, Iterable):
             raise TypeError(
                 f"args must be a tuple or list of extra positional arguments, not {args!r}"
@@ -107,17 +139,24 @@ class Prepared:
         #: Raise the lowest-index failure even on an unordered session (map, starmap).
         self.in_order_errors = api in ("map", "starmap")
         self.spec = CallSpec(
-            fn, mode, fixed_args, fixed_kwargs, stop_on_error=self.on_error == "raise"
+            fn,
+            mode,
+            fixed_args,
+            fixed_kwargs,
+            stop_on_error=self.on_error == "raise",
+            retry_on=retry_types if self.limits.retries else (),
         )
 
     def open(self, pool: Pool, *, ordered: bool, deadline: float | None = None) -> Any:
         """Open a session on ``pool``; return ``(session, batch generator)``.
 
-        An unordered session still raises the failure of lowest input index (``map`` needs no
-        ordered delivery, since it holds every result anyway, and so avoids a long item at the
-        head of the input stalling the window while other workers idle).
+        The session itself is unordered: the driver puts results in input order by index when
+        ``ordered``, which also works when items are re-run after a crash. ``map`` needs no
+        ordered delivery at all (it holds every result anyway), which keeps a long item at the
+        head of the input from stalling the window while other workers idle; it still raises the
+        failure of lowest input index.
         """
-        session = pool.open_session(ordered=ordered)
+        session = pool.open_session(ordered=False, limits=self.limits)
         try:
             spec_id = session.register(self.spec)
         except BaseException:
@@ -132,9 +171,33 @@ class Prepared:
             on_error=self.on_error,
             chunksize=self.chunksize,
             deadline=deadline,
-            first_error_in_input_order=not ordered and self.in_order_errors,
+            ordered=ordered,
+            first_error_in_input_order=self.in_order_errors,
+            limits=self.limits,
+            progress=make_progress(self.progress, self.total, self.api),
+            callback=self.callback,
         )
         return session, gen
+
+
+def _limits(
+    timeout: Any,
+    retries: Any,
+    retry_on: Any,
+    max_tasks_per_worker: Any,
+    max_worker_memory: Any,
+    progress: Any,
+    callback: Any,
+) -> dict[str, Any]:
+    return {
+        "timeout": timeout,
+        "retries": retries,
+        "retry_on": retry_on,
+        "max_tasks_per_worker": max_tasks_per_worker,
+        "max_worker_memory": max_worker_memory,
+        "progress": progress,
+        "callback": callback,
+    }
 
 
 def _pool(workers: Any, backend: str | Backend | None) -> Pool:
@@ -152,6 +215,13 @@ def map(
     kwargs: Mapping[str, Any] | None = None,
     iterkwargs: Iterable[Mapping[str, Any]] | None = None,
     on_error: str = "raise",
+    timeout: float | None = None,
+    retries: int = 0,
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
+    max_tasks_per_worker: int | None = None,
+    max_worker_memory: int | str | None = None,
+    progress: bool | Callable[[Any], Any] = False,
+    callback: Callable[[Any], Any] | None = None,
     backend: str | Backend | None = None,
 ) -> list[Any]:
     """Apply ``fn`` to every input in parallel and return the results as a list, in input order.
@@ -181,6 +251,29 @@ def map(
         ``"raise"`` (default): the first failing item's exception is re-raised (the worker's
         traceback as ``__cause__``, a note naming the item) and no new tasks start. ``"return"``:
         the exception object takes that item's place in the result and every other item runs.
+    timeout : float or None
+        Seconds one item may run. Past it, the worker running it is killed and replaced, and the
+        item fails with :class:`shoal.TaskTimeoutError`; the rest of the call goes on. Items are
+        then sent one at a time (``chunksize`` is ignored).
+    retries : int
+        Run an item that crashed its worker (:class:`shoal.WorkerCrashedError`), timed out, or
+        ran out of memory, up to this many more times on a fresh worker. The final error lists
+        the attempts (``exc.attempts`` and a note).
+    retry_on : exception type or tuple of them
+        Also retry items that raised these exceptions (needs ``retries``).
+    max_tasks_per_worker : int or None
+        Replace each worker after it has run this many items (for leaky code).
+    max_worker_memory : int, str or None
+        Bytes (or ``"2GB"``, ``"512MiB"``) of resident memory: a worker over it after an item is
+        replaced, and one that goes over it while running an item is killed, failing that item
+        with :class:`shoal.WorkerMemoryError`.
+    progress : bool or callable
+        ``True``: a live bar on stderr (items done/total, rate, ETA, failures), drawn from a Rust
+        thread; in a notebook, a ``tqdm.auto`` bar if tqdm is installed. A callable receives a
+        :class:`shoal.ProgressInfo` after each finished chunk.
+    callback : callable or None
+        Called in the driver with each result (or exception, with ``on_error="return"``) as it
+        arrives.
     backend : str, Backend or None
         ``"processes"`` (default), ``"threads"``, ``"serial"``, or a backend instance.
 
@@ -214,6 +307,9 @@ def map(
         iterkwargs=iterkwargs,
         on_error=on_error,
         chunksize=chunksize,
+        **_limits(
+            timeout, retries, retry_on, max_tasks_per_worker, max_worker_memory, progress, callback
+        ),
     )
     _, gen = call.open(_pool(workers, backend), ordered=False)
     return _driver.collect(gen)
@@ -229,6 +325,13 @@ def starmap(
     kwargs: Mapping[str, Any] | None = None,
     iterkwargs: Iterable[Mapping[str, Any]] | None = None,
     on_error: str = "raise",
+    timeout: float | None = None,
+    retries: int = 0,
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
+    max_tasks_per_worker: int | None = None,
+    max_worker_memory: int | str | None = None,
+    progress: bool | Callable[[Any], Any] = False,
+    callback: Callable[[Any], Any] | None = None,
     backend: str | Backend | None = None,
 ) -> list[Any]:
     """Like :func:`map`, but each input is a tuple of arguments: ``fn(*item)``.
@@ -249,6 +352,9 @@ def starmap(
         iterkwargs=iterkwargs,
         on_error=on_error,
         chunksize=chunksize,
+        **_limits(
+            timeout, retries, retry_on, max_tasks_per_worker, max_worker_memory, progress, callback
+        ),
     )
     _, gen = call.open(_pool(workers, backend), ordered=False)
     return _driver.collect(gen)
@@ -263,6 +369,13 @@ def imap(
     kwargs: Mapping[str, Any] | None = None,
     iterkwargs: Iterable[Mapping[str, Any]] | None = None,
     on_error: str = "raise",
+    timeout: float | None = None,
+    retries: int = 0,
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
+    max_tasks_per_worker: int | None = None,
+    max_worker_memory: int | str | None = None,
+    progress: bool | Callable[[Any], Any] = False,
+    callback: Callable[[Any], Any] | None = None,
     backend: str | Backend | None = None,
 ) -> _driver.ResultStream:
     """Like :func:`map`, but lazy: an iterator over results in input order.
@@ -281,6 +394,9 @@ def imap(
         iterkwargs=iterkwargs,
         on_error=on_error,
         chunksize=chunksize,
+        **_limits(
+            timeout, retries, retry_on, max_tasks_per_worker, max_worker_memory, progress, callback
+        ),
     )
     session, gen = call.open(_pool(workers, backend), ordered=True)
     return _driver.ResultStream(session, _driver.flatten(gen))
@@ -296,6 +412,13 @@ def as_completed(
     iterkwargs: Iterable[Mapping[str, Any]] | None = None,
     on_error: str = "raise",
     with_index: bool = False,
+    timeout: float | None = None,
+    retries: int = 0,
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
+    max_tasks_per_worker: int | None = None,
+    max_worker_memory: int | str | None = None,
+    progress: bool | Callable[[Any], Any] = False,
+    callback: Callable[[Any], Any] | None = None,
     backend: str | Backend | None = None,
 ) -> _driver.ResultStream:
     """Like :func:`imap`, but yields results as they complete.
@@ -316,6 +439,9 @@ def as_completed(
         iterkwargs=iterkwargs,
         on_error=on_error,
         chunksize=chunksize,
+        **_limits(
+            timeout, retries, retry_on, max_tasks_per_worker, max_worker_memory, progress, callback
+        ),
     )
     session, gen = call.open(_pool(workers, backend), ordered=False)
     stream = _driver.with_indices(gen) if with_index else _driver.flatten(gen)

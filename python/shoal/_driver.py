@@ -14,54 +14,273 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from ._errors import WorkerCrashedError, WorkerStartError, annotate
-from ._spec import CallSpec, ChunkResult, ItemError, describe_item
+from ._errors import (
+    TaskTimeoutError,
+    WorkerCrashedError,
+    WorkerMemoryError,
+    WorkerStartError,
+    annotate,
+    note_attempts,
+)
+from ._spec import NO_LIMITS, CallSpec, ChunkResult, Crash, Limits, describe_item
 from .backends._base import Session
 
 Batch = tuple[int, list[Any]]
 
 
-def _crash_errors(
-    res: ChunkResult, chunk: list[Any], start: int, spec: CallSpec
-) -> list[ItemError]:
-    crash = res.crash
-    assert crash is not None
-    errors = []
-    for offset, item in enumerate(chunk):
-        arguments = describe_item(spec, item)
-        if crash.start_failed:
-            exc: BaseException = WorkerStartError(f"could not start worker processes: {crash.exit}")
-        else:
-            exc = WorkerCrashedError(start + offset, arguments, crash.pid, crash.exit, spec.name)
-        errors.append(ItemError(offset, exc, "", arguments))
-    return errors
-
-
-def _settle(
-    res: ChunkResult, chunk: list[Any], start: int, spec: CallSpec, raise_first: bool
-) -> tuple[list[Any], BaseException | None]:
-    """Values of a chunk with errors put in place, or (values before it, first error)."""
-    if res.crash is not None:
-        values: list[Any] = [None] * len(chunk)
-        errors = _crash_errors(res, chunk, start, spec)
-    else:
-        values, errors = list(res.values), res.errors
-    for err in errors:
-        arguments = err.arguments or describe_item(spec, chunk[err.offset])
-        exc = annotate(
-            err.exc,
-            index=start + err.offset,
-            tb=err.traceback,
-            function=spec.name,
-            arguments=arguments,
+def _crash_error(crash: Crash, index: int, arguments: str, spec: CallSpec) -> BaseException:
+    if crash.kind == "start_failed":
+        return WorkerStartError(f"could not start worker processes: {crash.exit}")
+    if crash.kind == "timed_out":
+        return TaskTimeoutError(index, arguments, crash.pid, crash.limit, spec.name)
+    if crash.kind == "memory":
+        return WorkerMemoryError(
+            index, arguments, crash.pid, crash.rss, int(crash.limit), spec.name
         )
-        if raise_first:
-            return values[: err.offset], exc
-        values[err.offset] = exc
-    return values, None
+    return WorkerCrashedError(index, arguments, crash.pid, crash.exit, spec.name)
+
+
+def _describe_crash(crash: Crash) -> str:
+    if crash.kind == "timed_out":
+        return f"timed out after {crash.limit:g} s"
+    if crash.kind == "memory":
+        return f"worker memory {crash.rss / 2**20:.0f} MiB over the limit"
+    return f"worker (pid {crash.pid}) died: {crash.exit}"
+
+
+class _Pending:
+    """A submitted chunk: where it starts in the input, its items, earlier failed attempts."""
+
+    __slots__ = ("attempts", "chunk", "start")
+
+    def __init__(self, start: int, chunk: list[Any], attempts: list[str]) -> None:
+        self.start = start
+        self.chunk = chunk
+        self.attempts = attempts
+
+
+class _Run:
+    """One call on an open session. See :func:`batches`."""
+
+    def __init__(
+        self,
+        session: Session,
+        spec_id: int,
+        spec: CallSpec,
+        items: Iterator[Any],
+        total: int | None,
+        *,
+        on_error: str,
+        chunksize: int | None,
+        deadline: float | None,
+        ordered: bool,
+        errors_in_input_order: bool,
+        limits: Limits,
+        progress: Any,
+        callback: Callable[[Any], Any] | None,
+    ) -> None:
+        self.session = session
+        self.spec_id = spec_id
+        self.spec = spec
+        self.items = items
+        self.remaining = total
+        self.raise_first = on_error == "raise"
+        # A per-item timeout needs single-item tasks: the engine times tasks, not items.
+        self.chunksize = 1 if limits.timeout is not None else chunksize
+        self.deadline = deadline
+        self.ordered = ordered
+        self.errors_in_input_order = errors_in_input_order or ordered
+        self.retries = limits.retries
+        self.retry_on = limits.retry_on
+        self.progress = progress
+        self.callback = callback
+        self.window = max(1, session.max_in_flight)
+        self.in_flight: dict[int, _Pending] = {}
+        self.next_index = 0
+        self.exhausted = False
+        self.input_error: BaseException | None = None
+        self.ready: deque[Batch] = deque()
+        self.expected = 0  # ordered: the next input index to hand out
+        self.parked: dict[int, list[Any]] = {}
+        self.failure: tuple[int, BaseException] | None = None
+        self.raise_now = False
+        self.done = 0
+        self.failed = 0
+
+    # -- input side ------------------------------------------------------------------------
+
+    def feed(self) -> None:
+        while not self.exhausted and len(self.in_flight) < self.window:
+            size = self.chunksize or self.session.chunk_size(self.spec_id, self.remaining)
+            chunk: list[Any] = []
+            try:
+                # extend() keeps what it read even if the input raises midway.
+                chunk.extend(itertools.islice(self.items, size))
+            except Exception as exc:
+                self.input_error, self.exhausted = exc, True
+            if chunk:
+                seq = self.session.submit(self.spec_id, chunk, self.next_index)
+                self.in_flight[seq] = _Pending(self.next_index, chunk, [])
+                self.next_index += len(chunk)
+                if self.remaining is not None:
+                    self.remaining = max(0, self.remaining - len(chunk))
+            if len(chunk) < size:
+                self.exhausted = True
+
+    def resubmit(self, index: int, item: Any, attempts: list[str]) -> None:
+        """Run one item again, alone on its worker, so a crash is attributable."""
+        seq = self.session.submit(self.spec_id, [item], index, exclusive=True)
+        self.in_flight[seq] = _Pending(index, [item], attempts)
+
+    # -- output side -----------------------------------------------------------------------
+
+    def emit(self, start: int, values: list[Any], failed: int = 0) -> None:
+        if not values:
+            return
+        self.done += len(values) - failed
+        self.failed += failed
+        if self.progress is not None:
+            self.progress.update(self.done, self.failed)
+        if self.callback is not None:
+            for value in values:
+                self.callback(value)
+        if not self.ordered:
+            self.ready.append((start, values))
+            return
+        if start != self.expected:
+            self.parked[start] = values
+            return
+        self.ready.append((start, values))
+        self.expected += len(values)
+        while self.expected in self.parked:
+            vals = self.parked.pop(self.expected)
+            self.ready.append((self.expected, vals))
+            self.expected += len(vals)
+
+    def fail(self, index: int, exc: BaseException) -> None:
+        """A final failure with ``on_error="raise"``: stop the call at ``index``."""
+        self.failed += 1
+        if self.progress is not None:
+            self.progress.update(self.done, self.failed)
+        if self.failure is None or index < self.failure[0]:
+            self.failure = (index, exc)
+        self.exhausted = True
+        if not self.errors_in_input_order:
+            self.raise_now = True
+            return
+        later = [seq for seq, p in self.in_flight.items() if p.start > index]
+        if later:
+            self.session.cancel(later)
+            for seq in later:
+                del self.in_flight[seq]
+
+    def failure_due(self) -> bool:
+        if self.failure is None:
+            return False
+        if self.raise_now:
+            return True
+        index = self.failure[0]
+        if any(p.start < index for p in self.in_flight.values()):
+            return False
+        return not self.ordered or self.expected >= index
+
+    # -- results ---------------------------------------------------------------------------
+
+    def handle(self, res: ChunkResult) -> None:
+        p = self.in_flight.pop(res.seq, None)
+        if p is None:
+            return
+        if res.crash is not None:
+            self.handle_crash(p, res.crash)
+            return
+        if not res.errors:
+            self.emit(p.start, res.values)
+            return
+        values = list(res.values)
+        spec = self.spec
+        segment_start = 0
+        for err in res.errors:
+            index = p.start + err.offset
+            arguments = err.arguments or describe_item(spec, p.chunk[err.offset])
+            exc = err.exc
+            # Values before this error form a segment that is complete.
+            self.emit(p.start + segment_start, values[segment_start : err.offset])
+            segment_start = err.offset + 1
+            if self.retry_on and isinstance(exc, self.retry_on) and len(p.attempts) < self.retries:
+                self.resubmit(
+                    index, p.chunk[err.offset], [*p.attempts, f"{type(exc).__name__}: {exc}"]
+                )
+                continue
+            exc = annotate(
+                exc, index=index, tb=err.traceback, function=spec.name, arguments=arguments
+            )
+            exc = note_attempts(exc, p.attempts)
+            if self.raise_first:
+                self.fail(index, exc)
+                return
+            self.emit(index, [exc], failed=1)
+        self.emit(p.start + segment_start, values[segment_start:])
+
+    def handle_crash(self, p: _Pending, crash: Crash) -> None:
+        if crash.kind != "start_failed" and len(p.chunk) > 1:
+            # Several items were in the dead worker's hands: run each alone to find the culprit.
+            for offset, item in enumerate(p.chunk):
+                self.resubmit(p.start + offset, item, list(p.attempts))
+            return
+        retryable = crash.kind != "start_failed"
+        for offset, item in enumerate(p.chunk):
+            index = p.start + offset
+            if retryable and len(p.attempts) < self.retries:
+                self.resubmit(index, item, [*p.attempts, _describe_crash(crash)])
+                continue
+            arguments = describe_item(self.spec, item)
+            exc = _crash_error(crash, index, arguments, self.spec)
+            exc = annotate(exc, index=index, tb="", function=self.spec.name, arguments=arguments)
+            exc = note_attempts(exc, p.attempts)
+            if self.raise_first:
+                self.fail(index, exc)
+                return
+            self.emit(index, [exc], failed=1)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def loop(self) -> Iterator[Batch]:
+        abort = False
+        try:
+            while True:
+                self.feed()
+                if self.failure_due():
+                    assert self.failure is not None
+                    abort = True  # stop this call's running tasks; the pool stays usable
+                    raise self.failure[1]
+                if not self.in_flight:
+                    break
+                timeout = None
+                if self.deadline is not None:
+                    timeout = max(0.0, self.deadline - time.monotonic())
+                results = self.session.wait(timeout)
+                late = self.deadline is not None and time.monotonic() >= self.deadline
+                if not results and late:
+                    raise TimeoutError(
+                        f"results not ready in time ({len(self.in_flight)} chunks pending)"
+                    )
+                for res in results:
+                    self.handle(res)
+                while self.ready:
+                    yield self.ready.popleft()
+            if self.input_error is not None:
+                raise self.input_error
+        except KeyboardInterrupt:
+            abort = True
+            raise
+        finally:
+            self.session.close(abort=abort)
+            if self.progress is not None:
+                self.progress.close()
 
 
 def batches(
@@ -74,82 +293,44 @@ def batches(
     on_error: str,
     chunksize: int | None,
     deadline: float | None = None,
+    ordered: bool = False,
     first_error_in_input_order: bool = False,
+    limits: Limits = NO_LIMITS,
+    progress: Any = None,
+    callback: Callable[[Any], Any] | None = None,
 ) -> Iterator[Batch]:
-    """Run a call on an open session; yield ``(start_index, values)`` per finished chunk.
+    """Run a call on an open session; yield ``(start_index, values)`` batches.
 
-    Batches come in the session's order (submission order for an ordered session, completion
-    order otherwise). With ``on_error="raise"`` the call stops at a failure: queued chunks after
-    it are dropped and no new input is read. On an unordered session with
-    ``first_error_in_input_order``, the chunks before the failing one still finish, so that the
+    Batches come in input order if ``ordered``, else in completion order. With
+    ``on_error="raise"`` the call stops at a failure: chunks after it are dropped, no more input
+    is read, and its running tasks are stopped. If ``ordered`` or
+    ``first_error_in_input_order``, the chunks before the failing item still finish, so the
     exception raised is that of the failing item with the lowest index, whatever the timing.
+
+    A chunk whose worker died is split: each of its items runs again, alone, so that only the
+    culprit is blamed. An item that crashed, timed out, ran out of memory, or raised one of
+    ``limits.retry_on`` runs again up to ``limits.retries`` times; the final error lists the
+    attempts.
 
     The session is closed when the generator ends, fails or is closed; on Ctrl-C it is aborted
     (its running tasks are stopped where the engine can).
     """
-    in_flight: dict[int, tuple[int, list[Any]]] = {}
-    next_index = 0
-    remaining = total
-    exhausted = False
-    input_error: BaseException | None = None
-    window = max(1, session.max_in_flight)
-    raise_first = on_error == "raise"
-    failure: tuple[int, int, BaseException] | None = None  # (seq, index, exception)
-    abort = False
-    try:
-        while True:
-            while not exhausted and len(in_flight) < window:
-                size = chunksize or session.chunk_size(spec_id, remaining)
-                chunk: list[Any] = []
-                try:
-                    # extend() keeps what it read even if the input raises midway.
-                    chunk.extend(itertools.islice(items, size))
-                except Exception as exc:
-                    input_error, exhausted = exc, True
-                if chunk:
-                    seq = session.submit(spec_id, chunk, next_index)
-                    in_flight[seq] = (next_index, chunk)
-                    next_index += len(chunk)
-                    if remaining is not None:
-                        remaining = max(0, remaining - len(chunk))
-                if len(chunk) < size:
-                    exhausted = True
-            if failure is not None and all(seq > failure[0] for seq in in_flight):
-                raise failure[2]  # nothing before the failure is still running
-            if not in_flight:
-                break
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            results = session.wait(timeout)
-            if not results and deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(
-                    f"results not ready within the timeout ({len(in_flight)} chunks pending)"
-                )
-            for res in results:
-                entry = in_flight.pop(res.seq, None)
-                if entry is None or (failure is not None and res.seq > failure[0]):
-                    continue
-                start, chunk = entry
-                if res.crash is None and not res.errors:
-                    yield start, res.values
-                    continue
-                values, first_error = _settle(res, chunk, start, spec, raise_first)
-                if values:
-                    yield start, values
-                if first_error is None:
-                    continue
-                # Stop: drop what has not started, read no more input.
-                exhausted = True
-                session.cancel(after_seq=res.seq)
-                if not first_error_in_input_order:
-                    raise first_error
-                failure = (res.seq, start + len(values), first_error)
-        if input_error is not None:
-            raise input_error
-    except KeyboardInterrupt:
-        abort = True
-        raise
-    finally:
-        session.close(abort=abort)
+    run = _Run(
+        session,
+        spec_id,
+        spec,
+        items,
+        total,
+        on_error=on_error,
+        chunksize=chunksize,
+        deadline=deadline,
+        ordered=ordered,
+        errors_in_input_order=first_error_in_input_order,
+        limits=limits,
+        progress=progress,
+        callback=callback,
+    )
+    return run.loop()
 
 
 def collect(gen: Iterable[Batch]) -> list[Any]:

@@ -18,7 +18,9 @@ __all__ = [
     "RemoteError",
     "RemoteTraceback",
     "ShoalError",
+    "TaskTimeoutError",
     "WorkerCrashedError",
+    "WorkerMemoryError",
     "WorkerStartError",
 ]
 
@@ -95,8 +97,93 @@ class WorkerCrashedError(ShoalError):
         return (WorkerCrashedError, (self.index, self.arguments, self.pid, self.exit))
 
 
+class TaskTimeoutError(ShoalError, TimeoutError):
+    """The item ran longer than ``timeout``; its worker was killed and replaced.
+
+    Attributes
+    ----------
+    index : int or None
+        Index of the item in the input.
+    arguments : str
+        Short repr of the item's arguments.
+    pid : int or None
+        Pid of the worker that was killed.
+    timeout : float
+        The limit, in seconds.
+    """
+
+    def __init__(
+        self, index: int | None, arguments: str, pid: int | None, timeout: float, function: str = ""
+    ) -> None:
+        where = f"item {index}" if index is not None else "a task"
+        call = f" {function}({arguments})" if function else ""
+        super().__init__(
+            f"{where}{call} ran past its timeout of {timeout:g} s; "
+            f"its worker (pid {pid}) was killed"
+        )
+        self.index = index
+        self.arguments = arguments
+        self.pid = pid
+        self.timeout = timeout
+
+    def __reduce__(self) -> tuple:
+        return (TaskTimeoutError, (self.index, self.arguments, self.pid, self.timeout))
+
+
+class WorkerMemoryError(ShoalError, MemoryError):
+    """The worker's resident memory went past ``max_worker_memory`` while running this item.
+
+    Attributes
+    ----------
+    index : int or None
+        Index of the item in the input.
+    arguments : str
+        Short repr of the item's arguments.
+    pid : int or None
+        Pid of the worker that was killed.
+    rss, limit : int
+        Resident memory seen and the limit, in bytes.
+    """
+
+    def __init__(
+        self,
+        index: int | None,
+        arguments: str,
+        pid: int | None,
+        rss: int,
+        limit: int,
+        function: str = "",
+    ) -> None:
+        where = f"item {index}" if index is not None else "a task"
+        call = f" {function}({arguments})" if function else ""
+        super().__init__(
+            f"worker (pid {pid}) used {rss / 2**20:.0f} MiB, over max_worker_memory "
+            f"({limit / 2**20:.0f} MiB), while running {where}:{call}; it was killed"
+        )
+        self.index = index
+        self.arguments = arguments
+        self.pid = pid
+        self.rss = rss
+        self.limit = limit
+
+    def __reduce__(self) -> tuple:
+        return (WorkerMemoryError, (self.index, self.arguments, self.pid, self.rss, self.limit))
+
+
 class WorkerStartError(ShoalError):
     """No worker process could be started (bad interpreter, import error in the worker...)."""
+
+
+def note_attempts(exc: BaseException, attempts: list[str]) -> BaseException:
+    """Record earlier failed attempts on the final error (``exc.attempts`` and a note)."""
+    if attempts:
+        exc.attempts = list(attempts)  # type: ignore[attr-defined]
+        lines = "; ".join(f"attempt {i}: {a}" for i, a in enumerate(attempts, start=1))
+        exc.add_note(
+            f"shoal: failed after {len(attempts) + 1} attempts ({lines}; attempt "
+            f"{len(attempts) + 1}: {type(exc).__name__})"
+        )
+    return exc
 
 
 def annotate(

@@ -73,5 +73,5 @@ def run_chunk(spec: CallSpec, items: list[Any]) -> tuple[list[Any], list[ItemErr
                     offset, exc, format_remote_traceback(exc), describe_item(spec, items[offset])
                 )
             )
-            if spec.stop_on_error:
+            if spec.stop_on_error and not isinstance(exc, spec.retry_on):
                 return values, errors

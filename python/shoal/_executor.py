@@ -21,15 +21,34 @@ from typing import Any
 
 from . import _driver
 from ._api import Prepared, deadline_after
-from ._errors import WorkerCrashedError, WorkerStartError, annotate
-from ._options import resolve_workers
-from ._spec import MODE_KW, CallSpec, ChunkResult, describe_item
+from ._driver import _crash_error, _describe_crash
+from ._errors import annotate, note_attempts
+from ._options import (
+    check_max_tasks,
+    check_retries,
+    check_retry_on,
+    check_timeout,
+    parse_memory,
+    resolve_workers,
+)
+from ._spec import MODE_KW, CallSpec, ChunkResult, Limits, describe_item
 from .backends import Backend, get_backend
-from .backends._base import Session
+from .backends._base import Session, refuse_engine_limits
 
 __all__ = ["Executor"]
 
 _KW_SPEC = CallSpec(len, MODE_KW)
+
+
+def _named(name: str) -> Any:
+    """A stand-in callable that only carries a name, for error messages."""
+
+    def stand_in() -> None:  # pragma: no cover - never called
+        pass
+
+    stand_in.__qualname__ = name
+    return stand_in
+
 
 #: Functions kept registered with the workers; older idle ones are released beyond this.
 _MAX_CACHED_FUNCTIONS = 256
@@ -139,10 +158,19 @@ class Executor(cf.Executor):
     **backend_options
         Options for a backend created by name (e.g. ``idle_timeout=``).
 
+    timeout : float or None
+        Seconds one task may run; past it, its worker is killed and replaced, and that future
+        fails with :class:`shoal.TaskTimeoutError`. (``Executor.map(timeout=)`` keeps its
+        :mod:`concurrent.futures` meaning: a deadline for all results.)
+    retries, retry_on, max_tasks_per_worker, max_worker_memory
+        As in :func:`shoal.map`, for every task of this executor.
+
     Notes
     -----
     ``Future.cancel()`` succeeds for any future whose result has not arrived; a task that was
-    already running still runs, and its result is dropped.
+    already running still runs, and its result is dropped. A dead worker fails only the future
+    of the task it was running; the executor never becomes "broken". On Ctrl-C inside a
+    ``with`` block, the workers are killed at once instead of waiting for running tasks.
     """
 
     def __init__(
@@ -150,14 +178,30 @@ class Executor(cf.Executor):
         workers: int | float | None = None,
         *,
         backend: str | Backend | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
+        max_tasks_per_worker: int | None = None,
+        max_worker_memory: int | str | None = None,
         **backend_options: Any,
     ) -> None:
+        self._limits = Limits(
+            timeout=check_timeout(timeout),
+            retries=check_retries(retries),
+            retry_on=check_retry_on(retry_on),
+            max_tasks_per_worker=check_max_tasks(max_tasks_per_worker),
+            max_worker_memory=parse_memory(max_worker_memory),
+        )
         be = get_backend(backend, **backend_options)
+        if self._limits.needs_engine:
+            refuse = getattr(be, "name", "")
+            if refuse in ("threads", "serial"):
+                refuse_engine_limits(refuse, self._limits)
         self._pool = be.create_pool(resolve_workers(be.workers if workers is None else workers))
         self._lock = threading.Lock()
         self._session: Session | None = None
         self._functions: OrderedDict[Any, tuple[Callable[..., Any], int, CallSpec]] = OrderedDict()
-        self._futures: dict[int, tuple[cf.Future[Any], int, Any, str]] = {}
+        self._futures: dict[int, tuple[_Future, int, Any, str, list[str]]] = {}
         self._outstanding: dict[int, int] = {}
         self._next_seq = 0
         self._last: tuple[Callable[..., Any], int, CallSpec] | None = None
@@ -182,7 +226,7 @@ class Executor(cf.Executor):
             self._functions.move_to_end(key)
             self._last = hit
             return hit[1], hit[2]
-        spec = CallSpec(fn, MODE_KW, stop_on_error=True)
+        spec = CallSpec(fn, MODE_KW, stop_on_error=True, retry_on=self._limits.retry_on)
         spec_id = session.register(spec)
         self._functions[key] = self._last = (fn, spec_id, spec)
         if len(self._functions) > _MAX_CACHED_FUNCTIONS:
@@ -212,28 +256,56 @@ class Executor(cf.Executor):
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if self._session is None:
-                self._session = self._pool.open_session(ordered=False)
+                self._session = self._pool.open_session(ordered=False, limits=self._limits)
             session = self._session
             spec_id, spec = self._spec_id(session, fn)
             future = _Future()
-            seq = self._next_seq
-            item = (args, kwargs)
-            self._futures[seq] = (future, spec_id, item, spec.name)
-            try:
-                got = session.submit(spec_id, [item], seq)
-            except BaseException:
-                del self._futures[seq]
-                raise
-            if got != seq:  # pragma: no cover - guards the numbering assumption above
-                raise RuntimeError(f"session numbered a task {got}, expected {seq}")
-            self._next_seq += 1
-            self._outstanding[spec_id] = self._outstanding.get(spec_id, 0) + 1
+            self._queue(session, future, spec_id, (args, kwargs), spec.name, [])
             if self._pump is None:
                 self._pump = threading.Thread(
                     target=self._run_pump, name="shoal-executor", daemon=True
                 )
                 self._pump.start()
         return future
+
+    def _queue(
+        self,
+        session: Session,
+        future: _Future,
+        spec_id: int,
+        item: Any,
+        name: str,
+        attempts: list[str],
+        exclusive: bool = False,
+    ) -> None:
+        """Register a future under the next sequence number, then submit its task (lock held).
+
+        Sessions number tasks 0, 1, 2...; registering first means the result cannot arrive
+        before its future is known.
+        """
+        seq = self._next_seq
+        self._futures[seq] = (future, spec_id, item, name, attempts)
+        try:
+            got = session.submit(spec_id, [item], seq, exclusive)
+        except BaseException:
+            del self._futures[seq]
+            raise
+        if got != seq:  # pragma: no cover - guards the numbering assumption above
+            raise RuntimeError(f"session numbered a task {got}, expected {seq}")
+        self._next_seq += 1
+        self._outstanding[spec_id] = self._outstanding.get(spec_id, 0) + 1
+
+    def _retry(self, entry: Any, failure: str) -> bool:
+        """Run a failed task again if it has retries left; True if it was resubmitted."""
+        future, spec_id, item, name, attempts = entry
+        if len(attempts) >= self._limits.retries or future.cancelled():
+            return False
+        with self._lock:
+            session = self._session
+            if session is None:
+                return False
+            self._queue(session, future, spec_id, item, name, [*attempts, failure], True)
+        return True
 
     def _complete(self, results: list[ChunkResult]) -> None:
         done = []
@@ -243,30 +315,28 @@ class Executor(cf.Executor):
                 if entry is not None:
                     self._outstanding[entry[1]] -= 1
                     done.append((res, entry))
-        for res, (future, _, item, name) in done:
+        for res, entry in done:
+            future, _, item, name, attempts = entry
             if not res.crash and not res.errors:
                 future._settle(res.values[0])
                 continue
             if res.crash is not None:
+                crash = res.crash
                 arguments = describe_item(_KW_SPEC, item)
-                if res.crash.start_failed:
-                    exc: BaseException = WorkerStartError(
-                        f"could not start worker processes: {res.crash.exit}"
-                    )
-                else:
-                    exc = WorkerCrashedError(None, arguments, res.crash.pid, res.crash.exit, name)
-                future._settle(exc=exc)
+                if crash.kind != "start_failed" and self._retry(entry, _describe_crash(crash)):
+                    continue
+                spec = CallSpec(_named(name), MODE_KW)
+                exc = _crash_error(crash, None, arguments, spec)  # type: ignore[arg-type]
+                future._settle(exc=note_attempts(exc, attempts))
             else:
                 err = res.errors[0]
-                future._settle(
-                    exc=annotate(
-                        err.exc,
-                        index=None,
-                        tb=err.traceback,
-                        function=name,
-                        arguments=err.arguments,
-                    )
+                retryable = self._limits.retry_on and isinstance(err.exc, self._limits.retry_on)
+                if retryable and self._retry(entry, f"{type(err.exc).__name__}: {err.exc}"):
+                    continue
+                exc = annotate(
+                    err.exc, index=None, tb=err.traceback, function=name, arguments=err.arguments
                 )
+                future._settle(exc=note_attempts(exc, attempts))
 
     def _run_pump(self) -> None:
         session = self._session
@@ -328,7 +398,19 @@ class Executor(cf.Executor):
     ) -> _driver.ResultStream:
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        call = Prepared(api, fn, iterables, star=star, **options)
+        lim = self._limits
+        call = Prepared(
+            api,
+            fn,
+            iterables,
+            star=star,
+            timeout=lim.timeout,
+            retries=lim.retries,
+            retry_on=lim.retry_on,
+            max_tasks_per_worker=lim.max_tasks_per_worker,
+            max_worker_memory=lim.max_worker_memory,
+            **options,
+        )
         session, gen = call.open(self._pool, ordered=ordered, deadline=deadline_after(timeout))
         stream = _driver.with_indices(gen) if with_index else _driver.flatten(gen)
         return _driver.ResultStream(session, stream)
@@ -421,5 +503,13 @@ class Executor(cf.Executor):
     def __enter__(self) -> Executor:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self._interrupt()
+            return
         self.shutdown(wait=True)
+
+    def _interrupt(self) -> None:
+        """Ctrl-C: cancel what is pending and kill the workers now, without waiting."""
+        self.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=False, kill=True)

@@ -74,3 +74,97 @@ def check_on_error(on_error: Any) -> str:
     if on_error not in ON_ERROR_CHOICES:
         raise ValueError(f"on_error must be 'raise' or 'return', got {on_error!r}")
     return str(on_error)
+
+
+def check_timeout(timeout: Any) -> float | None:
+    """Validate a per-item ``timeout`` in seconds: ``None`` or a positive number."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(
+            f"timeout must be a number of seconds or None, not {type(timeout).__name__}"
+        )
+    if not timeout > 0:
+        raise ValueError(f"timeout must be positive, got {timeout}")
+    return float(timeout)
+
+
+def check_retries(retries: Any) -> int:
+    """Validate ``retries``: an int >= 0."""
+    if isinstance(retries, bool) or not isinstance(retries, numbers.Integral):
+        raise TypeError(f"retries must be an int, not {type(retries).__name__}")
+    if retries < 0:
+        raise ValueError(f"retries must be 0 or more, got {retries}")
+    return int(retries)
+
+
+def check_retry_on(retry_on: Any) -> tuple[type[BaseException], ...]:
+    """Validate ``retry_on``: an exception type or a tuple of them."""
+    if retry_on is None:
+        return ()
+    types = retry_on if isinstance(retry_on, tuple) else (retry_on,)
+    for t in types:
+        if not (isinstance(t, type) and issubclass(t, BaseException)):
+            raise TypeError(f"retry_on must hold exception types, got {t!r}")
+    return types
+
+
+def check_max_tasks(n: Any) -> int | None:
+    """Validate ``max_tasks_per_worker``: ``None`` or an int >= 1."""
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"max_tasks_per_worker must be an int or None, not {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"max_tasks_per_worker must be at least 1, got {n}")
+    return int(n)
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_memory(value: Any, name: str = "max_worker_memory") -> int | None:
+    """Bytes from ``None``, an int, or a string such as ``"2GB"``, ``"512 MiB"`` or ``"1.5G"``."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number of bytes or a string like '2GB', not a bool")
+    if isinstance(value, numbers.Real):
+        number, unit = float(value), ""
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(digits) :]
+        try:
+            number = float(digits)
+        except ValueError:
+            raise ValueError(
+                f"{name}: cannot read {value!r} as a size (try '2GB' or '512MiB')"
+            ) from None
+        if unit not in _UNITS:
+            raise ValueError(
+                f"{name}: unknown unit {unit!r} in {value!r} (use B, KB, MB, GB, KiB, MiB, GiB)"
+            )
+    else:
+        raise TypeError(
+            f"{name} must be a number of bytes or a string like '2GB', not {type(value).__name__}"
+        )
+    size = int(number * _UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return size

@@ -38,10 +38,13 @@ class CallSpec:
     args, kwargs
         Fixed arguments passed to every call.
     stop_on_error : bool
-        Stop running a chunk at its first failing item (``on_error="raise"``).
+        Stop running a chunk at its first failing item (``on_error="raise"``), unless the
+        failure is one that will be retried.
+    retry_on : tuple of exception types
+        Exceptions after which the item is run again.
     """
 
-    __slots__ = ("args", "fn", "kwargs", "mode", "stop_on_error")
+    __slots__ = ("args", "fn", "kwargs", "mode", "retry_on", "stop_on_error")
 
     def __init__(
         self,
@@ -50,15 +53,21 @@ class CallSpec:
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
         stop_on_error: bool = True,
+        retry_on: tuple[type[BaseException], ...] = (),
     ) -> None:
         self.fn = fn
         self.mode = mode
         self.args = args
         self.kwargs = kwargs or {}
         self.stop_on_error = stop_on_error
+        #: Exceptions that will be retried: a chunk does not stop at them.
+        self.retry_on = retry_on
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (CallSpec, (self.fn, self.mode, self.args, self.kwargs, self.stop_on_error))
+        return (
+            CallSpec,
+            (self.fn, self.mode, self.args, self.kwargs, self.stop_on_error, self.retry_on),
+        )
 
     @property
     def name(self) -> str:
@@ -81,14 +90,81 @@ class ItemError:
 
 
 class Crash:
-    """The whole chunk failed: its worker died (``pid``, ``exit``), or none could start."""
+    """The whole chunk failed; ``kind`` says how.
 
-    __slots__ = ("exit", "pid", "start_failed")
+    - ``"crashed"``: its worker died (``pid``, ``exit`` say how);
+    - ``"start_failed"``: no worker could start (``exit`` says why);
+    - ``"timed_out"``: it ran past ``limit`` seconds and its worker was killed;
+    - ``"memory"``: its worker used ``rss`` bytes, over ``limit``, and was killed.
+    """
 
-    def __init__(self, pid: int | None, exit: str, start_failed: bool = False) -> None:
+    __slots__ = ("exit", "kind", "limit", "pid", "rss")
+
+    def __init__(
+        self,
+        pid: int | None,
+        exit: str,
+        kind: str = "crashed",
+        limit: float = 0.0,
+        rss: int = 0,
+    ) -> None:
         self.pid = pid
         self.exit = exit
-        self.start_failed = start_failed
+        self.kind = kind
+        self.limit = limit
+        self.rss = rss
+
+    @property
+    def start_failed(self) -> bool:
+        """No worker could be started."""
+        return self.kind == "start_failed"
+
+
+class Limits:
+    """Per-call limits and recovery options, checked by the driver and the engine.
+
+    Attributes
+    ----------
+    timeout : float or None
+        Seconds one item may run before its worker is killed.
+    retries : int
+        How many more times an item that crashed its worker, timed out, ran out of memory, or
+        raised one of ``retry_on`` is run.
+    retry_on : tuple of exception types
+        Exceptions that are retried (besides crashes and timeouts).
+    max_tasks_per_worker : int or None
+        Replace a worker after this many items.
+    max_worker_memory : int or None
+        Bytes of resident memory after which a worker is replaced (or killed mid-item).
+    """
+
+    __slots__ = ("max_tasks_per_worker", "max_worker_memory", "retries", "retry_on", "timeout")
+
+    def __init__(
+        self,
+        timeout: float | None = None,
+        retries: int = 0,
+        retry_on: tuple[type[BaseException], ...] = (),
+        max_tasks_per_worker: int | None = None,
+        max_worker_memory: int | None = None,
+    ) -> None:
+        self.timeout = timeout
+        self.retries = retries
+        self.retry_on = retry_on
+        self.max_tasks_per_worker = max_tasks_per_worker
+        self.max_worker_memory = max_worker_memory
+
+    @property
+    def needs_engine(self) -> bool:
+        """Whether a limit needs an engine that can kill and watch workers."""
+        return (
+            self.timeout is not None
+            or self.max_tasks_per_worker is not None
+            or self.max_worker_memory is not None
+        )
+
+
+NO_LIMITS = Limits()
 
 
 class ChunkResult:

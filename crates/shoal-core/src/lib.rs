@@ -10,10 +10,12 @@
 //! - [`chunking`]: adaptive chunk sizes from measured item times.
 //! - [`supervisor`]: processes, sockets and threads that carry out the scheduler's decisions.
 //! - [`cpu`]: how many CPUs this process may use.
+//! - [`progress`]: a progress bar redrawn by its own thread.
 
 pub mod chunking;
 pub mod cpu;
 pub mod error;
+pub mod progress;
 pub mod protocol;
 pub mod scheduler;
 pub mod supervisor;

@@ -235,6 +235,8 @@ struct Session {
     next_seq: u64,
     next_out: u64,
     parked: BTreeMap<u64, Outcome>,
+    /// Cancelled sequence numbers an ordered session must not wait for.
+    skipped: HashSet<u64>,
     ready: VecDeque<Outcome>,
     setups: HashSet<SetupId>,
 }
@@ -597,18 +599,28 @@ impl Scheduler {
         out
     }
 
-    /// Drops queued (not yet started) tasks of a session: all of them, or those with a sequence
-    /// number above `after_seq`. Running tasks finish normally.
-    pub fn cancel(&mut self, session: SessionId, after_seq: Option<u64>) {
+    /// Drops queued (not yet started) tasks of a session: all of them, or those whose sequence
+    /// numbers are in `only`. Running tasks finish normally. An ordered session skips the
+    /// dropped numbers, so later outcomes are not held back waiting for them.
+    pub fn cancel(&mut self, session: SessionId, only: Option<&[u64]>) {
+        let wanted: Option<HashSet<u64>> = only.map(|seqs| seqs.iter().copied().collect());
         let tasks = &mut self.tasks;
+        let mut dropped = Vec::new();
         self.queue.retain(|id| {
             let t = &tasks[id];
-            let drop = t.session == session && after_seq.is_none_or(|s| t.seq > s);
+            let drop = t.session == session && wanted.as_ref().is_none_or(|w| w.contains(&t.seq));
             if drop {
+                dropped.push(t.seq);
                 tasks.remove(id);
             }
             !drop
         });
+        if let Some(sess) = self.sessions.get_mut(&session) {
+            if sess.ordered && !dropped.is_empty() {
+                sess.skipped.extend(dropped);
+                Self::release_in_order(sess);
+            }
+        }
     }
 
     /// Closes a session: queued tasks are dropped, later outcomes discarded, setups released.
@@ -776,15 +788,23 @@ impl Scheduler {
         let before = sess.ready.len();
         if sess.ordered {
             sess.parked.insert(outcome.seq, outcome);
-            while let Some(o) = sess.parked.remove(&sess.next_out) {
-                sess.ready.push_back(o);
-                sess.next_out += 1;
-            }
+            Self::release_in_order(sess);
         } else {
             sess.ready.push_back(outcome);
         }
         if sess.ready.len() > before {
             out.push(Action::Wake { session });
+        }
+    }
+
+    fn release_in_order(sess: &mut Session) {
+        loop {
+            if let Some(o) = sess.parked.remove(&sess.next_out) {
+                sess.ready.push_back(o);
+            } else if !sess.skipped.remove(&sess.next_out) {
+                break;
+            }
+            sess.next_out += 1;
         }
     }
 
@@ -1153,20 +1173,27 @@ mod tests {
     }
 
     #[test]
-    fn cancel_after_keeps_earlier_tasks() {
+    fn cancel_drops_chosen_queued_tasks_and_ordering_skips_them() {
         let mut s = sched(1);
         let sess = s.open_session(true);
         let setup = s.add_setup(sess, blob("f")).unwrap();
         let (workers, sends) = start_with_tasks(&mut s, setup, 5);
         assert_eq!(s.queued(), 4);
-        s.cancel(sess, Some(2));
-        assert_eq!(s.queued(), 2, "seq 1 and 2 stay, 3 and 4 go");
+        s.cancel(sess, Some(&[1, 3]));
+        assert_eq!(s.queued(), 2, "seq 2 and 4 stay");
         let acts = s.task_finished(workers[0], sends[0].1, 5, Vec::new(), 1);
+        let next: Vec<TaskId> = sent_tasks(&acts).into_iter().map(|(_, t)| t).collect();
+        assert_eq!(next.len(), 2, "cheap known tasks are pipelined");
+        for t in next {
+            s.task_finished(workers[0], t, 5, Vec::new(), 2);
+        }
+        let seqs: Vec<u64> = s.take_ready(sess).unwrap().iter().map(|o| o.seq).collect();
         assert_eq!(
-            sent_tasks(&acts).len(),
-            2,
-            "cheap known tasks are pipelined"
+            seqs,
+            vec![0, 2, 4],
+            "the cancelled 1 and 3 do not hold back 2 and 4"
         );
+        s.cancel(sess, None);
         assert_eq!(s.queued(), 0);
     }
 

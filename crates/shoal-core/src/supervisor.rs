@@ -374,13 +374,13 @@ impl Engine {
         self.shared.lock().sched.chunk_size(setup, remaining)
     }
 
-    /// Drops queued tasks of a session (all, or those after `after_seq`).
+    /// Drops queued tasks of a session (all, or those with the given sequence numbers).
     ///
     /// # Errors
     /// [`Error::Closed`] after shutdown.
-    pub fn cancel(&self, session: SessionId, after_seq: Option<u64>) -> Result<()> {
+    pub fn cancel(&self, session: SessionId, only: Option<&[u64]>) -> Result<()> {
         self.with_state(|st| {
-            st.sched.cancel(session, after_seq);
+            st.sched.cancel(session, only);
             Ok(((), Vec::new()))
         })
     }

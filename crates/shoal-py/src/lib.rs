@@ -17,8 +17,9 @@ use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::PyBytes;
 
 use shoal_core::chunking::{ChunkPolicy, ItemTimer};
+use shoal_core::progress::Progress;
 use shoal_core::protocol::{self, Kind};
-use shoal_core::scheduler::Status;
+use shoal_core::scheduler::{SessionOptions, Status};
 use shoal_core::supervisor::{Engine as CoreEngine, EngineConfig};
 
 create_exception!(
@@ -39,6 +40,8 @@ const SIGNAL_SLICE: Duration = Duration::from_millis(50);
 const DONE: u8 = 0;
 const WORKER_LOST: u8 = 1;
 const START_FAILED: u8 = 2;
+const TIMED_OUT: u8 = 3;
+const MEMORY_EXCEEDED: u8 = 4;
 
 /// A pool of worker processes (the processes backend's engine).
 #[pyclass(frozen, module = "shoal._native")]
@@ -95,8 +98,21 @@ impl Engine {
         self.inner.prestart(count).map_err(to_py)
     }
 
-    fn open_session(&self, ordered: bool) -> PyResult<u64> {
-        self.inner.open_session(ordered).map_err(to_py)
+    #[pyo3(signature = (ordered, timeout=None, max_tasks_per_worker=None, max_worker_memory=None))]
+    fn open_session(
+        &self,
+        ordered: bool,
+        timeout: Option<f64>,
+        max_tasks_per_worker: Option<u64>,
+        max_worker_memory: Option<u64>,
+    ) -> PyResult<u64> {
+        let options = SessionOptions {
+            ordered,
+            timeout_ns: timeout.map(|t| (t.max(0.0) * 1e9) as u64),
+            max_items_per_worker: max_tasks_per_worker,
+            max_rss_bytes: max_worker_memory,
+        };
+        self.inner.open_session_with(options).map_err(to_py)
     }
 
     fn add_setup(&self, session: u64, blob: &[u8]) -> PyResult<u64> {
@@ -107,9 +123,10 @@ impl Engine {
         self.inner.remove_setup(setup).map_err(to_py)
     }
 
-    fn submit(&self, setup: u64, weight: u64, payload: &[u8]) -> PyResult<u64> {
+    #[pyo3(signature = (setup, weight, payload, exclusive=false))]
+    fn submit(&self, setup: u64, weight: u64, payload: &[u8], exclusive: bool) -> PyResult<u64> {
         self.inner
-            .submit(setup, weight, payload.to_vec())
+            .submit_with(setup, weight, payload.to_vec(), exclusive)
             .map_err(to_py)
     }
 
@@ -118,9 +135,9 @@ impl Engine {
         self.inner.chunk_size(setup, remaining)
     }
 
-    #[pyo3(signature = (session, after_seq=None))]
-    fn cancel(&self, session: u64, after_seq: Option<u64>) -> PyResult<()> {
-        self.inner.cancel(session, after_seq).map_err(to_py)
+    #[pyo3(signature = (session, seqs=None))]
+    fn cancel(&self, session: u64, seqs: Option<Vec<u64>>) -> PyResult<()> {
+        self.inner.cancel(session, seqs.as_deref()).map_err(to_py)
     }
 
     #[pyo3(signature = (session, abort=false))]
@@ -161,6 +178,12 @@ impl Engine {
                             Status::Done => (DONE, None, String::new()),
                             Status::WorkerLost { pid, exit } => (WORKER_LOST, pid, exit),
                             Status::StartFailed(msg) => (START_FAILED, None, msg),
+                            Status::TimedOut { pid, limit_ns } => {
+                                (TIMED_OUT, pid, limit_ns.to_string())
+                            }
+                            Status::MemoryExceeded { pid, rss, limit } => {
+                                (MEMORY_EXCEEDED, pid, format!("{rss} {limit}"))
+                            }
                         };
                         (
                             o.seq,
@@ -302,6 +325,36 @@ impl ChunkSizer {
     }
 }
 
+/// A progress bar on stderr, redrawn by a Rust thread (the driver only sets two counters).
+#[pyclass(module = "shoal._native")]
+struct ProgressBar {
+    inner: Progress,
+}
+
+#[pymethods]
+impl ProgressBar {
+    #[new]
+    #[pyo3(signature = (total=None, label=String::new(), interval=0.1))]
+    fn new(total: Option<u64>, label: String, interval: f64) -> PyResult<Self> {
+        let inner = Progress::start(
+            label,
+            total,
+            Duration::from_secs_f64(interval.max(0.01)),
+            Box::new(std::io::stderr()),
+        )?;
+        Ok(ProgressBar { inner })
+    }
+
+    fn update(&self, done: u64, failed: u64) {
+        self.inner.update(done, failed)
+    }
+
+    fn close(&mut self, py: Python<'_>) {
+        let inner = &mut self.inner;
+        py.detach(|| inner.finish())
+    }
+}
+
 /// Number of CPUs this process may use (affinity, cgroup quota, Slurm allocation).
 #[pyfunction]
 fn cpu_count() -> usize {
@@ -319,6 +372,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
     m.add_class::<WorkerChannel>()?;
     m.add_class::<ChunkSizer>()?;
+    m.add_class::<ProgressBar>()?;
     m.add_function(wrap_pyfunction!(cpu_count, m)?)?;
     m.add_function(wrap_pyfunction!(signal_name, m)?)?;
     m.add("EngineError", m.py().get_type::<EngineError>())?;
@@ -329,5 +383,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("OUTCOME_DONE", DONE)?;
     m.add("OUTCOME_WORKER_LOST", WORKER_LOST)?;
     m.add("OUTCOME_START_FAILED", START_FAILED)?;
+    m.add("OUTCOME_TIMED_OUT", TIMED_OUT)?;
+    m.add("OUTCOME_MEMORY_EXCEEDED", MEMORY_EXCEEDED)?;
     Ok(())
 }

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 from .. import _native
 from .._options import resolve_workers
-from .._spec import CallSpec, ChunkResult
+from .._spec import CallSpec, ChunkResult, Limits
 
 
 class Session(abc.ABC):
@@ -52,10 +52,12 @@ class Session(abc.ABC):
         """Forget a spec (no chunk of it is queued any more)."""
 
     @abc.abstractmethod
-    def submit(self, spec_id: int, items: list[Any], start: int) -> int:
+    def submit(self, spec_id: int, items: list[Any], start: int, exclusive: bool = False) -> int:
         """Queue a chunk; return its sequence number (0, 1, 2, ... within the session).
 
-        ``start`` is the input index of ``items[0]``, for error messages.
+        ``start`` is the input index of ``items[0]``, for error messages. An ``exclusive``
+        chunk should run alone on its worker (nothing queued behind it), so that if the worker
+        dies, this chunk is known to be the cause.
         """
 
     @abc.abstractmethod
@@ -71,8 +73,8 @@ class Session(abc.ABC):
         """
 
     @abc.abstractmethod
-    def cancel(self, after_seq: int | None = None) -> None:
-        """Drop queued chunks that did not start: all, or those numbered above ``after_seq``."""
+    def cancel(self, seqs: list[int] | None = None) -> None:
+        """Drop queued chunks that did not start: all of them, or those in ``seqs``."""
 
     def wake(self) -> None:  # noqa: B027 - optional hook
         """Make a blocked :meth:`wait` return early."""
@@ -88,8 +90,12 @@ class Pool(abc.ABC):
     workers: int
 
     @abc.abstractmethod
-    def open_session(self, *, ordered: bool) -> Session:
-        """Open a session; ``ordered`` sessions return chunks in submission order."""
+    def open_session(self, *, ordered: bool, limits: Limits | None = None) -> Session:
+        """Open a session; ``ordered`` sessions return chunks in submission order.
+
+        ``limits`` (per-item timeout, worker recycling, memory cap) must be enforced, or
+        refused with a :class:`ValueError` naming the option, at this call.
+        """
 
     @abc.abstractmethod
     def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
@@ -155,6 +161,18 @@ def _forget_pools_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 
+def refuse_engine_limits(backend: str, limits: Limits | None) -> None:
+    """Raise :class:`ValueError` for limits an in-process backend cannot enforce."""
+    if limits is None:
+        return
+    for name in ("timeout", "max_tasks_per_worker", "max_worker_memory"):
+        if getattr(limits, name) is not None:
+            raise ValueError(
+                f"the {backend} backend cannot honour {name}= (it cannot stop or replace a "
+                f"running task); use the processes backend"
+            )
+
+
 class LocalSession(Session):
     """A session for engines that run callables in this process (threads, serial).
 
@@ -174,7 +192,8 @@ class LocalSession(Session):
         self._parked: dict[int, ChunkResult] = {}
         self._ready: deque[ChunkResult] = deque()
         self._cond = threading.Condition()
-        self._cancel_after: int | None = None
+        self._cancel_all = False
+        self._cancelled: set[int] = set()
         self._closed = False
         self._woken = False
 
@@ -191,7 +210,7 @@ class LocalSession(Session):
     def chunk_size(self, spec_id: int, remaining: int | None) -> int:
         return self._sizers[spec_id].size(remaining)
 
-    def submit(self, spec_id: int, items: list[Any], start: int) -> int:
+    def submit(self, spec_id: int, items: list[Any], start: int, exclusive: bool = False) -> int:
         seq = self._next_seq
         self._next_seq += 1
         self._enqueue(seq, spec_id, items)
@@ -202,8 +221,7 @@ class LocalSession(Session):
         """Arrange for ``self._run(seq, spec_id, items)`` to be called."""
 
     def _skipped(self, seq: int) -> bool:
-        cut = self._cancel_after
-        return self._closed or (cut is not None and seq > cut)
+        return self._closed or self._cancel_all or seq in self._cancelled
 
     def _run(self, seq: int, spec_id: int, items: list[Any]) -> None:
         from .._execute import run_chunk
@@ -251,8 +269,11 @@ class LocalSession(Session):
             self._woken = True
             self._cond.notify_all()
 
-    def cancel(self, after_seq: int | None = None) -> None:
-        self._cancel_after = -1 if after_seq is None else after_seq
+    def cancel(self, seqs: list[int] | None = None) -> None:
+        if seqs is None:
+            self._cancel_all = True
+        else:
+            self._cancelled.update(seqs)
 
     def close(self, *, abort: bool = False) -> None:
         with self._cond:

@@ -23,20 +23,38 @@ from typing import Any
 from .. import _native
 from .._errors import PicklingError
 from .._pickling import PROTOCOL, decode_outcome, dumps_items, dumps_spec
-from .._spec import CallSpec, ChunkResult, Crash, ItemError
+from .._spec import NO_LIMITS, CallSpec, ChunkResult, Crash, ItemError, Limits
 from ._base import Backend, Pool, Session
 
 _WORKER_ARGS = ["-c", "from shoal._worker import main; main()"]
+#: Largest pickled message (a chunk's arguments, a chunk's results) the channel carries.
+MAX_MESSAGE_BYTES = int(os.environ.get("SHOAL_MAX_MESSAGE_BYTES", str(8 * 2**30)))
+
+
+def _crash(kind: int, pid: int | None, message: str) -> Crash:
+    if kind == _native.OUTCOME_START_FAILED:
+        return Crash(pid, message, "start_failed")
+    if kind == _native.OUTCOME_TIMED_OUT:
+        return Crash(pid, "timed out", "timed_out", limit=int(message) / 1e9)
+    if kind == _native.OUTCOME_MEMORY_EXCEEDED:
+        rss, limit = (int(x) for x in message.split())
+        return Crash(pid, "memory limit", "memory", limit=limit, rss=rss)
+    return Crash(pid, message, "crashed")
+
+
 _LIVE_POOLS: weakref.WeakSet[ProcessPool] = weakref.WeakSet()
 
 
 class ProcessSession(Session):
     """A session on the native engine; ordering is done by the Rust scheduler."""
 
-    def __init__(self, pool: ProcessPool, *, ordered: bool) -> None:
+    def __init__(self, pool: ProcessPool, *, ordered: bool, limits: Limits | None = None) -> None:
         self._pool = pool  # keeps the pool (and its workers) alive while the session runs
         self._engine = pool._engine
-        self._id = self._engine.open_session(ordered)
+        lim = limits or NO_LIMITS
+        self._id = self._engine.open_session(
+            ordered, lim.timeout, lim.max_tasks_per_worker, lim.max_worker_memory
+        )
         self.max_in_flight = 2 * pool.workers + 2
 
     def register(self, spec: CallSpec) -> int:
@@ -45,12 +63,18 @@ class ProcessSession(Session):
     def unregister(self, spec_id: int) -> None:
         self._engine.remove_setup(spec_id)
 
-    def submit(self, spec_id: int, items: list[Any], start: int) -> int:
+    def submit(self, spec_id: int, items: list[Any], start: int, exclusive: bool = False) -> int:
         try:
             payload = pickle.dumps(items, PROTOCOL)  # the fast path, inlined: hot for futures
         except Exception:
             payload = dumps_items(items, start)  # cloudpickle, or an error naming the item
-        return self._engine.submit(spec_id, len(items), payload)  # type: ignore[no-any-return]
+        if len(payload) > MAX_MESSAGE_BYTES:
+            raise PicklingError(
+                f"the arguments of items {start}..{start + len(items) - 1} pickle to "
+                f"{len(payload)} bytes, over the channel limit of {MAX_MESSAGE_BYTES} bytes "
+                f"(SHOAL_MAX_MESSAGE_BYTES)"
+            )
+        return self._engine.submit(spec_id, len(items), payload, exclusive)  # type: ignore[no-any-return]
 
     def chunk_size(self, spec_id: int, remaining: int | None) -> int:
         return int(self._engine.chunk_size(spec_id, remaining))
@@ -67,12 +91,11 @@ class ProcessSession(Session):
                     values, errors = [None], [ItemError(0, err, "", "")]
                 out.append(ChunkResult(seq, values, errors, elapsed_ns=elapsed))
             else:
-                start_failed = kind == _native.OUTCOME_START_FAILED
-                out.append(ChunkResult(seq, [], crash=Crash(pid, message, start_failed)))
+                out.append(ChunkResult(seq, [], crash=_crash(kind, pid, message)))
         return out
 
-    def cancel(self, after_seq: int | None = None) -> None:
-        self._engine.cancel(self._id, after_seq)
+    def cancel(self, seqs: list[int] | None = None) -> None:
+        self._engine.cancel(self._id, seqs)
 
     def wake(self) -> None:
         self._engine.wake(self._id)
@@ -121,8 +144,8 @@ class ProcessPool(Pool):
         self._lock = threading.Lock()
         _LIVE_POOLS.add(self)
 
-    def open_session(self, *, ordered: bool) -> ProcessSession:
-        return ProcessSession(self, ordered=ordered)
+    def open_session(self, *, ordered: bool, limits: Limits | None = None) -> ProcessSession:
+        return ProcessSession(self, ordered=ordered, limits=limits)
 
     def prestart(self) -> None:
         """Start all workers now rather than at first use."""

@@ -2,6 +2,8 @@
 
 For debugging (breakpoints and profilers work) and as the reference every other backend must
 match. Chunks run lazily, when the driver waits for them, so inputs are still read as needed.
+Like threads, it honours ``retries``/``retry_on`` but refuses ``timeout``,
+``max_tasks_per_worker`` and ``max_worker_memory``.
 """
 
 from __future__ import annotations
@@ -9,8 +11,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from .._spec import ChunkResult
-from ._base import Backend, LocalSession, Pool
+from .._spec import ChunkResult, Limits
+from ._base import Backend, LocalSession, Pool, refuse_engine_limits
 
 
 class SerialSession(LocalSession):
@@ -29,8 +31,8 @@ class SerialSession(LocalSession):
             self._run(*self._pending.popleft())
         return super().wait(0)
 
-    def cancel(self, after_seq: int | None = None) -> None:
-        super().cancel(after_seq)
+    def cancel(self, seqs: list[int] | None = None) -> None:
+        super().cancel(seqs)
         self._pending = deque(job for job in self._pending if not self._skipped(job[0]))
 
 
@@ -40,7 +42,8 @@ class SerialPool(Pool):
     def __init__(self) -> None:
         self.workers = 1
 
-    def open_session(self, *, ordered: bool) -> SerialSession:
+    def open_session(self, *, ordered: bool, limits: Limits | None = None) -> SerialSession:
+        refuse_engine_limits("serial", limits)
         return SerialSession(ordered=ordered)
 
     def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:

@@ -1,8 +1,11 @@
 """The threads backend: a pool of threads in this process.
 
 For functions that release the GIL (numpy, I/O, compiled extensions). Nothing is pickled, so
-any callable and any argument works. Threads cannot be killed: aborting a session drops its
-queued chunks, and a running chunk finishes in the background.
+any callable and any argument works. What it can honour: ``retries``/``retry_on``, ``on_error``,
+progress and callbacks. What it cannot: threads cannot be killed, so ``timeout``,
+``max_tasks_per_worker`` and ``max_worker_memory`` are refused with a ``ValueError``, a crash of
+the interpreter takes everything down, and aborting a session only drops its queued chunks
+(a running chunk finishes in the background).
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import queue
 import threading
 from typing import Any
 
-from ._base import Backend, LocalSession, Pool
+from .._spec import Limits
+from ._base import Backend, LocalSession, Pool, refuse_engine_limits
 
 
 class ThreadSession(LocalSession):
@@ -37,7 +41,8 @@ class ThreadPool(Pool):
         self._idle = 0
         self._closed = False
 
-    def open_session(self, *, ordered: bool) -> ThreadSession:
+    def open_session(self, *, ordered: bool, limits: Limits | None = None) -> ThreadSession:
+        refuse_engine_limits("threads", limits)
         if self._closed:
             raise RuntimeError("this thread pool has been shut down")
         return ThreadSession(self, ordered=ordered)
