@@ -334,10 +334,10 @@ struct ProgressBar {
 #[pymethods]
 impl ProgressBar {
     #[new]
-    #[pyo3(signature = (total=None, label=String::new(), interval=0.1))]
-    fn new(total: Option<u64>, label: String, interval: f64) -> PyResult<Self> {
+    #[pyo3(signature = (total=None, label=None, interval=0.1))]
+    fn new(total: Option<u64>, label: Option<String>, interval: f64) -> PyResult<Self> {
         let inner = Progress::start(
-            label,
+            label.unwrap_or_default(),
             total,
             Duration::from_secs_f64(interval.max(0.01)),
             Box::new(std::io::stderr()),
