@@ -74,3 +74,70 @@ class UnbuildableError(Exception):
 
 def raise_unbuildable(x):
     raise UnbuildableError(x, "y")
+
+
+def segfault_on(x, bad=(3,)):
+    if x in bad:
+        import ctypes
+
+        ctypes.string_at(0)  # reads address 0: SIGSEGV
+    return x * 2
+
+
+def sleep_on(x, bad=(2,), seconds=30.0):
+    if x in bad:
+        time.sleep(seconds)
+    return x
+
+
+def hog_on(x, bad=(1,), megabytes=400, hold=3.0):
+    if x in bad:
+        block = bytearray(megabytes * 2**20)
+        for i in range(0, len(block), 4096):  # touch every page so it is resident
+            block[i] = 1
+        time.sleep(hold)
+    return x
+
+
+_LEAK = []
+
+
+def leak(x, megabytes=40):
+    block = bytearray(megabytes * 2**20)
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    _LEAK.append(block)
+    return os.getpid()
+
+
+def busy(x, n=2000):
+    total = 0
+    for i in range(n):
+        total += i
+    return x + total - total
+
+
+def fail_first_time(x, marker_dir, exc="crash"):
+    """Fails on its first run for each x (marker files), succeeds afterwards."""
+    marker = os.path.join(marker_dir, f"item-{x}")
+    if not os.path.exists(marker):
+        with open(marker, "w"):
+            pass
+        if exc == "crash":
+            os._exit(9)
+        raise ValueError(f"transient failure of {x}")
+    return x
+
+
+def always_crash(x):
+    os._exit(3)
+
+
+def big_result(x, megabytes=3):
+    return b"x" * (megabytes * 2**20)
+
+
+def chatty(x, megabytes=2):
+    sys.stdout.write("y" * (megabytes * 2**20) + "\n")
+    sys.stdout.flush()
+    return x

@@ -262,7 +262,8 @@ def map(
     retry_on : exception type or tuple of them
         Also retry items that raised these exceptions (needs ``retries``).
     max_tasks_per_worker : int or None
-        Replace each worker after it has run this many items (for leaky code).
+        Replace each worker after it has run this many items (for leaky code). Items are then
+        sent one at a time, so that no worker runs more.
     max_worker_memory : int, str or None
         Bytes (or ``"2GB"``, ``"512MiB"``) of resident memory: a worker over it after an item is
         replaced, and one that goes over it while running an item is killed, failing that item

@@ -22,7 +22,7 @@ from typing import Any
 from . import _driver
 from ._api import Prepared, deadline_after
 from ._driver import _crash_error, _describe_crash
-from ._errors import annotate, note_attempts
+from ._errors import ShoalError, annotate, note_attempts
 from ._options import (
     check_max_tasks,
     check_retries,
@@ -341,13 +341,22 @@ class Executor(cf.Executor):
     def _run_pump(self) -> None:
         session = self._session
         assert session is not None
-        while True:
-            results = session.wait(0.5)
-            if results:
-                self._complete(results)
+        try:
+            while True:
+                results = session.wait(0.5)
+                if results:
+                    self._complete(results)
+                with self._lock:
+                    if self._shutdown and not self._futures:
+                        break
+        except Exception as exc:  # the pool was killed (Ctrl-C) or broke: fail what is left
             with self._lock:
-                if self._shutdown and not self._futures:
-                    break
+                pending, self._futures = list(self._futures.values()), {}
+            for future, *_ in pending:
+                err = ShoalError(
+                    f"the executor's workers were stopped before this task ended: {exc}"
+                )
+                future._settle(exc=err)
         session.close()
         self._pool.shutdown(wait=True)
         self._closed.set()

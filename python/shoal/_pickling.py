@@ -9,6 +9,7 @@ When even cloudpickle fails, the offending item is located and named in a
 
 from __future__ import annotations
 
+import os
 import pickle
 
 from ._errors import PicklingError, RemoteError
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     from typing import Any
 
 PROTOCOL = 5
+#: Largest pickled message (a chunk of arguments or of results) the channel carries.
+MAX_MESSAGE_BYTES = int(os.environ.get("SHOAL_MAX_MESSAGE_BYTES", str(8 * 2**30)))
 
 
 def _cloudpickle() -> Any:
@@ -92,11 +95,16 @@ def _portable_exception(exc: BaseException) -> BaseException:
 
 
 def encode_outcome(values: list[Any], errors: list[ItemError]) -> bytes:
-    """Pickle a chunk's outcome in a worker. A result that cannot be pickled becomes an error of
-    its own item (naming it) instead of failing the whole chunk."""
+    """Pickle a chunk's outcome in a worker.
+
+    A result that cannot be pickled, or whose pickle is over the channel's limit, becomes an
+    error of its own item (naming it) instead of failing the whole chunk.
+    """
     wire = [(e.offset, _portable_exception(e.exc), e.traceback, e.arguments) for e in errors]
     try:
-        return dumps((values, wire))
+        blob = dumps((values, wire))
+        if len(blob) <= MAX_MESSAGE_BYTES:
+            return blob
     except Exception:
         pass
     failed = {e.offset for e in errors}
@@ -104,13 +112,21 @@ def encode_outcome(values: list[Any], errors: list[ItemError]) -> bytes:
         if offset in failed:
             continue
         try:
-            dumps(value)
+            size = len(dumps(value))
         except Exception as exc:
-            values[offset] = None
-            err = PicklingError(
+            err: PicklingError | None = PicklingError(
                 f"the result of this item ({type(value).__qualname__} object) cannot be pickled "
                 f"to travel back from the worker: {exc}"
             )
+        else:
+            err = None
+            if size > MAX_MESSAGE_BYTES // 2:
+                err = PicklingError(
+                    f"the result of this item pickles to {size} bytes, too large for the channel "
+                    f"(limit {MAX_MESSAGE_BYTES} bytes per message, SHOAL_MAX_MESSAGE_BYTES)"
+                )
+        if err is not None:
+            values[offset] = None
             wire.append((offset, err, "", ""))
     wire.sort(key=lambda w: w[0])
     return dumps((values, wire))

@@ -424,11 +424,25 @@ impl Scheduler {
     }
 
     /// Items per chunk the policy suggests for the next task of `setup`.
+    ///
+    /// A session with a timeout gets single items (a timeout is per item), and so does one that
+    /// recycles workers after n items (so that no worker runs more than n).
     pub fn chunk_size(&self, setup: SetupId, remaining: Option<u64>) -> usize {
-        let est = self.setups.get(&setup).and_then(|s| s.timer.per_item_ns());
-        self.config
-            .policy
-            .chunk_size(est, remaining, self.config.max_workers)
+        let Some(s) = self.setups.get(&setup) else {
+            return 1;
+        };
+        let size = self.config.policy.chunk_size(
+            s.timer.per_item_ns(),
+            remaining,
+            self.config.max_workers,
+        );
+        let Some(options) = self.sessions.get(&s.session).map(|sess| &sess.options) else {
+            return size;
+        };
+        if options.timeout_ns.is_some() || options.max_items_per_worker.is_some() {
+            return 1;
+        }
+        size
     }
 
     /// Asks for workers up front (up to the pool size), so the first task does not wait for a
@@ -1313,6 +1327,11 @@ mod tests {
         let (workers, sends) = start_with_tasks(&mut s, setup, 1);
         let w = workers[0];
         let acts = s.task_finished(w, sends[0].1, 10, Vec::new(), 1);
+        assert_eq!(
+            s.chunk_size(setup, None),
+            1,
+            "one at a time: no worker runs more than n"
+        );
         assert!(!acts.contains(&Action::Retire { worker: w }));
         let (_, acts) = s.submit(setup, 2, blob("x")).unwrap();
         let t = sent_tasks(&acts)[0].1;

@@ -22,13 +22,11 @@ from typing import Any
 
 from .. import _native
 from .._errors import PicklingError
-from .._pickling import PROTOCOL, decode_outcome, dumps_items, dumps_spec
+from .._pickling import MAX_MESSAGE_BYTES, PROTOCOL, decode_outcome, dumps_items, dumps_spec
 from .._spec import NO_LIMITS, CallSpec, ChunkResult, Crash, ItemError, Limits
 from ._base import Backend, Pool, Session
 
 _WORKER_ARGS = ["-c", "from shoal._worker import main; main()"]
-#: Largest pickled message (a chunk's arguments, a chunk's results) the channel carries.
-MAX_MESSAGE_BYTES = int(os.environ.get("SHOAL_MAX_MESSAGE_BYTES", str(8 * 2**30)))
 
 
 def _crash(kind: int, pid: int | None, message: str) -> Crash:
