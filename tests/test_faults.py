@@ -21,6 +21,7 @@ import shoal
 from shoal.backends.processes import ProcessBackend
 
 from helpers import (
+    alive,
     always_crash,
     busy,
     fail_first_time,
@@ -30,6 +31,7 @@ from helpers import (
     segfault_on,
     sleep_on,
     square,
+    wait_until,
 )
 
 
@@ -38,23 +40,6 @@ def pool_backend():
     be = ProcessBackend(workers=2)
     yield be
     be.shutdown(kill=True)
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"
-    except OSError:
-        return False
-
-
-def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 @pytest.mark.timeout(180)

@@ -19,6 +19,7 @@ from shoal.backends.processes import ProcessBackend
 
 from helpers import (
     UnbuildableError,
+    alive,
     crash_on,
     fail_on,
     pid_of,
@@ -27,29 +28,8 @@ from helpers import (
     return_unpicklable,
     slow_pid,
     square,
+    wait_until,
 )
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers kill(0); it is dead for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"
-    except OSError:
-        return False
-
-
-def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def run_script(code: str, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
