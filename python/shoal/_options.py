@@ -109,14 +109,14 @@ def check_retry_on(retry_on: Any) -> tuple[type[BaseException], ...]:
     return types
 
 
-def check_max_tasks(n: Any) -> int | None:
-    """Validate ``max_tasks_per_worker``: ``None`` or an int >= 1."""
+def check_max_tasks(n: Any, name: str = "max_tasks_per_worker") -> int | None:
+    """Validate a count option such as ``max_tasks_per_worker``: ``None`` or an int >= 1."""
     if n is None:
         return None
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-        raise TypeError(f"max_tasks_per_worker must be an int or None, not {type(n).__name__}")
+        raise TypeError(f"{name} must be an int or None, not {type(n).__name__}")
     if n < 1:
-        raise ValueError(f"max_tasks_per_worker must be at least 1, got {n}")
+        raise ValueError(f"{name} must be at least 1, got {n}")
     return int(n)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from .. import _native
 from .._errors import PicklingError
+from .._options import check_max_tasks, cpu_count
 from .._pickling import MAX_MESSAGE_BYTES, PROTOCOL, decode_outcome, dumps_items, dumps_spec
 from .._spec import NO_LIMITS, CallSpec, ChunkResult, Crash, ItemError, Limits
 from ._base import Backend, Pool, Session
@@ -115,6 +116,9 @@ class ProcessPool(Pool):
         Interpreter for the workers (default: this one).
     env : dict
         Extra environment variables for the workers.
+    threads_per_worker : int or None
+        Threads each worker's numeric libraries may use (see :func:`thread_limits`); default:
+        usable CPUs divided by workers, at least 1.
     """
 
     def __init__(
@@ -124,9 +128,12 @@ class ProcessPool(Pool):
         idle_timeout: float | None = 60.0,
         python: str | None = None,
         env: dict[str, str] | None = None,
+        threads_per_worker: int | None = None,
     ) -> None:
         self.workers = workers
+        self.threads_per_worker = threads_per_worker or max(1, cpu_count() // workers)
         worker_env = {
+            **thread_limits(self.threads_per_worker),
             # So that functions pickled by reference import in the worker as in the driver.
             "SHOAL_SYS_PATH": os.pathsep.join(p for p in sys.path if p),
             "SHOAL_WORKER": "1",
@@ -162,6 +169,27 @@ class ProcessPool(Pool):
             engine.shutdown(True)
 
 
+#: Variables through which BLAS, OpenMP, numexpr and numba size their thread pools.
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "NUMBA_NUM_THREADS",
+)
+
+
+def thread_limits(threads: int) -> dict[str, str]:
+    """Environment that caps numeric libraries at ``threads`` threads in a worker.
+
+    Without it, each of N workers starts a BLAS pool as large as the machine, and N x cores
+    threads fight for cores. Set in the worker's environment at exec time, it applies before any
+    import. A variable the user set explicitly in this process wins: it is left as inherited.
+    """
+    return {name: str(threads) for name in THREAD_VARIABLES if name not in os.environ}
+
+
 class ProcessBackend(Backend):
     """Run tasks in worker processes managed by shoal's Rust engine (the default backend).
 
@@ -175,6 +203,10 @@ class ProcessBackend(Backend):
         Interpreter for the workers (default: :data:`sys.executable`).
     env : dict or None
         Extra environment variables for the workers.
+    threads_per_worker : int or None
+        Threads for BLAS/OpenMP/numexpr/numba in each worker (``OMP_NUM_THREADS`` and friends,
+        set before any import). Default: usable CPUs divided by workers, at least 1, so numpy in
+        workers does not oversubscribe the machine. Variables you set yourself win.
     """
 
     name = "processes"
@@ -186,6 +218,7 @@ class ProcessBackend(Backend):
         idle_timeout: float | None = 60.0,
         python: str | None = None,
         env: dict[str, str] | None = None,
+        threads_per_worker: int | None = None,
     ) -> None:
         super().__init__(workers)
         if idle_timeout is not None and idle_timeout <= 0:
@@ -193,10 +226,15 @@ class ProcessBackend(Backend):
         self.idle_timeout = idle_timeout
         self.python = python
         self.env = dict(env or {})
+        self.threads_per_worker = check_max_tasks(threads_per_worker, "threads_per_worker")
 
     def create_pool(self, workers: int) -> ProcessPool:
         return ProcessPool(
-            workers, idle_timeout=self.idle_timeout, python=self.python, env=self.env
+            workers,
+            idle_timeout=self.idle_timeout,
+            python=self.python,
+            env=self.env,
+            threads_per_worker=self.threads_per_worker,
         )
 
 
