@@ -54,3 +54,71 @@ def test_bad_threads_per_worker():
     with pytest.raises(TypeError):
         ProcessBackend(threads_per_worker="2")
     assert shoal.map(square, [2]) == [4]
+
+
+def draws(x):
+    import random
+
+    out = [random.random(), random.getrandbits(64)]
+    try:
+        import numpy as np
+    except ImportError:
+        return out
+    return [*out, float(np.random.random()), int(np.random.randint(0, 2**31))]
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        {"workers": 1},
+        {"workers": 2, "chunksize": 1},
+        {"workers": 2, "chunksize": 7},
+        {"workers": 2},
+        {"backend": "threads", "workers": 2},
+        {"backend": "serial"},
+    ],
+    ids=["1-worker", "chunk-1", "chunk-7", "adaptive", "threads", "serial"],
+)
+def test_seeded_results_do_not_depend_on_scheduling(how):
+    reference = shoal.map(draws, range(60), seed=1234, backend="serial")
+    assert shoal.map(draws, range(60), seed=1234, **how) == reference
+    assert sorted(shoal.as_completed(draws, range(60), seed=1234, with_index=True, **how)) == list(
+        enumerate(reference)
+    )
+
+
+def test_seeded_streams_are_independent_and_seed_dependent():
+    a = shoal.map(draws, range(50), seed=1)
+    b = shoal.map(draws, range(50), seed=2)
+    assert len({tuple(x) for x in a}) == 50, "every item has its own stream"
+    assert a != b
+
+
+def flaky_draw(x, marker_dir):
+    import random
+
+    value = random.random()
+    marker = os.path.join(marker_dir, f"d-{x}")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(4)
+    return value
+
+
+def test_a_retried_item_draws_the_same_numbers(tmp_path):
+    reference = shoal.map(draws, range(5), seed=9, backend="serial")
+    got = shoal.map(flaky_draw, range(5), args=(str(tmp_path),), seed=9, retries=1, chunksize=5)
+    assert got == [r[0] for r in reference]
+
+
+def test_executor_seed_follows_submission_order():
+    with shoal.Executor(workers=2, seed=5) as ex:
+        got = [f.result() for f in [ex.submit(draws, i) for i in range(10)]]
+    assert got == shoal.map(draws, range(10), seed=5, backend="serial")
+
+
+def test_bad_seed():
+    with pytest.raises(ValueError):
+        shoal.map(square, [1], seed=-1)
+    with pytest.raises(TypeError):
+        shoal.map(square, [1], seed="abc")

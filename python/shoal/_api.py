@@ -23,6 +23,7 @@ from ._options import (
     resolve_workers,
 )
 from ._progress import make_progress
+from ._seeding import check_seed
 from ._spec import MODE_KW, MODE_SINGLE, MODE_STAR, CallSpec, Limits
 from .backends import Backend, get_backend
 from .backends._base import Pool
@@ -74,6 +75,7 @@ class Prepared:
         max_worker_memory: int | str | None = None,
         progress: Any = False,
         callback: Callable[[Any], Any] | None = None,
+        seed: int | None = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(
@@ -145,6 +147,7 @@ class Prepared:
             fixed_kwargs,
             stop_on_error=self.on_error == "raise",
             retry_on=retry_types if self.limits.retries else (),
+            seed=check_seed(seed),
         )
 
     def open(self, pool: Pool, *, ordered: bool, deadline: float | None = None) -> Any:
@@ -222,6 +225,7 @@ def map(
     max_worker_memory: int | str | None = None,
     progress: bool | Callable[[Any], Any] = False,
     callback: Callable[[Any], Any] | None = None,
+    seed: int | None = None,
     backend: str | Backend | None = None,
 ) -> list[Any]:
     """Apply ``fn`` to every input in parallel and return the results as a list, in input order.
@@ -275,6 +279,12 @@ def map(
     callback : callable or None
         Called in the driver with each result (or exception, with ``on_error="return"``) as it
         arrives.
+    seed : int or None
+        Give every item its own random stream, derived from ``seed`` and the item's input index
+        and installed as the global state of :mod:`random` and ``numpy.random`` before the item
+        runs. Results are then bit-identical whatever the number of workers, the chunking, the
+        backend or retries. (On the threads backend, seeded items run one at a time, since
+        threads share the global random state.)
     backend : str, Backend or None
         ``"processes"`` (default), ``"threads"``, ``"serial"``, or a backend instance.
 
@@ -311,6 +321,7 @@ def map(
         **_limits(
             timeout, retries, retry_on, max_tasks_per_worker, max_worker_memory, progress, callback
         ),
+        seed=seed,
     )
     _, gen = call.open(_pool(workers, backend), ordered=False)
     return _driver.collect(gen)
@@ -333,6 +344,7 @@ def starmap(
     max_worker_memory: int | str | None = None,
     progress: bool | Callable[[Any], Any] = False,
     callback: Callable[[Any], Any] | None = None,
+    seed: int | None = None,
     backend: str | Backend | None = None,
 ) -> list[Any]:
     """Like :func:`map`, but each input is a tuple of arguments: ``fn(*item)``.
@@ -356,6 +368,7 @@ def starmap(
         **_limits(
             timeout, retries, retry_on, max_tasks_per_worker, max_worker_memory, progress, callback
         ),
+        seed=seed,
     )
     _, gen = call.open(_pool(workers, backend), ordered=False)
     return _driver.collect(gen)
@@ -377,6 +390,7 @@ def imap(
     max_worker_memory: int | str | None = None,
     progress: bool | Callable[[Any], Any] = False,
     callback: Callable[[Any], Any] | None = None,
+    seed: int | None = None,
     backend: str | Backend | None = None,
 ) -> _driver.ResultStream:
     """Like :func:`map`, but lazy: an iterator over results in input order.
@@ -398,6 +412,7 @@ def imap(
         **_limits(
             timeout, retries, retry_on, max_tasks_per_worker, max_worker_memory, progress, callback
         ),
+        seed=seed,
     )
     session, gen = call.open(_pool(workers, backend), ordered=True)
     return _driver.ResultStream(session, _driver.flatten(gen))
@@ -420,6 +435,7 @@ def as_completed(
     max_worker_memory: int | str | None = None,
     progress: bool | Callable[[Any], Any] = False,
     callback: Callable[[Any], Any] | None = None,
+    seed: int | None = None,
     backend: str | Backend | None = None,
 ) -> _driver.ResultStream:
     """Like :func:`imap`, but yields results as they complete.
@@ -443,6 +459,7 @@ def as_completed(
         **_limits(
             timeout, retries, retry_on, max_tasks_per_worker, max_worker_memory, progress, callback
         ),
+        seed=seed,
     )
     session, gen = call.open(_pool(workers, backend), ordered=False)
     stream = _driver.with_indices(gen) if with_index else _driver.flatten(gen)

@@ -43,8 +43,14 @@ def format_remote_traceback(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
-def run_chunk(spec: CallSpec, items: list[Any]) -> tuple[list[Any], list[ItemError]]:
+def run_chunk(
+    spec: CallSpec, items: list[Any], start: int = 0, seed_lock: Any = None
+) -> tuple[list[Any], list[ItemError]]:
     """Run ``spec`` over ``items``; return the values and the errors.
+
+    ``start`` is the input index of ``items[0]``; with ``spec.seed`` each item gets its own
+    random stream from its index (``seed_lock``, if given, is held around each seeded item, for
+    backends whose items share one process's global random state).
 
     The loop runs inside one ``try`` so the common case pays nothing per item for error handling;
     after an error it resumes with the next item of the same iterator, so no item runs twice.
@@ -55,6 +61,8 @@ def run_chunk(spec: CallSpec, items: list[Any]) -> tuple[list[Any], list[ItemErr
     append = values.append
     call = _invoker(spec)
     fn = spec.fn
+    if spec.seed is not None:
+        call = _seeded(call or fn, spec.seed, start, values, seed_lock)
     it = iter(items)
     while True:
         try:
@@ -75,3 +83,23 @@ def run_chunk(spec: CallSpec, items: list[Any]) -> tuple[list[Any], list[ItemErr
             )
             if spec.stop_on_error and not isinstance(exc, spec.retry_on):
                 return values, errors
+
+
+def _seeded(
+    call: Callable[[Any], Any], seed: int, start: int, values: list[Any], lock: Any
+) -> Callable[[Any], Any]:
+    from ._seeding import Seeder
+
+    seeder = Seeder(seed)
+
+    def seeded_call(item: Any) -> Any:
+        # The index of this item is where its value will land.
+        index = start + len(values)
+        if lock is None:
+            seeder.install(index)
+            return call(item)
+        with lock:
+            seeder.install(index)
+            return call(item)
+
+    return seeded_call

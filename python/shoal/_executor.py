@@ -31,6 +31,7 @@ from ._options import (
     parse_memory,
     resolve_workers,
 )
+from ._seeding import check_seed
 from ._spec import MODE_KW, CallSpec, ChunkResult, Limits, describe_item
 from .backends import Backend, get_backend
 from .backends._base import Session, refuse_engine_limits
@@ -164,6 +165,8 @@ class Executor(cf.Executor):
         :mod:`concurrent.futures` meaning: a deadline for all results.)
     retries, retry_on, max_tasks_per_worker, max_worker_memory
         As in :func:`shoal.map`, for every task of this executor.
+    seed : int or None
+        As in :func:`shoal.map`; a future's index is its submission order (0, 1, 2, ...).
 
     Notes
     -----
@@ -183,8 +186,10 @@ class Executor(cf.Executor):
         retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
         max_tasks_per_worker: int | None = None,
         max_worker_memory: int | str | None = None,
+        seed: int | None = None,
         **backend_options: Any,
     ) -> None:
+        self._seed = check_seed(seed)
         self._limits = Limits(
             timeout=check_timeout(timeout),
             retries=check_retries(retries),
@@ -226,7 +231,9 @@ class Executor(cf.Executor):
             self._functions.move_to_end(key)
             self._last = hit
             return hit[1], hit[2]
-        spec = CallSpec(fn, MODE_KW, stop_on_error=True, retry_on=self._limits.retry_on)
+        spec = CallSpec(
+            fn, MODE_KW, stop_on_error=True, retry_on=self._limits.retry_on, seed=self._seed
+        )
         spec_id = session.register(spec)
         self._functions[key] = self._last = (fn, spec_id, spec)
         if len(self._functions) > _MAX_CACHED_FUNCTIONS:
@@ -418,6 +425,7 @@ class Executor(cf.Executor):
             retry_on=lim.retry_on,
             max_tasks_per_worker=lim.max_tasks_per_worker,
             max_worker_memory=lim.max_worker_memory,
+            seed=self._seed,
             **options,
         )
         session, gen = call.open(self._pool, ordered=ordered, deadline=deadline_after(timeout))

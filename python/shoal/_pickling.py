@@ -60,9 +60,10 @@ def dumps_spec(spec: CallSpec) -> bytes:
 
 
 def dumps_items(items: list[Any], start: int) -> bytes:
-    """Pickle a chunk; on failure the error names the first item (by input index) that fails."""
+    """Pickle ``(start, items)``; on failure the error names the first item (by input index)
+    that fails."""
     try:
-        return dumps(items)
+        return dumps((start, items))
     except Exception as exc:
         for offset, item in enumerate(items):
             _check(item, f"the argument(s) of item {start + offset} ({_brief(item)})")

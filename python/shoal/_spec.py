@@ -44,7 +44,7 @@ class CallSpec:
         Exceptions after which the item is run again.
     """
 
-    __slots__ = ("args", "fn", "kwargs", "mode", "retry_on", "stop_on_error")
+    __slots__ = ("args", "fn", "kwargs", "mode", "retry_on", "seed", "stop_on_error")
 
     def __init__(
         self,
@@ -54,6 +54,7 @@ class CallSpec:
         kwargs: dict[str, Any] | None = None,
         stop_on_error: bool = True,
         retry_on: tuple[type[BaseException], ...] = (),
+        seed: int | None = None,
     ) -> None:
         self.fn = fn
         self.mode = mode
@@ -62,11 +63,21 @@ class CallSpec:
         self.stop_on_error = stop_on_error
         #: Exceptions that will be retried: a chunk does not stop at them.
         self.retry_on = retry_on
+        #: Root of the per-item random streams (see :mod:`shoal._seeding`).
+        self.seed = seed
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (
             CallSpec,
-            (self.fn, self.mode, self.args, self.kwargs, self.stop_on_error, self.retry_on),
+            (
+                self.fn,
+                self.mode,
+                self.args,
+                self.kwargs,
+                self.stop_on_error,
+                self.retry_on,
+                self.seed,
+            ),
         )
 
     @property

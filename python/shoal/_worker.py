@@ -55,11 +55,11 @@ def _run_task(setup: CallSpec | BaseException, payload: bytes) -> bytes:
     if isinstance(setup, BaseException):
         return _failed_chunk(setup, format_remote_traceback(setup), 1, True)
     try:
-        items = pickle.loads(payload)
+        start, items = pickle.loads(payload)
     except Exception as exc:
         err = SetupLoadError(f"the arguments could not be unpickled in the worker: {exc!r}")
         return _failed_chunk(err, format_remote_traceback(exc), 1, True)
-    values, errors = run_chunk(setup, items)
+    values, errors = run_chunk(setup, items, start)
     return encode_outcome(values, errors)
 
 

@@ -213,24 +213,28 @@ class LocalSession(Session):
     def submit(self, spec_id: int, items: list[Any], start: int, exclusive: bool = False) -> int:
         seq = self._next_seq
         self._next_seq += 1
-        self._enqueue(seq, spec_id, items)
+        self._enqueue(seq, spec_id, items, start)
         return seq
 
     @abc.abstractmethod
-    def _enqueue(self, seq: int, spec_id: int, items: list[Any]) -> None:
-        """Arrange for ``self._run(seq, spec_id, items)`` to be called."""
+    def _enqueue(self, seq: int, spec_id: int, items: list[Any], start: int) -> None:
+        """Arrange for ``self._run(seq, spec_id, items, start)`` to be called."""
+
+    #: Held around each seeded item when items share this process's global random state
+    #: concurrently (threads); ``None`` when they run one at a time.
+    _seed_lock: Any = None
 
     def _skipped(self, seq: int) -> bool:
         return self._closed or self._cancel_all or seq in self._cancelled
 
-    def _run(self, seq: int, spec_id: int, items: list[Any]) -> None:
+    def _run(self, seq: int, spec_id: int, items: list[Any], index: int = 0) -> None:
         from .._execute import run_chunk
 
         if self._skipped(seq):
             return
         spec = self._specs[spec_id]
         start = time.perf_counter_ns()
-        values, errors = run_chunk(spec, items)
+        values, errors = run_chunk(spec, items, index, self._seed_lock)
         elapsed = time.perf_counter_ns() - start
         sizer = self._sizers.get(spec_id)
         if sizer is not None:

@@ -64,7 +64,9 @@ class ProcessSession(Session):
 
     def submit(self, spec_id: int, items: list[Any], start: int, exclusive: bool = False) -> int:
         try:
-            payload = pickle.dumps(items, PROTOCOL)  # the fast path, inlined: hot for futures
+            # The fast path, inlined: hot for futures. The start index lets the worker give
+            # each item its own random stream (seed=).
+            payload = pickle.dumps((start, items), PROTOCOL)
         except Exception:
             payload = dumps_items(items, start)  # cloudpickle, or an error naming the item
         if len(payload) > MAX_MESSAGE_BYTES:

@@ -21,10 +21,10 @@ class SerialSession(LocalSession):
     def __init__(self, *, ordered: bool) -> None:
         super().__init__(ordered=ordered, workers=1)
         self.max_in_flight = 1
-        self._pending: deque[tuple[int, int, list[Any]]] = deque()
+        self._pending: deque[tuple[int, int, list[Any], int]] = deque()
 
-    def _enqueue(self, seq: int, spec_id: int, items: list[Any]) -> None:
-        self._pending.append((seq, spec_id, items))
+    def _enqueue(self, seq: int, spec_id: int, items: list[Any], start: int) -> None:
+        self._pending.append((seq, spec_id, items, start))
 
     def wait(self, timeout: float | None) -> list[ChunkResult]:
         while self._pending and not self._ready:

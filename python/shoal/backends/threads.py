@@ -25,8 +25,11 @@ class ThreadSession(LocalSession):
         super().__init__(ordered=ordered, workers=pool.workers)
         self._pool = pool
 
-    def _enqueue(self, seq: int, spec_id: int, items: list[Any]) -> None:
-        self._pool._put(self, seq, spec_id, items)
+    # Seeded items set the process-wide random state, which threads share: one at a time.
+    _seed_lock = threading.Lock()
+
+    def _enqueue(self, seq: int, spec_id: int, items: list[Any], start: int) -> None:
+        self._pool._put(self, seq, spec_id, items, start)
 
 
 class ThreadPool(Pool):
@@ -47,11 +50,13 @@ class ThreadPool(Pool):
             raise RuntimeError("this thread pool has been shut down")
         return ThreadSession(self, ordered=ordered)
 
-    def _put(self, session: ThreadSession, seq: int, spec_id: int, items: list[Any]) -> None:
+    def _put(
+        self, session: ThreadSession, seq: int, spec_id: int, items: list[Any], start: int
+    ) -> None:
         with self._lock:
             if self._closed:
                 raise RuntimeError("this thread pool has been shut down")
-            self._jobs.put((session, seq, spec_id, items))
+            self._jobs.put((session, seq, spec_id, items, start))
             if self._idle == 0 and len(self._threads) < self.workers:
                 t = threading.Thread(target=self._serve, name="shoal-thread", daemon=True)
                 self._threads.add(t)
@@ -71,8 +76,8 @@ class ThreadPool(Pool):
                 if job is None:
                     self._threads.discard(me)
                     return
-            session, seq, spec_id, items = job
-            session._run(seq, spec_id, items)
+            session, seq, spec_id, items, start = job
+            session._run(seq, spec_id, items, start)
 
     def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
         with self._lock:
