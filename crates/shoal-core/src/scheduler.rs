@@ -646,13 +646,19 @@ impl Scheduler {
             return out;
         };
         if abort {
-            for (&id, w) in &self.workers {
-                if w.running
-                    .iter()
-                    .any(|t| self.tasks.get(t).is_some_and(|t| t.session == session))
-                {
-                    out.push(Action::Kill { worker: id });
-                }
+            let doomed: Vec<WorkerId> = self
+                .workers
+                .iter()
+                .filter(|(_, w)| {
+                    w.running
+                        .iter()
+                        .any(|t| self.tasks.get(t).is_some_and(|t| t.session == session))
+                })
+                .map(|(&id, _)| id)
+                .collect();
+            for id in doomed {
+                self.doom(id);
+                out.push(Action::Kill { worker: id });
             }
         }
         for setup in sess.setups {
@@ -672,6 +678,14 @@ impl Scheduler {
             id: session,
         })?;
         Ok(sess.ready.drain(..).collect())
+    }
+
+    /// A worker we are about to kill gets no new task: the process may already be dead while
+    /// its reader has not yet seen the end of its socket.
+    fn doom(&mut self, worker: WorkerId) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.state = WorkerState::Retiring;
+        }
     }
 
     /// Advances the clock: kills the workers of tasks that ran past their session's timeout.
@@ -695,6 +709,7 @@ impl Scheduler {
                         pid: w.pid,
                         limit_ns,
                     });
+                    w.state = WorkerState::Retiring; // no new task for a doomed worker
                     out.push(Action::Kill { worker: id });
                 }
             }
@@ -754,6 +769,7 @@ impl Scheduler {
                 rss,
                 limit,
             });
+            w.state = WorkerState::Retiring; // no new task for a doomed worker
             out.push(Action::Kill { worker });
         }
         out
@@ -1245,6 +1261,11 @@ mod tests {
         let acts = s.close_session(a, true);
         assert!(acts.contains(&Action::Kill { worker: wa }));
         assert!(!acts.contains(&Action::Kill { worker: wb }));
+        // Until its death is noticed, the killed worker gets nothing new, even once idle.
+        let c = s.open_session(false);
+        let sc = s.add_setup(c, blob("h")).unwrap();
+        let (_, acts) = s.submit(sc, 1, blob("z")).unwrap();
+        assert!(!sent_tasks(&acts).iter().any(|(w, _)| *w == wa), "{acts:?}");
     }
 
     #[test]
