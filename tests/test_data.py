@@ -122,3 +122,110 @@ def test_bad_seed():
         shoal.map(square, [1], seed=-1)
     with pytest.raises(TypeError):
         shoal.map(square, [1], seed="abc")
+
+
+def init_worker(tag):
+    state = shoal.worker_state()
+    state["tag"] = tag
+    state["inits"] = state.get("inits", 0) + 1
+    state["pid"] = os.getpid()
+
+
+def read_state(x):
+    state = shoal.worker_state()
+    return (state["tag"], state["inits"], state["pid"], shoal.shared()["scale"] * x)
+
+
+@pytest.mark.parametrize("backend", ["processes", "threads", "serial"])
+def test_initializer_runs_once_per_worker_and_tasks_see_its_state(backend):
+    got = shoal.map(
+        read_state,
+        range(40),
+        workers=2,
+        chunksize=1,
+        initializer=init_worker,
+        initargs=("ready",),
+        shared={"scale": 3},
+        backend=backend,
+    )
+    assert [g[3] for g in got] == [3 * x for x in range(40)]
+    assert all(g[0] == "ready" and g[1] == 1 for g in got), "initializer ran once per worker"
+
+
+def init_then_crash(x):
+    if x == 3:
+        marker = os.path.join(shoal.shared(), "crashed")
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
+    state = shoal.worker_state()
+    return (state["tag"], state["inits"], state["pid"])
+
+
+def test_a_replacement_worker_runs_the_initializer_again(tmp_path):
+    got = shoal.map(
+        init_then_crash,
+        range(8),
+        workers=1,
+        chunksize=1,
+        retries=1,
+        initializer=init_worker,
+        initargs=("again",),
+        shared=str(tmp_path),
+    )
+    pids = {g[2] for g in got}
+    assert len(pids) == 2, "the crash replaced the worker"
+    assert all(g[:2] == ("again", 1) for g in got), "each worker initialized exactly once"
+
+
+def bad_init():
+    raise OSError("no GPU here")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["processes", "threads"])
+def test_an_initializer_that_raises_names_itself_and_does_not_hang(backend):
+    with pytest.raises(shoal.InitializerError, match=r"bad_init\(\) raised OSError: no GPU here"):
+        shoal.map(square, range(10), initializer=bad_init, backend=backend)
+    got = shoal.map(square, range(3), initializer=bad_init, on_error="return", backend=backend)
+    assert all(isinstance(g, shoal.InitializerError) for g in got)
+    assert shoal.map(square, range(3), backend=backend) == [0, 1, 4], "pool still usable"
+
+
+def test_shared_object_is_sent_once_per_call_not_per_item():
+    counter = {"n": 0}
+
+    class Big:
+        def __reduce__(self):
+            counter["n"] += 1
+            return (dict, ({"scale": 2},))
+
+    got = shoal.map(read_state, range(200), initializer=init_worker, initargs=("x",), shared=Big())
+    assert [g[3] for g in got] == [2 * x for x in range(200)]
+    assert counter["n"] == 1
+
+
+def test_initializer_and_shared_work_from_main():
+    code = (
+        "import shoal\n"
+        "def init(offset):\n"
+        "    shoal.worker_state()['offset'] = offset\n"
+        "def task(x):\n"
+        "    return x + shoal.worker_state()['offset'] + shoal.shared()\n"
+        "if __name__ == '__main__':\n"
+        "    print(shoal.map(task, range(4), initializer=init, initargs=(100,), shared=10))\n"
+        "    with shoal.Executor(workers=2, initializer=init, initargs=(1,), shared=0) as ex:\n"
+        "        print([ex.submit(task, i).result() for i in range(3)])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["[110, 111, 112, 113]", "[1, 2, 3]"]
+
+
+def test_accessors_outside_a_task_are_a_clear_error():
+    with pytest.raises(RuntimeError, match="only available inside a task"):
+        shoal.shared()
+    with pytest.raises(TypeError, match="initargs given without an initializer"):
+        shoal.map(square, [1], initargs=(1,))
+    with pytest.raises(TypeError, match="initializer must be callable"):
+        shoal.map(square, [1], initializer=5)

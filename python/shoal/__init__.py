@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from ._api import as_completed, imap, map, starmap
+    from ._context import InitializerError, shared, worker_state
     from ._errors import (
         PicklingError,
         RemoteError,
@@ -60,6 +61,9 @@ _LAZY = {
     "TaskTimeoutError": "._errors",
     "WorkerMemoryError": "._errors",
     "ProgressInfo": "._progress",
+    "InitializerError": "._context",
+    "shared": "._context",
+    "worker_state": "._context",
     "WorkerStartError": "._errors",
     "Executor": "._executor",
     "cpu_count": "._options",
@@ -90,6 +94,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "Backend",
     "Executor",
+    "InitializerError",
     "PicklingError",
     "Pool",
     "ProgressInfo",
@@ -111,5 +116,7 @@ __all__ = [
     "map",
     "register_backend",
     "set_backend",
+    "shared",
     "starmap",
+    "worker_state",
 ]

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from . import _driver
+from ._context import CallContext
 from ._options import (
     check_chunksize,
     check_max_tasks,
@@ -76,6 +77,9 @@ class Prepared:
         progress: Any = False,
         callback: Callable[[Any], Any] | None = None,
         seed: int | None = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: Iterable[Any] = (),
+        shared: Any = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(
@@ -148,6 +152,7 @@ class Prepared:
             stop_on_error=self.on_error == "raise",
             retry_on=retry_types if self.limits.retries else (),
             seed=check_seed(seed),
+            context=make_context(initializer, initargs, shared),
         )
 
     def open(self, pool: Pool, *, ordered: bool, deadline: float | None = None) -> Any:
@@ -181,6 +186,19 @@ class Prepared:
             callback=self.callback,
         )
         return session, gen
+
+
+def make_context(initializer: Any, initargs: Any, shared: Any) -> CallContext | None:
+    """The per-worker context of a call, or ``None`` if it has none."""
+    if initializer is None and shared is None:
+        if tuple(initargs):
+            raise TypeError("initargs given without an initializer")
+        return None
+    if initializer is not None and not callable(initializer):
+        raise TypeError(f"initializer must be callable, not {type(initializer).__name__}")
+    if isinstance(initargs, (str, bytes)) or not isinstance(initargs, Iterable):
+        raise TypeError(f"initargs must be a tuple of arguments, not {initargs!r}")
+    return CallContext(initializer, tuple(initargs), shared)
 
 
 def _limits(
@@ -226,6 +244,9 @@ def map(
     progress: bool | Callable[[Any], Any] = False,
     callback: Callable[[Any], Any] | None = None,
     seed: int | None = None,
+    initializer: Callable[..., Any] | None = None,
+    initargs: Iterable[Any] = (),
+    shared: Any = None,
     backend: str | Backend | None = None,
 ) -> list[Any]:
     """Apply ``fn`` to every input in parallel and return the results as a list, in input order.
@@ -285,6 +306,14 @@ def map(
         runs. Results are then bit-identical whatever the number of workers, the chunking, the
         backend or retries. (On the threads backend, seeded items run one at a time, since
         threads share the global random state.)
+    initializer, initargs : callable, tuple
+        ``initializer(*initargs)`` runs once in each worker before its first item of this call
+        (again in a worker that replaces a dead one). It can fill :func:`shoal.worker_state`,
+        which tasks then read. If it raises, every item fails with
+        :class:`shoal.InitializerError` naming it.
+    shared : object
+        One object handed to each worker once per call (not with every item); tasks get it
+        with :func:`shoal.shared`.
     backend : str, Backend or None
         ``"processes"`` (default), ``"threads"``, ``"serial"``, or a backend instance.
 
@@ -322,6 +351,9 @@ def map(
             timeout, retries, retry_on, max_tasks_per_worker, max_worker_memory, progress, callback
         ),
         seed=seed,
+        initializer=initializer,
+        initargs=initargs,
+        shared=shared,
     )
     _, gen = call.open(_pool(workers, backend), ordered=False)
     return _driver.collect(gen)
@@ -345,6 +377,9 @@ def starmap(
     progress: bool | Callable[[Any], Any] = False,
     callback: Callable[[Any], Any] | None = None,
     seed: int | None = None,
+    initializer: Callable[..., Any] | None = None,
+    initargs: Iterable[Any] = (),
+    shared: Any = None,
     backend: str | Backend | None = None,
 ) -> list[Any]:
     """Like :func:`map`, but each input is a tuple of arguments: ``fn(*item)``.
@@ -369,6 +404,9 @@ def starmap(
             timeout, retries, retry_on, max_tasks_per_worker, max_worker_memory, progress, callback
         ),
         seed=seed,
+        initializer=initializer,
+        initargs=initargs,
+        shared=shared,
     )
     _, gen = call.open(_pool(workers, backend), ordered=False)
     return _driver.collect(gen)
@@ -391,6 +429,9 @@ def imap(
     progress: bool | Callable[[Any], Any] = False,
     callback: Callable[[Any], Any] | None = None,
     seed: int | None = None,
+    initializer: Callable[..., Any] | None = None,
+    initargs: Iterable[Any] = (),
+    shared: Any = None,
     backend: str | Backend | None = None,
 ) -> _driver.ResultStream:
     """Like :func:`map`, but lazy: an iterator over results in input order.
@@ -413,6 +454,9 @@ def imap(
             timeout, retries, retry_on, max_tasks_per_worker, max_worker_memory, progress, callback
         ),
         seed=seed,
+        initializer=initializer,
+        initargs=initargs,
+        shared=shared,
     )
     session, gen = call.open(_pool(workers, backend), ordered=True)
     return _driver.ResultStream(session, _driver.flatten(gen))
@@ -436,6 +480,9 @@ def as_completed(
     progress: bool | Callable[[Any], Any] = False,
     callback: Callable[[Any], Any] | None = None,
     seed: int | None = None,
+    initializer: Callable[..., Any] | None = None,
+    initargs: Iterable[Any] = (),
+    shared: Any = None,
     backend: str | Backend | None = None,
 ) -> _driver.ResultStream:
     """Like :func:`imap`, but yields results as they complete.
@@ -460,6 +507,9 @@ def as_completed(
             timeout, retries, retry_on, max_tasks_per_worker, max_worker_memory, progress, callback
         ),
         seed=seed,
+        initializer=initializer,
+        initargs=initargs,
+        shared=shared,
     )
     session, gen = call.open(_pool(workers, backend), ordered=False)
     stream = _driver.with_indices(gen) if with_index else _driver.flatten(gen)

@@ -38,7 +38,7 @@ def format_remote_traceback(exc: BaseException) -> str:
     import traceback  # only on the error path: keeps worker start-up fast
 
     tb = exc.__traceback__
-    if tb is not None and tb.tb_frame.f_code is run_chunk.__code__:
+    if tb is not None and tb.tb_frame.f_code is _run_items.__code__:
         tb = tb.tb_next
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
@@ -56,6 +56,26 @@ def run_chunk(
     after an error it resumes with the next item of the same iterator, so no item runs twice.
     ``SystemExit`` raised by a task is an error of that task, not an exit of the worker.
     """
+    if spec.context is None:
+        return _run_items(spec, items, start, seed_lock)
+    from ._context import activate, deactivate
+
+    failure = activate(spec.context)
+    try:
+        if failure is None:
+            return _run_items(spec, items, start, seed_lock)
+        # The initializer raised: every item fails with that error.
+        count = 1 if spec.stop_on_error else len(items)
+        tb = format_remote_traceback(failure.__cause__ or failure)
+        errors = [ItemError(i, failure, tb, describe_item(spec, items[i])) for i in range(count)]
+        return [None] * count, errors
+    finally:
+        deactivate()
+
+
+def _run_items(
+    spec: CallSpec, items: list[Any], start: int, seed_lock: Any
+) -> tuple[list[Any], list[ItemError]]:
     values: list[Any] = []
     errors: list[ItemError] = []
     append = values.append
@@ -76,11 +96,8 @@ def run_chunk(
         except (Exception, SystemExit) as exc:
             offset = len(values)
             append(None)
-            errors.append(
-                ItemError(
-                    offset, exc, format_remote_traceback(exc), describe_item(spec, items[offset])
-                )
-            )
+            arguments = describe_item(spec, items[offset])
+            errors.append(ItemError(offset, exc, format_remote_traceback(exc), arguments))
             if spec.stop_on_error and not isinstance(exc, spec.retry_on):
                 return values, errors
 

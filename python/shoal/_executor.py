@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from . import _driver
-from ._api import Prepared, deadline_after
+from ._api import Prepared, deadline_after, make_context
 from ._driver import _crash_error, _describe_crash
 from ._errors import ShoalError, annotate, note_attempts
 from ._options import (
@@ -167,6 +167,8 @@ class Executor(cf.Executor):
         As in :func:`shoal.map`, for every task of this executor.
     seed : int or None
         As in :func:`shoal.map`; a future's index is its submission order (0, 1, 2, ...).
+    initializer, initargs, shared
+        As in :func:`shoal.map`: run once per worker of this executor, for all its tasks.
 
     Notes
     -----
@@ -187,9 +189,13 @@ class Executor(cf.Executor):
         max_tasks_per_worker: int | None = None,
         max_worker_memory: int | str | None = None,
         seed: int | None = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+        shared: Any = None,
         **backend_options: Any,
     ) -> None:
         self._seed = check_seed(seed)
+        self._context = make_context(initializer, initargs, shared)
         self._limits = Limits(
             timeout=check_timeout(timeout),
             retries=check_retries(retries),
@@ -232,7 +238,12 @@ class Executor(cf.Executor):
             self._last = hit
             return hit[1], hit[2]
         spec = CallSpec(
-            fn, MODE_KW, stop_on_error=True, retry_on=self._limits.retry_on, seed=self._seed
+            fn,
+            MODE_KW,
+            stop_on_error=True,
+            retry_on=self._limits.retry_on,
+            seed=self._seed,
+            context=self._context,
         )
         spec_id = session.register(spec)
         self._functions[key] = self._last = (fn, spec_id, spec)
@@ -428,6 +439,7 @@ class Executor(cf.Executor):
             seed=self._seed,
             **options,
         )
+        call.spec.context = self._context
         session, gen = call.open(self._pool, ordered=ordered, deadline=deadline_after(timeout))
         stream = _driver.with_indices(gen) if with_index else _driver.flatten(gen)
         return _driver.ResultStream(session, stream)

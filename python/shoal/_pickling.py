@@ -54,6 +54,12 @@ def dumps_spec(spec: CallSpec) -> bytes:
             ) from fn_exc
         for i, a in enumerate(spec.args):
             _check(a, f"fixed positional argument {i} ({_brief(a)})")
+        ctx = spec.context
+        if ctx is not None:
+            _check(ctx.initializer, f"the initializer {_brief(ctx.initializer)}")
+            for i, a in enumerate(ctx.initargs):
+                _check(a, f"initializer argument {i} ({_brief(a)})")
+            _check(ctx.shared, f"the shared object ({_brief(ctx.shared)})")
         for k, v in spec.kwargs.items():
             _check(v, f"fixed keyword argument {k!r} ({_brief(v)})")
         raise PicklingError(f"the call to {spec.name!r} cannot be pickled: {exc}") from exc

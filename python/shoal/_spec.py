@@ -44,7 +44,7 @@ class CallSpec:
         Exceptions after which the item is run again.
     """
 
-    __slots__ = ("args", "fn", "kwargs", "mode", "retry_on", "seed", "stop_on_error")
+    __slots__ = ("args", "context", "fn", "kwargs", "mode", "retry_on", "seed", "stop_on_error")
 
     def __init__(
         self,
@@ -55,6 +55,7 @@ class CallSpec:
         stop_on_error: bool = True,
         retry_on: tuple[type[BaseException], ...] = (),
         seed: int | None = None,
+        context: Any = None,
     ) -> None:
         self.fn = fn
         self.mode = mode
@@ -65,6 +66,8 @@ class CallSpec:
         self.retry_on = retry_on
         #: Root of the per-item random streams (see :mod:`shoal._seeding`).
         self.seed = seed
+        #: Initializer and shared object, a :class:`shoal._context.CallContext`, or ``None``.
+        self.context = context
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (
@@ -77,6 +80,7 @@ class CallSpec:
                 self.stop_on_error,
                 self.retry_on,
                 self.seed,
+                self.context,
             ),
         )
 

@@ -93,7 +93,15 @@ def main(fd: int | None = None) -> None:
                 )
                 setups[ident].__cause__ = exc
         elif kind == release_kind:
-            setups.pop(ident, None)
+            gone = setups.pop(ident, None)
+            context = getattr(gone, "context", None)
+            if context is not None and not any(
+                getattr(s, "context", None) is not None and s.context.key == context.key
+                for s in setups.values()
+            ):
+                from ._context import release
+
+                release(context.key)
         elif kind == shutdown_kind:
             break
     channel.flush()

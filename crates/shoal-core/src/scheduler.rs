@@ -567,6 +567,16 @@ impl Scheduler {
         if w.state == WorkerState::Starting {
             self.start_failures += 1;
         }
+        // Tasks of sessions closed meanwhile are nobody's business any more: forget them.
+        let (live, orphans): (Vec<TaskId>, Vec<TaskId>) = w.running.iter().partition(|t| {
+            self.tasks
+                .get(t)
+                .is_some_and(|t| self.sessions.contains_key(&t.session))
+        });
+        for task in orphans {
+            self.tasks.remove(&task);
+        }
+        let w = Worker { running: live, ..w };
         if w.running.len() > 1 {
             for &task in w.running.iter().rev() {
                 if let Some(t) = self.tasks.get_mut(&task) {
@@ -890,7 +900,17 @@ impl Scheduler {
 
     fn dispatch(&mut self, out: &mut Vec<Action>) {
         while let Some(&task_id) = self.queue.front() {
-            let task = &self.tasks[&task_id];
+            // A task whose setup is gone (its session closed) can never run: drop it. The
+            // engine's threads must not panic on a stale id.
+            let Some(task) = self.tasks.get(&task_id) else {
+                self.queue.pop_front();
+                continue;
+            };
+            let Some(blob) = self.setups.get(&task.setup).map(|s| s.blob.clone()) else {
+                self.queue.pop_front();
+                self.tasks.remove(&task_id);
+                continue;
+            };
             let (est, weight, exclusive) = (self.estimate(task), task.weight, task.exclusive);
             let Some(worker) = self.pick_worker(est, weight, exclusive) else {
                 break;
@@ -903,7 +923,6 @@ impl Scheduler {
             let (setup, payload) = (task.setup, task.payload.clone());
             let w = self.workers.get_mut(&worker).expect("picked worker exists");
             if w.setups.insert(setup) {
-                let blob = self.setups[&setup].blob.clone();
                 out.push(Action::SendSetup {
                     worker,
                     setup,
@@ -1407,6 +1426,32 @@ mod tests {
             s.memory_report(w2, 2_000, Some(1_000)),
             vec![Action::Retire { worker: w2 }]
         );
+    }
+
+    #[test]
+    fn a_pipeline_of_a_closed_session_is_dropped_when_its_worker_dies() {
+        let mut s = sched(1);
+        let a = s.open_session(false);
+        let sa = s.add_setup(a, blob("f")).unwrap();
+        let (workers, sends) = start_with_tasks(&mut s, sa, 1);
+        s.task_finished(workers[0], sends[0].1, 10, Vec::new(), 1);
+        for _ in 0..3 {
+            s.submit(sa, 1, blob("x")).unwrap();
+        }
+        s.close_session(a, true);
+        let b = s.open_session(false);
+        let sb = s.add_setup(b, blob("g")).unwrap();
+        // The doomed worker no longer counts: a replacement is asked for at once.
+        let (_, acts) = s.submit(sb, 1, blob("y")).unwrap();
+        let w = spawned(&acts)[0];
+        // The worker dies with three tasks of the closed session in its pipeline.
+        s.worker_lost(workers[0], "killed by signal 9 (SIGKILL)".into());
+        assert_eq!(s.queued(), 1, "only the live session's task remains");
+        let acts = s.worker_started(w, 2, 3);
+        assert_eq!(sent_tasks(&acts).len(), 1);
+        assert!(acts
+            .iter()
+            .all(|a| !matches!(a, Action::SendSetup { setup, .. } if *setup == sa)));
     }
 
     #[test]

@@ -283,3 +283,8 @@ class LocalSession(Session):
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+        from .._context import release
+
+        for spec in self._specs.values():
+            if spec.context is not None:
+                release(spec.context.key)
