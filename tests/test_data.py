@@ -229,3 +229,48 @@ def test_accessors_outside_a_task_are_a_clear_error():
         shoal.map(square, [1], initargs=(1,))
     with pytest.raises(TypeError, match="initializer must be callable"):
         shoal.map(square, [1], initializer=5)
+
+
+def test_machine_limits_hold_back_new_items_and_release_them():
+    assert shoal.map(square, range(20), max_load=1.0, max_memory=0.999) == [
+        x * x for x in range(20)
+    ]
+    import threading
+
+    # 1 byte of memory in use is always exceeded: nothing may start.
+    stream = shoal.as_completed(square, range(5), max_memory=1)
+    got, errors = [], []
+
+    def consume():
+        try:
+            got.extend(stream)
+        except shoal.ShoalError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    thread.join(1.0)
+    assert got == [] and thread.is_alive(), "items must wait while the machine is over the limit"
+    stream.close()  # from another thread: the waiting consumer gets a clear error
+    thread.join(10)
+    assert not thread.is_alive() and "closed" in str(errors[0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"max_load": 0}, ValueError),
+        ({"max_load": 1.5}, ValueError),
+        ({"max_load": "high"}, TypeError),
+        ({"max_memory": "lots"}, ValueError),
+        ({"max_memory": -1}, ValueError),
+    ],
+)
+def test_bad_machine_limits(kwargs, error):
+    with pytest.raises(error):
+        shoal.map(square, [1], **kwargs)
+
+
+def test_in_process_backends_refuse_machine_limits():
+    with pytest.raises(ValueError, match="max_load"):
+        shoal.map(square, [1], max_load=0.5, backend="threads")

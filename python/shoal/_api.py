@@ -15,6 +15,8 @@ from . import _driver
 from ._context import CallContext
 from ._options import (
     check_chunksize,
+    check_max_load,
+    check_max_memory,
     check_max_tasks,
     check_on_error,
     check_retries,
@@ -80,6 +82,8 @@ class Prepared:
         initializer: Callable[..., Any] | None = None,
         initargs: Iterable[Any] = (),
         shared: Any = None,
+        max_load: float | None = None,
+        max_memory: float | int | str | None = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(
@@ -95,6 +99,8 @@ class Prepared:
             retry_on=retry_types,
             max_tasks_per_worker=check_max_tasks(max_tasks_per_worker),
             max_worker_memory=parse_memory(max_worker_memory),
+            max_load=check_max_load(max_load),
+            max_memory=check_max_memory(max_memory),
         )
         if progress not in (None, True, False) and not callable(progress):
             raise TypeError(f"progress must be True, False or a callable, not {progress!r}")
@@ -247,6 +253,8 @@ def map(
     initializer: Callable[..., Any] | None = None,
     initargs: Iterable[Any] = (),
     shared: Any = None,
+    max_load: float | None = None,
+    max_memory: float | int | str | None = None,
     backend: str | Backend | None = None,
 ) -> list[Any]:
     """Apply ``fn`` to every input in parallel and return the results as a list, in input order.
@@ -314,6 +322,12 @@ def map(
     shared : object
         One object handed to each worker once per call (not with every item); tasks get it
         with :func:`shoal.shared`.
+    max_load, max_memory : float, int, str or None
+        Hold back new items while the machine is busy, so a big sweep does not take down a
+        shared node: ``max_load`` is a fraction of all CPUs (``0.8``), ``max_memory`` a fraction
+        of RAM (``0.9``) or a size (``"100GB"``) of memory in use. Measured by the engine every
+        ``load_check_interval`` seconds (a processes-backend option, default 0.5). Running items
+        are not touched. Note that shoal's own workers count towards the load.
     backend : str, Backend or None
         ``"processes"`` (default), ``"threads"``, ``"serial"``, or a backend instance.
 
@@ -354,6 +368,8 @@ def map(
         initializer=initializer,
         initargs=initargs,
         shared=shared,
+        max_load=max_load,
+        max_memory=max_memory,
     )
     _, gen = call.open(_pool(workers, backend), ordered=False)
     return _driver.collect(gen)
@@ -380,6 +396,8 @@ def starmap(
     initializer: Callable[..., Any] | None = None,
     initargs: Iterable[Any] = (),
     shared: Any = None,
+    max_load: float | None = None,
+    max_memory: float | int | str | None = None,
     backend: str | Backend | None = None,
 ) -> list[Any]:
     """Like :func:`map`, but each input is a tuple of arguments: ``fn(*item)``.
@@ -407,6 +425,8 @@ def starmap(
         initializer=initializer,
         initargs=initargs,
         shared=shared,
+        max_load=max_load,
+        max_memory=max_memory,
     )
     _, gen = call.open(_pool(workers, backend), ordered=False)
     return _driver.collect(gen)
@@ -432,6 +452,8 @@ def imap(
     initializer: Callable[..., Any] | None = None,
     initargs: Iterable[Any] = (),
     shared: Any = None,
+    max_load: float | None = None,
+    max_memory: float | int | str | None = None,
     backend: str | Backend | None = None,
 ) -> _driver.ResultStream:
     """Like :func:`map`, but lazy: an iterator over results in input order.
@@ -457,6 +479,8 @@ def imap(
         initializer=initializer,
         initargs=initargs,
         shared=shared,
+        max_load=max_load,
+        max_memory=max_memory,
     )
     session, gen = call.open(_pool(workers, backend), ordered=True)
     return _driver.ResultStream(session, _driver.flatten(gen))
@@ -483,6 +507,8 @@ def as_completed(
     initializer: Callable[..., Any] | None = None,
     initargs: Iterable[Any] = (),
     shared: Any = None,
+    max_load: float | None = None,
+    max_memory: float | int | str | None = None,
     backend: str | Backend | None = None,
 ) -> _driver.ResultStream:
     """Like :func:`imap`, but yields results as they complete.
@@ -510,6 +536,8 @@ def as_completed(
         initializer=initializer,
         initargs=initargs,
         shared=shared,
+        max_load=max_load,
+        max_memory=max_memory,
     )
     session, gen = call.open(_pool(workers, backend), ordered=False)
     stream = _driver.with_indices(gen) if with_index else _driver.flatten(gen)

@@ -369,7 +369,9 @@ class ResultStream(Iterator[Any]):
             self._closed = True
             close = getattr(self._gen, "close", None)
             if close is not None:
-                close()
+                # Being iterated in another thread: ending the session below stops it.
+                with contextlib.suppress(ValueError):
+                    close()
             self._session.close()
 
     def __enter__(self) -> ResultStream:

@@ -20,6 +20,7 @@ __all__ = [
     "WorkerChannel",
     "cpu_count",
     "signal_name",
+    "total_memory",
 ]
 
 KIND_SETUP: int
@@ -47,6 +48,7 @@ class Engine:
         idle_timeout: float | None = None,
         target_chunk_s: float = 0.004,
         max_chunk: int = 50000,
+        machine_interval: float = 0.5,
     ) -> Engine: ...
     @property
     def workers(self) -> int: ...
@@ -59,6 +61,8 @@ class Engine:
         timeout: float | None = None,
         max_tasks_per_worker: int | None = None,
         max_worker_memory: int | None = None,
+        max_load: float | None = None,
+        max_memory: int | None = None,
     ) -> int: ...
     def add_setup(self, session: int, blob: bytes) -> int: ...
     def remove_setup(self, setup: int) -> None: ...
@@ -105,3 +109,4 @@ class ProgressBar:
 
 def cpu_count() -> int: ...
 def signal_name(sig: int) -> str: ...
+def total_memory() -> int: ...

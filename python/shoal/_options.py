@@ -168,3 +168,26 @@ def parse_memory(value: Any, name: str = "max_worker_memory") -> int | None:
     if size <= 0:
         raise ValueError(f"{name} must be positive, got {value!r}")
     return size
+
+
+def check_max_load(value: Any) -> float | None:
+    """Validate ``max_load``: ``None`` or a fraction of all CPUs in (0, 1]."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"max_load must be a fraction of all CPUs, not {type(value).__name__}")
+    if not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"max_load is a fraction of all CPUs and must be in (0, 1], got {value}")
+    return float(value)
+
+
+def check_max_memory(value: Any) -> int | None:
+    """``max_memory`` in bytes: a fraction in (0, 1] of the machine's RAM, or a size."""
+    if value is None:
+        return None
+    if isinstance(value, float) and 0.0 < value <= 1.0:
+        total = _native.total_memory()
+        if not total:
+            raise ValueError("max_memory as a fraction needs /proc/meminfo, which is unreadable")
+        return int(value * total)
+    return parse_memory(value, "max_memory")

@@ -151,9 +151,21 @@ class Limits:
         Replace a worker after this many items.
     max_worker_memory : int or None
         Bytes of resident memory after which a worker is replaced (or killed mid-item).
+    max_load : float or None
+        No new item starts while the machine's CPU use (fraction of all CPUs) is above this.
+    max_memory : int or None
+        No new item starts while the machine's used memory (bytes) is above this.
     """
 
-    __slots__ = ("max_tasks_per_worker", "max_worker_memory", "retries", "retry_on", "timeout")
+    __slots__ = (
+        "max_load",
+        "max_memory",
+        "max_tasks_per_worker",
+        "max_worker_memory",
+        "retries",
+        "retry_on",
+        "timeout",
+    )
 
     def __init__(
         self,
@@ -162,8 +174,12 @@ class Limits:
         retry_on: tuple[type[BaseException], ...] = (),
         max_tasks_per_worker: int | None = None,
         max_worker_memory: int | None = None,
+        max_load: float | None = None,
+        max_memory: int | None = None,
     ) -> None:
         self.timeout = timeout
+        self.max_load = max_load
+        self.max_memory = max_memory
         self.retries = retries
         self.retry_on = retry_on
         self.max_tasks_per_worker = max_tasks_per_worker
@@ -176,6 +192,8 @@ class Limits:
             self.timeout is not None
             or self.max_tasks_per_worker is not None
             or self.max_worker_memory is not None
+            or self.max_load is not None
+            or self.max_memory is not None
         )
 
 

@@ -129,7 +129,7 @@ pub enum Action {
 }
 
 /// Limits that a session puts on its tasks and on the workers that run them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct SessionOptions {
     /// Release outcomes in submission order.
     pub ordered: bool,
@@ -141,6 +141,19 @@ pub struct SessionOptions {
     /// Replace a worker whose resident memory exceeds this after a task; kill it (failing the
     /// task) if it exceeds it while running one.
     pub max_rss_bytes: Option<u64>,
+    /// Dispatch no new task while the machine's CPU use (0..1 of all CPUs) is above this.
+    pub max_load: Option<f64>,
+    /// Dispatch no new task while the machine's used memory (bytes) is above this.
+    pub max_used_memory: Option<u64>,
+}
+
+/// What the supervisor measured of the machine (see [`Scheduler::machine_state`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Machine {
+    /// Fraction of all CPUs busy over the last interval (0..1).
+    pub load: f64,
+    /// Memory in use (total minus available), in bytes.
+    pub used_memory: u64,
 }
 
 /// How a task ended.
@@ -261,6 +274,9 @@ pub struct Scheduler {
     start_failures: u32,
     /// The latest time any input told us; dispatch stamps tasks with it.
     clock_ns: u64,
+    /// The machine as last measured, for sessions with load or memory limits (`None` until
+    /// the first reading: such sessions wait for it).
+    machine: Option<Machine>,
 }
 
 impl Scheduler {
@@ -276,6 +292,7 @@ impl Scheduler {
             next_id: 1,
             start_failures: 0,
             clock_ns: 0,
+            machine: None,
         }
     }
 
@@ -690,6 +707,37 @@ impl Scheduler {
         Ok(sess.ready.drain(..).collect())
     }
 
+    /// Whether any open session limits dispatch by machine load or memory (the supervisor only
+    /// measures the machine when one does).
+    pub fn watches_machine(&self) -> bool {
+        self.sessions
+            .values()
+            .any(|s| s.options.max_load.is_some() || s.options.max_used_memory.is_some())
+    }
+
+    /// The supervisor measured the machine: sessions over their limits hold their queued
+    /// tasks; those back under them dispatch again.
+    pub fn machine_state(&mut self, machine: Machine) -> Vec<Action> {
+        self.machine = Some(machine);
+        let mut out = Vec::new();
+        self.dispatch(&mut out);
+        out
+    }
+
+    fn throttled(&self, session: SessionId) -> bool {
+        let Some(o) = self.sessions.get(&session).map(|s| &s.options) else {
+            return false;
+        };
+        if o.max_load.is_none() && o.max_used_memory.is_none() {
+            return false;
+        }
+        let Some(m) = self.machine else {
+            return true; // not measured yet: hold back until we know
+        };
+        o.max_load.is_some_and(|l| m.load > l)
+            || o.max_used_memory.is_some_and(|u| m.used_memory > u)
+    }
+
     /// A worker we are about to kill gets no new task: the process may already be dead while
     /// its reader has not yet seen the end of its socket.
     fn doom(&mut self, worker: WorkerId) {
@@ -899,6 +947,9 @@ impl Scheduler {
     }
 
     fn dispatch(&mut self, out: &mut Vec<Action>) {
+        // First in, first out, except that tasks of a session held back by machine limits wait
+        // without blocking the tasks of other sessions behind them.
+        let mut held: Vec<TaskId> = Vec::new();
         while let Some(&task_id) = self.queue.front() {
             // A task whose setup is gone (its session closed) can never run: drop it. The
             // engine's threads must not panic on a stale id.
@@ -906,6 +957,11 @@ impl Scheduler {
                 self.queue.pop_front();
                 continue;
             };
+            if self.throttled(task.session) {
+                self.queue.pop_front();
+                held.push(task_id);
+                continue;
+            }
             let Some(blob) = self.setups.get(&task.setup).map(|s| s.blob.clone()) else {
                 self.queue.pop_front();
                 self.tasks.remove(&task_id);
@@ -941,6 +997,9 @@ impl Scheduler {
                 setup,
                 payload,
             });
+        }
+        for task_id in held.into_iter().rev() {
+            self.queue.push_front(task_id);
         }
         // Grow the pool while work waits and slots are free; one start per waiting task.
         let starting = self.worker_counts().0;
@@ -1452,6 +1511,52 @@ mod tests {
         assert!(acts
             .iter()
             .all(|a| !matches!(a, Action::SendSetup { setup, .. } if *setup == sa)));
+    }
+
+    #[test]
+    fn machine_limits_hold_back_only_their_session() {
+        let mut s = sched(2);
+        let limited = s.open_session_with(SessionOptions {
+            max_load: Some(0.5),
+            max_used_memory: Some(1_000),
+            ..SessionOptions::default()
+        });
+        let free = s.open_session(false);
+        assert!(s.watches_machine());
+        assert!(s.throttled(limited), "unmeasured: wait");
+        assert!(!s.throttled(free));
+        let sl = s.add_setup(limited, blob("f")).unwrap();
+        let sf = s.add_setup(free, blob("g")).unwrap();
+        s.machine_state(Machine {
+            load: 0.9,
+            used_memory: 10,
+        });
+        let (_, a1) = s.submit(sl, 1, blob("a")).unwrap();
+        let (_, a2) = s.submit(sf, 1, blob("b")).unwrap();
+        let mut acts = a1;
+        acts.extend(a2);
+        let workers = spawned(&acts);
+        let mut sent = Vec::new();
+        for (i, w) in workers.iter().enumerate() {
+            sent.extend(sent_tasks(&s.worker_started(*w, i as u32, 0)));
+        }
+        assert_eq!(sent.len(), 1, "the free session runs; the loaded one waits");
+        assert_eq!(s.queued(), 1);
+        // Memory over its limit also holds it.
+        let acts = s.machine_state(Machine {
+            load: 0.1,
+            used_memory: 5_000,
+        });
+        assert!(sent_tasks(&acts).is_empty());
+        let acts = s.machine_state(Machine {
+            load: 0.1,
+            used_memory: 10,
+        });
+        assert_eq!(
+            sent_tasks(&acts).len(),
+            1,
+            "back under both limits: dispatched"
+        );
     }
 
     #[test]

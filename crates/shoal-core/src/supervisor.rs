@@ -38,7 +38,8 @@ use crate::chunking::ChunkPolicy;
 use crate::error::{Error, Result};
 use crate::protocol::{self, Frame, Kind};
 use crate::scheduler::{
-    Action, Outcome, Scheduler, SchedulerConfig, SessionId, SessionOptions, SetupId, WorkerId,
+    Action, Machine, Outcome, Scheduler, SchedulerConfig, SessionId, SessionOptions, SetupId,
+    WorkerId,
 };
 
 /// How to start workers and size the pool.
@@ -56,6 +57,8 @@ pub struct EngineConfig {
     pub idle_timeout: Option<Duration>,
     /// Chunking policy.
     pub policy: ChunkPolicy,
+    /// How often machine load and memory are sampled, when a session limits by them.
+    pub machine_interval: Duration,
 }
 
 enum Outgoing {
@@ -195,6 +198,47 @@ fn kill(pid: u32) {
     unsafe {
         libc::kill(pid as libc::pid_t, libc::SIGKILL);
     }
+}
+
+/// Busy and total CPU time of the whole machine, from the first line of `/proc/stat`.
+pub fn cpu_times(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().next()?;
+    let mut fields = line.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    let values: Vec<u64> = fields.filter_map(|f| f.parse().ok()).collect();
+    if values.len() < 5 {
+        return None;
+    }
+    // Guest time is already counted in user time: only the first 8 fields add up.
+    let total: u64 = values.iter().take(8).sum();
+    let idle = values[3] + values[4]; // idle + iowait
+    Some((total - idle, total))
+}
+
+/// Memory in use (total minus available), in bytes, from `/proc/meminfo`.
+pub fn used_memory(meminfo: &str) -> Option<u64> {
+    let field = |name: &str| -> Option<u64> {
+        let line = meminfo.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace()
+            .nth(1)?
+            .parse::<u64>()
+            .ok()
+            .map(|kb| kb * 1024)
+    };
+    Some(field("MemTotal:")?.saturating_sub(field("MemAvailable:")?))
+}
+
+/// Total memory of the machine in bytes.
+pub fn total_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    line.split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|kb| kb * 1024)
 }
 
 /// Resident memory of a process, from `/proc/PID/statm`.
@@ -682,15 +726,54 @@ fn housekeeper_loop(shared: &Arc<Shared>) {
     // Timeouts and memory limits are enforced from here, so the tick bounds their precision.
     let tick = Duration::from_millis(20);
     let mut since_reap = Duration::ZERO;
+    let mut since_machine = Duration::MAX;
+    let mut last_cpu: Option<(u64, u64)> = None;
+    let mut measured = false;
     while !shared.stop.load(Ordering::SeqCst) {
         thread::sleep(tick);
         since_reap += tick;
+        since_machine = since_machine.saturating_add(tick);
         let now = shared.now_ns();
+        let watch_machine = shared.lock().sched.watches_machine();
+        let mut machine = None;
+        // The first reading needs two samples: take the second one soon.
+        let due = if last_cpu.is_none() || !measured {
+            Duration::from_millis(100).min(shared.config.machine_interval)
+        } else {
+            shared.config.machine_interval
+        };
+        if watch_machine && since_machine >= due {
+            since_machine = Duration::ZERO;
+            // Read outside the lock: these are files, not instant.
+            let cpu = std::fs::read_to_string("/proc/stat")
+                .ok()
+                .and_then(|t| cpu_times(&t));
+            let mem = std::fs::read_to_string("/proc/meminfo")
+                .ok()
+                .and_then(|t| used_memory(&t));
+            if let (Some((busy, total)), Some((busy0, total0))) = (cpu, last_cpu) {
+                let load = (busy.saturating_sub(busy0)) as f64
+                    / (total.saturating_sub(total0)).max(1) as f64;
+                machine = Some(Machine {
+                    load,
+                    used_memory: mem.unwrap_or(0),
+                });
+                measured = true;
+            }
+            last_cpu = cpu.or(last_cpu);
+        } else if !watch_machine {
+            last_cpu = None;
+            measured = false;
+            since_machine = Duration::MAX;
+        }
         let mut st = shared.lock();
         if st.closed {
             break;
         }
         let mut actions = st.sched.tick(now);
+        if let Some(m) = machine {
+            actions.extend(st.sched.machine_state(m));
+        }
         for (worker, limit) in st.sched.memory_watch() {
             if let Some(rss) = st.links.get(&worker).and_then(|l| resident_bytes(l.pid)) {
                 actions.extend(st.sched.memory_report(worker, rss, Some(limit)));
@@ -761,6 +844,7 @@ while True:
                 workers,
                 idle_timeout: None,
                 policy: ChunkPolicy::default(),
+                machine_interval: Duration::from_millis(100),
             })
             .unwrap(),
         )
@@ -829,6 +913,7 @@ while True:
             workers: 1,
             idle_timeout: None,
             policy: ChunkPolicy::default(),
+            machine_interval: Duration::from_millis(100),
         })
         .unwrap();
         let session = e.open_session(true).unwrap();
@@ -841,6 +926,16 @@ while True:
     }
 
     #[test]
+    fn machine_readings() {
+        let stat = "cpu  100 5 50 800 45 0 0 0 0 0\ncpu0 1 2 3 4 5 6 7 8\n";
+        assert_eq!(cpu_times(stat), Some((155, 1000)));
+        let meminfo = "MemTotal:       1000 kB\nMemFree:  10 kB\nMemAvailable:    250 kB\n";
+        assert_eq!(used_memory(meminfo), Some(750 * 1024));
+        assert!(cpu_times(&std::fs::read_to_string("/proc/stat").unwrap()).is_some());
+        assert!(total_memory().unwrap() > 0);
+    }
+
+    #[test]
     fn idle_workers_exit() {
         let Some(program) = python() else { return };
         let e = Engine::start(EngineConfig {
@@ -850,6 +945,7 @@ while True:
             workers: 1,
             idle_timeout: Some(Duration::from_millis(300)),
             policy: ChunkPolicy::default(),
+            machine_interval: Duration::from_millis(100),
         })
         .unwrap();
         let session = e.open_session(true).unwrap();

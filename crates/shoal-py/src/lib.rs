@@ -56,7 +56,9 @@ type Received<'py> = (u8, u64, u64, Bound<'py, PyBytes>);
 #[pymethods]
 impl Engine {
     #[new]
-    #[pyo3(signature = (program, args, env, workers, idle_timeout=None, target_chunk_s=0.004, max_chunk=50_000))]
+    #[pyo3(signature = (program, args, env, workers, idle_timeout=None, target_chunk_s=0.004, max_chunk=50_000, machine_interval=0.5))]
+    // A Python constructor: these are its keyword arguments.
+    #[allow(clippy::too_many_arguments)]
     fn new(
         program: PathBuf,
         args: Vec<String>,
@@ -65,6 +67,7 @@ impl Engine {
         idle_timeout: Option<f64>,
         target_chunk_s: f64,
         max_chunk: usize,
+        machine_interval: f64,
     ) -> PyResult<Self> {
         let policy = ChunkPolicy {
             target_ns: (target_chunk_s * 1e9) as u64,
@@ -78,6 +81,7 @@ impl Engine {
             workers,
             idle_timeout: idle_timeout.map(Duration::from_secs_f64),
             policy,
+            machine_interval: Duration::from_secs_f64(machine_interval.max(0.02)),
         };
         Ok(Engine {
             inner: CoreEngine::start(config).map_err(to_py)?,
@@ -98,19 +102,25 @@ impl Engine {
         self.inner.prestart(count).map_err(to_py)
     }
 
-    #[pyo3(signature = (ordered, timeout=None, max_tasks_per_worker=None, max_worker_memory=None))]
+    #[pyo3(signature = (ordered, timeout=None, max_tasks_per_worker=None, max_worker_memory=None, max_load=None, max_memory=None))]
+    // A Python method: these are its keyword arguments.
+    #[allow(clippy::too_many_arguments)]
     fn open_session(
         &self,
         ordered: bool,
         timeout: Option<f64>,
         max_tasks_per_worker: Option<u64>,
         max_worker_memory: Option<u64>,
+        max_load: Option<f64>,
+        max_memory: Option<u64>,
     ) -> PyResult<u64> {
         let options = SessionOptions {
             ordered,
             timeout_ns: timeout.map(|t| (t.max(0.0) * 1e9) as u64),
             max_items_per_worker: max_tasks_per_worker,
             max_rss_bytes: max_worker_memory,
+            max_load,
+            max_used_memory: max_memory,
         };
         self.inner.open_session_with(options).map_err(to_py)
     }
@@ -361,6 +371,12 @@ fn cpu_count() -> usize {
     shoal_core::cpu::available_cpus()
 }
 
+/// Total memory of the machine in bytes (0 if unknown).
+#[pyfunction]
+fn total_memory() -> u64 {
+    shoal_core::supervisor::total_memory().unwrap_or(0)
+}
+
 /// Name of a signal number, e.g. 9 -> "SIGKILL".
 #[pyfunction]
 fn signal_name(sig: i32) -> &'static str {
@@ -375,6 +391,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ProgressBar>()?;
     m.add_function(wrap_pyfunction!(cpu_count, m)?)?;
     m.add_function(wrap_pyfunction!(signal_name, m)?)?;
+    m.add_function(wrap_pyfunction!(total_memory, m)?)?;
     m.add("EngineError", m.py().get_type::<EngineError>())?;
     m.add("KIND_SETUP", Kind::Setup as u8)?;
     m.add("KIND_TASK", Kind::Task as u8)?;

@@ -165,11 +165,11 @@ def refuse_engine_limits(backend: str, limits: Limits | None) -> None:
     """Raise :class:`ValueError` for limits an in-process backend cannot enforce."""
     if limits is None:
         return
-    for name in ("timeout", "max_tasks_per_worker", "max_worker_memory"):
+    for name in ("timeout", "max_tasks_per_worker", "max_worker_memory", "max_load", "max_memory"):
         if getattr(limits, name) is not None:
             raise ValueError(
-                f"the {backend} backend cannot honour {name}= (it cannot stop or replace a "
-                f"running task); use the processes backend"
+                f"the {backend} backend cannot honour {name}= (only the processes engine can "
+                f"stop, replace or hold back tasks); use the processes backend"
             )
 
 

@@ -21,7 +21,7 @@ import weakref
 from typing import Any
 
 from .. import _native
-from .._errors import PicklingError
+from .._errors import PicklingError, ShoalError
 from .._options import check_max_tasks, cpu_count
 from .._pickling import MAX_MESSAGE_BYTES, PROTOCOL, decode_outcome, dumps_items, dumps_spec
 from .._spec import NO_LIMITS, CallSpec, ChunkResult, Crash, ItemError, Limits
@@ -49,10 +49,16 @@ class ProcessSession(Session):
 
     def __init__(self, pool: ProcessPool, *, ordered: bool, limits: Limits | None = None) -> None:
         self._pool = pool  # keeps the pool (and its workers) alive while the session runs
+        self._closed = False
         self._engine = pool._engine
         lim = limits or NO_LIMITS
         self._id = self._engine.open_session(
-            ordered, lim.timeout, lim.max_tasks_per_worker, lim.max_worker_memory
+            ordered,
+            lim.timeout,
+            lim.max_tasks_per_worker,
+            lim.max_worker_memory,
+            lim.max_load,
+            lim.max_memory,
         )
         self.max_in_flight = 2 * pool.workers + 2
 
@@ -83,7 +89,13 @@ class ProcessSession(Session):
     def wait(self, timeout: float | None) -> list[ChunkResult]:
         out = []
         done = _native.OUTCOME_DONE
-        for seq, kind, payload, elapsed, pid, message in self._engine.wait(self._id, timeout):
+        try:
+            outcomes = self._engine.wait(self._id, timeout)
+        except _native.EngineError as exc:
+            if self._closed:
+                raise ShoalError("this call was closed while a thread waited for it") from None
+            raise ShoalError(f"the pool stopped while this call was running: {exc}") from exc
+        for seq, kind, payload, elapsed, pid, message in outcomes:
             if kind == done:
                 try:
                     values, errors = decode_outcome(payload)
@@ -102,6 +114,7 @@ class ProcessSession(Session):
         self._engine.wake(self._id)
 
     def close(self, *, abort: bool = False) -> None:
+        self._closed = True
         self._engine.close_session(self._id, abort)
 
 
@@ -131,6 +144,7 @@ class ProcessPool(Pool):
         python: str | None = None,
         env: dict[str, str] | None = None,
         threads_per_worker: int | None = None,
+        load_check_interval: float = 0.5,
     ) -> None:
         self.workers = workers
         self.threads_per_worker = threads_per_worker or max(1, cpu_count() // workers)
@@ -147,6 +161,7 @@ class ProcessPool(Pool):
             list(worker_env.items()),
             workers,
             idle_timeout,
+            machine_interval=load_check_interval,
         )
         self._lock = threading.Lock()
         _LIVE_POOLS.add(self)
@@ -209,6 +224,9 @@ class ProcessBackend(Backend):
         Threads for BLAS/OpenMP/numexpr/numba in each worker (``OMP_NUM_THREADS`` and friends,
         set before any import). Default: usable CPUs divided by workers, at least 1, so numpy in
         workers does not oversubscribe the machine. Variables you set yourself win.
+    load_check_interval : float
+        Seconds between the engine's readings of machine load and memory, for calls with
+        ``max_load=`` or ``max_memory=``.
     """
 
     name = "processes"
@@ -221,8 +239,12 @@ class ProcessBackend(Backend):
         python: str | None = None,
         env: dict[str, str] | None = None,
         threads_per_worker: int | None = None,
+        load_check_interval: float = 0.5,
     ) -> None:
         super().__init__(workers)
+        if not load_check_interval > 0:
+            raise ValueError(f"load_check_interval must be positive, got {load_check_interval}")
+        self.load_check_interval = float(load_check_interval)
         if idle_timeout is not None and idle_timeout <= 0:
             raise ValueError(f"idle_timeout must be positive or None, got {idle_timeout}")
         self.idle_timeout = idle_timeout
@@ -237,6 +259,7 @@ class ProcessBackend(Backend):
             python=self.python,
             env=self.env,
             threads_per_worker=self.threads_per_worker,
+            load_check_interval=self.load_check_interval,
         )
 
 
