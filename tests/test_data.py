@@ -274,3 +274,102 @@ def test_bad_machine_limits(kwargs, error):
 def test_in_process_backends_refuse_machine_limits():
     with pytest.raises(ValueError, match="max_load"):
         shoal.map(square, [1], max_load=0.5, backend="threads")
+
+
+np = pytest.importorskip("numpy")
+
+
+def array_sum(a, i=0):
+    return int(a.sum()) + i
+
+
+def mutate_first(a):
+    a[0] = -7
+    return int(a[0])
+
+
+def shm_files():
+    return sorted(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else []
+
+
+def test_large_arrays_go_through_shared_memory_once_per_call():
+    import functools
+
+    from shoal import _shm
+
+    arr = np.arange(2_000_000, dtype=np.int64)  # 16 MB: over the threshold
+    made = []
+    real = _shm.SegmentCache.ref
+
+    def counting(self, view):
+        before = len(self._segments)
+        out = real(self, view)
+        made.append(len(self._segments) - before)
+        return out
+
+    _shm.SegmentCache.ref = counting
+    try:
+        before = shm_files()
+        got = shoal.map(functools.partial(array_sum, arr), range(20), workers=2)
+        assert got == [int(arr.sum()) + i for i in range(20)]
+        got = shoal.map(array_sum, [arr] * 10, workers=2, chunksize=1)
+        assert got == [int(arr.sum())] * 10
+    finally:
+        _shm.SegmentCache.ref = real
+    assert sum(made) == 2, "one segment per call, however many tasks use the array"
+    assert shm_files() == before, "memfd segments leave no file in /dev/shm"
+
+
+def test_a_task_mutating_its_array_leaves_the_callers_unchanged():
+    big = np.ones(1_000_000)
+    small = np.ones(10)
+    assert shoal.map(mutate_first, [big, small], chunksize=1) == [-7, -7]
+    assert big[0] == 1.0 and small[0] == 1.0
+
+
+def test_non_contiguous_and_object_arrays_fall_back_to_plain_pickling():
+    strided = np.arange(4_000_000, dtype=np.int64)[::2]
+    objects = np.array([{"a": i} for i in range(1000)], dtype=object)
+    assert shoal.map(array_sum, [strided]) == [int(strided.sum())]
+    got = shoal.map(len, [objects])
+    assert got == [1000]
+
+
+def test_when_shared_memory_cannot_be_had_buffers_go_in_band():
+    # A file-size limit makes every segment write fail (EFBIG): shoal must fall back, not fail.
+    code = (
+        "import resource, signal, numpy as np, shoal, test_data\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "arr = np.arange(1_000_000, dtype=np.int64)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, 2**16))\n"
+        "print(shoal.map(test_data.array_sum, [arr, arr], workers=1) == [int(arr.sum())] * 2)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
+
+
+def test_no_shared_memory_left_after_crash_and_kill(tmp_path):
+    before = shm_files()
+    arr = np.arange(1_000_000, dtype=np.int64)
+    got = shoal.map(
+        segfault_or_sum, [(arr, i) for i in range(6)], on_error="return", workers=2, chunksize=1
+    )
+    assert isinstance(got[3], shoal.WorkerCrashedError)
+    assert [g for i, g in enumerate(got) if i != 3] == [int(arr.sum())] * 5
+    assert shm_files() == before
+
+
+def segfault_or_sum(pair):
+    a, i = pair
+    if i == 3:
+        import ctypes
+
+        ctypes.string_at(0)
+    return int(a.sum())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pickle
 
+from . import _shm as shm
 from ._errors import PicklingError, RemoteError
 from ._spec import CallSpec, ItemError
 
@@ -19,6 +20,8 @@ TYPE_CHECKING = False  # typing itself costs ~7 ms at worker start-up
 
 if TYPE_CHECKING:
     from typing import Any
+
+    from ._shm import SegmentCache
 
 PROTOCOL = 5
 #: Largest pickled message (a chunk of arguments or of results) the channel carries.
@@ -31,19 +34,20 @@ def _cloudpickle() -> Any:
     return cloudpickle
 
 
-def dumps(obj: Any) -> bytes:
-    """Pickle data: standard pickle first, cloudpickle if that fails."""
+def dumps(obj: Any, segments: SegmentCache | None = None) -> bytes:
+    """Pickle data: standard pickle first, cloudpickle if that fails. With ``segments``, large
+    buffers go through shared memory (see :mod:`shoal._shm`)."""
     try:
-        return pickle.dumps(obj, PROTOCOL)
+        return shm.dumps(obj, segments)
     except Exception:
-        return _cloudpickle().dumps(obj, PROTOCOL)
+        return shm.dumps(obj, segments, _cloudpickle().dumps)
 
 
-def dumps_spec(spec: CallSpec) -> bytes:
+def dumps_spec(spec: CallSpec, segments: SegmentCache | None = None) -> bytes:
     """Pickle a call spec; the error names the function or the fixed argument that failed."""
     cp = _cloudpickle()
     try:
-        return cp.dumps(spec, PROTOCOL)
+        return shm.dumps(spec, segments, cp.dumps)
     except Exception as exc:
         try:
             cp.dumps(spec.fn, PROTOCOL)
@@ -65,11 +69,11 @@ def dumps_spec(spec: CallSpec) -> bytes:
         raise PicklingError(f"the call to {spec.name!r} cannot be pickled: {exc}") from exc
 
 
-def dumps_items(items: list[Any], start: int) -> bytes:
+def dumps_items(items: list[Any], start: int, segments: SegmentCache | None = None) -> bytes:
     """Pickle ``(start, items)``; on failure the error names the first item (by input index)
     that fails."""
     try:
-        return dumps((start, items))
+        return dumps((start, items), segments)
     except Exception as exc:
         for offset, item in enumerate(items):
             _check(item, f"the argument(s) of item {start + offset} ({_brief(item)})")

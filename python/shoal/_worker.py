@@ -16,11 +16,10 @@ which is what the chunk-size policy needs to know.
 from __future__ import annotations
 
 import os
-import pickle
 import sys
 import time
 
-from . import _native
+from . import _native, _shm
 from ._errors import ShoalError
 from ._execute import format_remote_traceback, run_chunk
 from ._pickling import encode_outcome
@@ -55,7 +54,7 @@ def _run_task(setup: CallSpec | BaseException, payload: bytes) -> bytes:
     if isinstance(setup, BaseException):
         return _failed_chunk(setup, format_remote_traceback(setup), 1, True)
     try:
-        start, items = pickle.loads(payload)
+        start, items = _shm.loads(payload)
     except Exception as exc:
         err = SetupLoadError(f"the arguments could not be unpickled in the worker: {exc!r}")
         return _failed_chunk(err, format_remote_traceback(exc), 1, True)
@@ -86,7 +85,7 @@ def main(fd: int | None = None) -> None:
             channel.send_result(ident, clock() - start, blob)
         elif kind == setup_kind:
             try:
-                setups[ident] = pickle.loads(payload)
+                setups[ident] = _shm.loads(payload)
             except BaseException as exc:
                 setups[ident] = SetupLoadError(
                     f"the function could not be loaded in the worker: {exc!r}"

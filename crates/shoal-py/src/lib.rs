@@ -5,13 +5,14 @@
 //! the GIL, waiting in short slices so that Ctrl-C is heard between them.
 
 use std::io::{BufReader, BufWriter, Write};
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use pyo3::buffer::PyBuffer;
 use pyo3::create_exception;
-use pyo3::exceptions::PyRuntimeError;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::PyBytes;
@@ -371,6 +372,73 @@ fn cpu_count() -> usize {
     shoal_core::cpu::available_cpus()
 }
 
+/// An anonymous shared-memory segment (a memfd) holding a copy of one buffer.
+///
+/// Workers map it through `/proc/<driver pid>/fd/<fd>`, so no file ever appears in
+/// `/dev/shm`, and the kernel frees the memory once the driver has closed it and no worker maps
+/// it any more, whatever happened to the processes.
+#[pyclass(module = "shoal._native")]
+struct Segment {
+    fd: Option<OwnedFd>,
+    size: usize,
+}
+
+#[pymethods]
+impl Segment {
+    /// Copies `data` (any contiguous buffer) into a new segment, with the GIL released.
+    #[new]
+    fn new(py: Python<'_>, data: PyBuffer<u8>) -> PyResult<Self> {
+        if !data.is_c_contiguous() {
+            return Err(PyValueError::new_err(
+                "a shared-memory segment needs a contiguous buffer",
+            ));
+        }
+        let size = data.len_bytes();
+        let ptr = data.buf_ptr() as usize;
+        let fd = py.detach(move || -> std::io::Result<OwnedFd> {
+            // SAFETY: `data` (a buffer export) keeps the memory alive and unmoved until it is
+            // dropped after this call; we only read `size` bytes from its start.
+            let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, size) };
+            memfd_with(bytes)
+        })?;
+        drop(data);
+        Ok(Segment { fd: Some(fd), size })
+    }
+
+    /// The segment's file descriptor in this process (-1 once closed).
+    #[getter]
+    fn fd(&self) -> i32 {
+        self.fd.as_ref().map_or(-1, |f| f.as_raw_fd())
+    }
+
+    #[getter]
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Closes this process's handle; workers that mapped the segment keep their mappings.
+    fn close(&mut self) {
+        self.fd = None;
+    }
+}
+
+fn memfd_with(bytes: &[u8]) -> std::io::Result<OwnedFd> {
+    let name = c"shoal";
+    // SAFETY: plain syscall with a valid NUL-terminated name.
+    let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create returned a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut file = std::fs::File::from(fd);
+    file.set_len(bytes.len() as u64)?;
+    // Write (not mmap-and-copy): a full memory cgroup or tmpfs limit is then an error here,
+    // which the caller turns into a fallback, instead of a SIGBUS later.
+    file.write_all(bytes)?;
+    Ok(OwnedFd::from(file))
+}
+
 /// Total memory of the machine in bytes (0 if unknown).
 #[pyfunction]
 fn total_memory() -> u64 {
@@ -389,6 +457,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<WorkerChannel>()?;
     m.add_class::<ChunkSizer>()?;
     m.add_class::<ProgressBar>()?;
+    m.add_class::<Segment>()?;
     m.add_function(wrap_pyfunction!(cpu_count, m)?)?;
     m.add_function(wrap_pyfunction!(signal_name, m)?)?;
     m.add_function(wrap_pyfunction!(total_memory, m)?)?;

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import atexit
 import os
-import pickle
 import sys
 import threading
 import weakref
 from typing import Any
 
 from .. import _native
+from .. import _shm as shm
 from .._errors import PicklingError, ShoalError
 from .._options import check_max_tasks, cpu_count
-from .._pickling import MAX_MESSAGE_BYTES, PROTOCOL, decode_outcome, dumps_items, dumps_spec
+from .._pickling import MAX_MESSAGE_BYTES, decode_outcome, dumps_items, dumps_spec
 from .._spec import NO_LIMITS, CallSpec, ChunkResult, Crash, ItemError, Limits
 from ._base import Backend, Pool, Session
 
@@ -50,6 +50,7 @@ class ProcessSession(Session):
     def __init__(self, pool: ProcessPool, *, ordered: bool, limits: Limits | None = None) -> None:
         self._pool = pool  # keeps the pool (and its workers) alive while the session runs
         self._closed = False
+        self._segments = shm.SegmentCache()
         self._engine = pool._engine
         lim = limits or NO_LIMITS
         self._id = self._engine.open_session(
@@ -63,7 +64,7 @@ class ProcessSession(Session):
         self.max_in_flight = 2 * pool.workers + 2
 
     def register(self, spec: CallSpec) -> int:
-        return int(self._engine.add_setup(self._id, dumps_spec(spec)))
+        return int(self._engine.add_setup(self._id, dumps_spec(spec, self._segments)))
 
     def unregister(self, spec_id: int) -> None:
         self._engine.remove_setup(spec_id)
@@ -71,10 +72,11 @@ class ProcessSession(Session):
     def submit(self, spec_id: int, items: list[Any], start: int, exclusive: bool = False) -> int:
         try:
             # The fast path, inlined: hot for futures. The start index lets the worker give
-            # each item its own random stream (seed=).
-            payload = pickle.dumps((start, items), PROTOCOL)
+            # each item its own random stream (seed=); large buffers go to shared memory.
+            payload = shm.dumps((start, items), self._segments)
         except Exception:
-            payload = dumps_items(items, start)  # cloudpickle, or an error naming the item
+            # cloudpickle, or an error naming the item
+            payload = dumps_items(items, start, self._segments)
         if len(payload) > MAX_MESSAGE_BYTES:
             raise PicklingError(
                 f"the arguments of items {start}..{start + len(items) - 1} pickle to "
@@ -116,6 +118,8 @@ class ProcessSession(Session):
     def close(self, *, abort: bool = False) -> None:
         self._closed = True
         self._engine.close_session(self._id, abort)
+        # Workers that still run tasks of this call keep their own mappings.
+        self._segments.close()
 
 
 class ProcessPool(Pool):

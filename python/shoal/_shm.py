@@ -1,0 +1,108 @@
+"""Large buffers travel through shared memory instead of the channel.
+
+Pickle protocol 5 can hand out-of-band buffers (numpy arrays, bytearrays, anything exporting a
+contiguous buffer) to a callback instead of copying them into the pickle. When the driver pickles
+a call's spec or a chunk, each such buffer of at least :data:`THRESHOLD` bytes is copied once
+into a :class:`shoal._native.Segment` (an anonymous memfd), and the pickle carries only its
+reference: ``(driver pid, fd, size)``. A worker maps the segment through
+``/proc/<pid>/fd/<fd>`` privately (copy-on-write): the array it gets is writable, and writes
+stay in that worker, so the caller's array never changes.
+
+A :class:`SegmentCache` belongs to one call (session): the same buffer (one array passed as a
+fixed argument, in a ``functools.partial``, a closure, or in many items) is copied at most once
+per call, and every segment is closed when the call ends. memfd segments have no file in
+``/dev/shm``: the kernel frees their memory once no process holds them, so crashes and Ctrl-C
+leave nothing behind. If a segment cannot be made (memory limits, file descriptors), the buffer
+simply goes in-band, through the channel.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import pickle
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+#: Buffers at least this large go through shared memory (``SHOAL_SHM_THRESHOLD`` bytes).
+THRESHOLD = int(os.environ.get("SHOAL_SHM_THRESHOLD", str(1 << 20)))
+#: Prefix of a payload whose buffers are in shared memory (never the start of a pickle).
+MAGIC = b"SHM\x00"
+
+
+class SegmentCache:
+    """The segments of one call: one per distinct large buffer, closed together."""
+
+    def __init__(self) -> None:
+        self._segments: dict[tuple[int, int], tuple[Any, Any]] = {}
+        self._pid = os.getpid()
+        self.failed = False
+
+    def ref(self, view: memoryview) -> tuple[int, int, int] | None:
+        """A reference to a segment holding ``view``'s bytes, or ``None`` to send it in-band."""
+        from . import _native
+
+        key = (id(view.obj), view.nbytes)
+        hit = self._segments.get(key)
+        if hit is None:
+            try:
+                segment = _native.Segment(view)
+            except (OSError, ValueError):
+                self.failed = True
+                return None
+            # Keep the exporter alive: its id must not be reused for another buffer.
+            hit = self._segments[key] = (segment, view.obj)
+        segment = hit[0]
+        return (self._pid, segment.fd, segment.size)
+
+    def close(self) -> None:
+        for segment, _ in self._segments.values():
+            segment.close()
+        self._segments.clear()
+
+
+def dumps(obj: Any, cache: SegmentCache | None, dump: Callable[..., bytes] = pickle.dumps) -> bytes:
+    """Pickle ``obj`` (with ``dump``: pickle's or cloudpickle's), large buffers by reference."""
+    if cache is None:
+        return dump(obj, 5)
+    refs: list[tuple[int, int, int]] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            view = buffer.raw()
+        except BufferError:  # not contiguous: pickle copies it in-band
+            return True
+        if view.nbytes < THRESHOLD:
+            return True
+        ref = cache.ref(view)
+        if ref is None:
+            return True
+        refs.append(ref)
+        return False
+
+    body = dump(obj, 5, buffer_callback=out_of_band)
+    if not refs:
+        return body
+    return MAGIC + pickle.dumps((refs, body), 5)
+
+
+def _map(pid: int, fd: int, size: int) -> mmap.mmap:
+    handle = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY)
+    try:
+        # Private and writable: a task may modify what it got; nobody else sees it.
+        return mmap.mmap(
+            handle, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+        )
+    finally:
+        os.close(handle)
+
+
+def loads(data: bytes) -> Any:
+    """Unpickle a payload made by :func:`dumps`, mapping its segments."""
+    if not data.startswith(MAGIC):
+        return pickle.loads(data)
+    refs, body = pickle.loads(memoryview(data)[len(MAGIC) :])
+    return pickle.loads(body, buffers=[_map(*ref) for ref in refs])
