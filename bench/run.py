@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -75,7 +76,9 @@ class Peers:
 
             wp = mpire.WorkerPool(n_jobs=WORKERS, keep_alive=True)
             self._closers.append(wp.terminate)
-            self.mappers["mpire"] = lambda f, xs: wp.map(f, xs, progress_bar=False)
+            self.mappers["mpire"] = lambda f, xs: wp.map(
+                f, xs, progress_bar=False, concatenate_numpy_output=False
+            )
         for mapper in self.mappers.values():  # warm up: start every pool
             mapper(noop, list(range(4 * WORKERS)))
 
@@ -116,6 +119,110 @@ def hardware_floor(seconds: float, per_second: int) -> float:
     one = min(run(1) for _ in range(2))
     many = min(run(WORKERS) for _ in range(2))
     return many / (WORKERS * one)
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+def _shm_bytes() -> int:
+    total = 0
+    for name in os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []:
+        with contextlib.suppress(OSError):
+            total += os.stat(os.path.join("/dev/shm", name)).st_size
+    return total
+
+
+class PeakMemory:
+    """Peak PSS of this process and all its descendants, and peak /dev/shm growth, sampled."""
+
+    def __init__(self) -> None:
+        import threading
+
+        # Other tools' idle pools are in the tree too: count growth over this baseline.
+        self.base_pss = sum(_pss_kb(p) for p in _tree(os.getpid())) * 1024
+        self.peak_pss = 0
+        self.peak_shm = 0
+        self._shm0 = _shm_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pss = sum(_pss_kb(p) for p in _tree(os.getpid())) * 1024
+            self.peak_pss = max(self.peak_pss, pss)
+            self.peak_shm = max(self.peak_shm, _shm_bytes() - self._shm0)
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def array_workloads(peers: Peers, names: list[str], results: dict[str, Any]) -> None:
+    """W5: 50 tasks summing one 200 MB array passed as functools.partial(fn, arr); W7: 40 tasks
+    each returning a 10 MB array. Ratios to the serial loop, plus peak PSS of the process tree."""
+    import functools
+
+    import numpy as np
+
+    arr = np.arange(25_000_000, dtype=np.int64)  # 200 MB
+    fn = functools.partial(workloads.array_sum, arr)
+    xs = list(range(50))
+    serial, expected = best_of(lambda: [fn(x) for x in xs], 1)
+    row = ["W5 200MB array x 50", f"{serial * 1000:.1f} ms"]
+    mem = ["  peak PSS / array (shm)", ""]
+    results["w5"] = {"serial_s": serial, "array_bytes": arr.nbytes}
+    for name, mapper in peers.mappers.items():
+        with PeakMemory() as peak:
+            took, got = best_of(lambda m=mapper: m(fn, xs), 1)
+        if list(got) != expected:
+            raise SystemExit(f"{name} returned wrong results for W5")
+        ratio_pss = peak.peak_pss / arr.nbytes
+        results["w5"][name] = {
+            "ratio": took / serial,
+            "peak_pss_x": ratio_pss,
+            "shm": peak.peak_shm,
+        }
+        row.append(f"{took / serial:.2f}")
+        mem.append(f"{ratio_pss:.2f}({peak.peak_shm >> 20}M)")
+    print("  ".join(f"{c:>10}" if i else f"{c:<26}" for i, c in enumerate(row)), flush=True)
+    print("  ".join(f"{c:>10}" if i else f"{c:<26}" for i, c in enumerate(mem)), flush=True)
+
+    ys = list(range(40))
+    serial, expected = best_of(lambda: [workloads.array_result(y) for y in ys], 1)
+    row = ["W7 40 x 10MB results", f"{serial * 1000:.1f} ms"]
+    for name, mapper in peers.mappers.items():
+        took, got = best_of(lambda m=mapper: m(workloads.array_result, ys), 1)
+        if not all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True)):
+            raise SystemExit(f"{name} returned wrong results for W7")
+        row.append(f"{took / serial:.2f}")
+    print("  ".join(f"{c:>10}" if i else f"{c:<26}" for i, c in enumerate(row)), flush=True)
 
 
 def w6_first_result(name: str) -> float:
@@ -214,6 +321,8 @@ def main() -> int:
                 results["maps"][label][name] = took / serial
                 row.append(f"{took / serial:.2f}")
             print("  ".join(f"{c:>10}" if i else f"{c:<26}" for i, c in enumerate(row)), flush=True)
+        if not only or "W5" in only:
+            array_workloads(peers, names, results)
     finally:
         peers.close()
 

@@ -37,3 +37,15 @@ def heavy_tailed(count: int, mean_s: float, per_second: int, seed: int = 42) -> 
     raw = [rng.lognormvariate(0.0, sigma) for _ in range(count)]
     scale = mean_s / (sum(raw) / count)
     return [max(1, int(r * scale * per_second)) for r in raw]
+
+
+def array_sum(arr, i):
+    """W5: sum a (large, shared) array."""
+    return int(arr.sum()) + i
+
+
+def array_result(i, n=1_310_720):
+    """W7: return a 10 MB float64 array."""
+    import numpy as np
+
+    return np.full(n, float(i))
