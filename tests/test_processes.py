@@ -253,8 +253,30 @@ def test_input_is_read_lazily_and_bounded_for_a_slow_consumer():
         next(stream)
         time.sleep(0.002)
     stream.close()
-    # 50 consumed; at most (2 * workers + 2) chunks of 10 read ahead.
+    # 50 consumed; at most (2 * workers + 2) chunks of 10 held ahead (in flight, parked out of
+    # order, or finished and not yet consumed), plus the chunk being consumed.
     assert len(seen) <= 50 + 6 * 10 + 10
+
+
+def slow_first(x):
+    if x == 0:
+        time.sleep(1.0)
+    return x
+
+
+def test_a_slow_head_does_not_let_parked_results_grow():
+    """In order, later results wait for an early slow one; they must not pile up unbounded."""
+    seen = []
+
+    def source():
+        for i in itertools.count():
+            seen.append(i)
+            yield i
+
+    stream = shoal.imap(slow_first, source(), workers=2, chunksize=10)
+    assert next(stream) == 0
+    stream.close()
+    assert len(seen) <= 6 * 10 + 10, len(seen)
 
 
 def test_error_stops_new_tasks():

@@ -113,8 +113,16 @@ class _Run:
 
     # -- input side ------------------------------------------------------------------------
 
+    def held(self) -> int:
+        """Chunks this call holds: submitted, or finished but not yet handed to the consumer.
+
+        Bounding this (not just what is in flight) bounds memory when the consumer is slow or
+        an early item is: results parked out of order count too.
+        """
+        return len(self.in_flight) + len(self.parked) + len(self.ready)
+
     def feed(self) -> None:
-        while not self.exhausted and len(self.in_flight) < self.window:
+        while not self.exhausted and self.held() < self.window:
             size = self.chunksize or self.session.chunk_size(self.spec_id, self.remaining)
             chunk: list[Any] = []
             try:
