@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import threading
 import types
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -39,6 +40,25 @@ from .backends._base import Session, refuse_engine_limits
 __all__ = ["Executor"]
 
 _KW_SPEC = CallSpec(len, MODE_KW)
+_LIVE_EXECUTORS: weakref.WeakSet[Executor] = weakref.WeakSet()
+
+
+def _stop_pumps() -> None:
+    # At exit, CPython 3.11 ends a daemon thread that re-takes the GIL by unwinding it with
+    # pthread_exit; through Rust frames (a pump waiting in the engine) that aborts the process.
+    # This hook runs before threads are joined and before finalization, so every pump is out of
+    # Rust by then.
+    for executor in list(_LIVE_EXECUTORS):
+        executor._stop_at_exit()
+
+
+_register_atexit = getattr(threading, "_register_atexit", None)
+if _register_atexit is not None:
+    _register_atexit(_stop_pumps)
+else:  # pragma: no cover - other interpreters
+    import atexit
+
+    atexit.register(_stop_pumps)
 
 
 def _named(name: str) -> Any:
@@ -218,6 +238,8 @@ class Executor(cf.Executor):
         self._last: tuple[Callable[..., Any], int, CallSpec] | None = None
         self._pump: threading.Thread | None = None
         self._shutdown = False
+        self._exiting = False
+        _LIVE_EXECUTORS.add(self)
         self._closed = threading.Event()
 
     @property
@@ -360,13 +382,15 @@ class Executor(cf.Executor):
         session = self._session
         assert session is not None
         try:
-            while True:
+            while not self._exiting:
                 results = session.wait(0.5)
                 if results:
                     self._complete(results)
                 with self._lock:
                     if self._shutdown and not self._futures:
                         break
+            if self._exiting:
+                raise ShoalError("the interpreter is exiting")
         except Exception as exc:  # the pool was killed (Ctrl-C) or broke: fail what is left
             with self._lock:
                 pending, self._futures = list(self._futures.values()), {}
@@ -537,6 +561,15 @@ class Executor(cf.Executor):
             self._interrupt()
             return
         self.shutdown(wait=True)
+
+    def _stop_at_exit(self) -> None:
+        """Interpreter exit: get the pump out of Rust before finalization (see below)."""
+        self._exiting = True
+        pump, session = self._pump, self._session
+        if session is not None:
+            session.wake()
+        if pump is not None and pump is not threading.current_thread():
+            pump.join(5)
 
     def _interrupt(self) -> None:
         """Ctrl-C: cancel what is pending and kill the workers now, without waiting."""
