@@ -411,3 +411,35 @@ def test_a_forked_child_gets_its_own_pool_and_spares_the_parents():
     assert pool.pids() == parent_workers
     assert all(alive(p) for p in parent_workers)
     assert shoal.map(square, [3], workers=2) == [9]
+
+
+@pytest.mark.timeout(120)
+def test_exit_while_threads_wait_in_the_engine_is_prompt_and_clean():
+    """The interpreter exits while a daemon thread waits in shoal.map and an Executor has a
+    running task: it must neither wait for those 30 s tasks, nor abort (rc -6), nor leave
+    workers behind."""
+    code = textwrap.dedent(
+        """
+        import threading, time, shoal, helpers
+        threading.Thread(
+            target=lambda: shoal.map(helpers.sleep_then, [1, 2], kwargs={"seconds": 30}),
+            daemon=True,
+        ).start()
+        ex = shoal.Executor(workers=1)
+        ex.submit(helpers.sleep_then, 3, seconds=30)
+        time.sleep(0.5)
+        kids = []
+        import os
+        for task in os.listdir(f"/proc/{os.getpid()}/task"):
+            kids += open(f"/proc/{os.getpid()}/task/{task}/children").read().split()
+        print(*kids, flush=True)
+        """
+    )
+    for _ in range(2):
+        start = time.monotonic()
+        out = run_script(code, timeout=60)
+        assert out.returncode == 0, (out.returncode, out.stderr[-500:])
+        assert "FATAL" not in out.stderr
+        assert time.monotonic() - start < 4, "exit must not wait for running tasks"
+        pids = [int(p) for p in out.stdout.split()]
+        assert pids and all(wait_until(lambda p=p: not alive(p), 5) for p in pids)

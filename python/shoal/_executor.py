@@ -400,7 +400,8 @@ class Executor(cf.Executor):
                 )
                 future._settle(exc=err)
         session.close()
-        self._pool.shutdown(wait=True)
+        # At interpreter exit nothing waits for running tasks: the workers are killed.
+        self._pool.shutdown(wait=not self._exiting, kill=self._exiting)
         self._closed.set()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:

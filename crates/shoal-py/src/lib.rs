@@ -8,6 +8,9 @@ use std::io::{BufReader, BufWriter, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use pyo3::buffer::PyBuffer;
@@ -32,6 +35,29 @@ create_exception!(
 
 fn to_py(err: shoal_core::Error) -> PyErr {
     EngineError::new_err(err.to_string())
+}
+
+/// Set at interpreter exit (see [`at_exit`]).
+static EXITING: AtomicBool = AtomicBool::new(false);
+/// The thread that ran the exit hooks: the main thread, which is never unwound.
+static EXIT_THREAD: OnceLock<ThreadId> = OnceLock::new();
+
+/// Called when the interpreter starts to exit. From then on, a thread other than the main one
+/// that comes out of a blocking wait parks forever instead of taking the GIL back: at
+/// finalization CPython 3.11 unwinds such threads with `pthread_exit`, and that forced unwind
+/// through Rust frames aborts the whole process. Parking is harmless: the process is ending.
+#[pyfunction]
+fn at_exit() {
+    let _ = EXIT_THREAD.set(std::thread::current().id());
+    EXITING.store(true, Ordering::SeqCst);
+}
+
+fn park_if_exiting() {
+    if EXITING.load(Ordering::SeqCst) && EXIT_THREAD.get() != Some(&std::thread::current().id()) {
+        loop {
+            std::thread::park();
+        }
+    }
 }
 
 /// Longest time a blocking call stays in Rust before checking for signals (Ctrl-C).
@@ -179,7 +205,11 @@ impl Engine {
                 None => SIGNAL_SLICE,
             };
             let (outcomes, woken) = py
-                .detach(|| self.inner.wait(session, slice))
+                .detach(|| {
+                    let waited = self.inner.wait(session, slice);
+                    park_if_exiting();
+                    waited
+                })
                 .map_err(to_py)?;
             if !outcomes.is_empty() {
                 return Ok(outcomes
@@ -220,7 +250,10 @@ impl Engine {
 
     #[pyo3(signature = (kill=false))]
     fn shutdown(&self, py: Python<'_>, kill: bool) {
-        py.detach(|| self.inner.shutdown(kill))
+        py.detach(|| {
+            self.inner.shutdown(kill);
+            park_if_exiting();
+        })
     }
 }
 
@@ -461,6 +494,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cpu_count, m)?)?;
     m.add_function(wrap_pyfunction!(signal_name, m)?)?;
     m.add_function(wrap_pyfunction!(total_memory, m)?)?;
+    m.add_function(wrap_pyfunction!(at_exit, m)?)?;
     m.add("EngineError", m.py().get_type::<EngineError>())?;
     m.add("KIND_SETUP", Kind::Setup as u8)?;
     m.add("KIND_TASK", Kind::Task as u8)?;

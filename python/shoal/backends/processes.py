@@ -269,6 +269,8 @@ class ProcessBackend(Backend):
 
 @atexit.register
 def _shutdown_all() -> None:
+    # Threads still waiting in the engine must not take the GIL back during finalization.
+    _native.at_exit()
     # Nothing may outlive the interpreter: kill workers of every pool still alive.
     for pool in list(_LIVE_POOLS):
         pool.shutdown(kill=True)
