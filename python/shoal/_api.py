@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from . import _driver
 from ._context import CallContext
@@ -66,11 +66,11 @@ class Prepared:
         iterables: tuple[Any, ...],
         *,
         star: bool,
-        args: Iterable[Any],
-        kwargs: Mapping[str, Any] | None,
-        iterkwargs: Iterable[Mapping[str, Any]] | None,
-        on_error: str,
-        chunksize: int | None,
+        args: Iterable[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        iterkwargs: Iterable[Mapping[str, Any]] | None = None,
+        on_error: str = "raise",
+        chunksize: int | None = None,
         timeout: float | None = None,
         retries: int = 0,
         retry_on: Any = None,
@@ -207,55 +207,61 @@ def make_context(initializer: Any, initargs: Any, shared: Any) -> CallContext | 
     return CallContext(initializer, tuple(initargs), shared)
 
 
-def _limits(
-    timeout: Any,
-    retries: Any,
-    retry_on: Any,
-    max_tasks_per_worker: Any,
-    max_worker_memory: Any,
-    progress: Any,
-    callback: Any,
-) -> dict[str, Any]:
-    return {
-        "timeout": timeout,
-        "retries": retries,
-        "retry_on": retry_on,
-        "max_tasks_per_worker": max_tasks_per_worker,
-        "max_worker_memory": max_worker_memory,
-        "progress": progress,
-        "callback": callback,
-    }
-
-
 def _pool(workers: Any, backend: str | Backend | None) -> Pool:
     if workers is not None:
         resolve_workers(workers)
     return get_backend(backend).pool(workers)
 
 
-def map(
+class CallOptions(TypedDict, total=False):
+    """The options every top-level call takes; :func:`map` documents them."""
+
+    workers: int | float | None
+    chunksize: int | None
+    args: Iterable[Any]
+    kwargs: Mapping[str, Any] | None
+    iterkwargs: Iterable[Mapping[str, Any]] | None
+    on_error: str
+    timeout: float | None
+    retries: int
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] | None
+    max_tasks_per_worker: int | None
+    max_worker_memory: int | str | None
+    progress: bool | Callable[[Any], Any]
+    callback: Callable[[Any], Any] | None
+    seed: int | None
+    initializer: Callable[..., Any] | None
+    initargs: Iterable[Any]
+    shared: Any
+    max_load: float | None
+    max_memory: float | int | str | None
+    backend: str | Backend | None
+
+
+_OPTION_NAMES = frozenset(CallOptions.__annotations__)
+
+
+def _start(
+    api: str,
     fn: Callable[..., Any],
-    *iterables: Iterable[Any],
-    workers: int | float | None = None,
-    chunksize: int | None = None,
-    args: Iterable[Any] = (),
-    kwargs: Mapping[str, Any] | None = None,
-    iterkwargs: Iterable[Mapping[str, Any]] | None = None,
-    on_error: str = "raise",
-    timeout: float | None = None,
-    retries: int = 0,
-    retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
-    max_tasks_per_worker: int | None = None,
-    max_worker_memory: int | str | None = None,
-    progress: bool | Callable[[Any], Any] = False,
-    callback: Callable[[Any], Any] | None = None,
-    seed: int | None = None,
-    initializer: Callable[..., Any] | None = None,
-    initargs: Iterable[Any] = (),
-    shared: Any = None,
-    max_load: float | None = None,
-    max_memory: float | int | str | None = None,
-    backend: str | Backend | None = None,
+    iterables: tuple[Any, ...],
+    star: bool,
+    ordered: bool,
+    options: dict[str, Any],
+) -> Any:
+    """Validate a call's options, open its session; return ``(session, batch generator)``."""
+    for name in options:
+        if name not in _OPTION_NAMES:
+            raise TypeError(f"shoal.{api}() got an unexpected keyword argument {name!r}")
+    options = dict(options)
+    workers = options.pop("workers", None)
+    backend = options.pop("backend", None)
+    call = Prepared(api, fn, iterables, star=star, **options)
+    return call.open(_pool(workers, backend), ordered=ordered)
+
+
+def map(
+    fn: Callable[..., Any], *iterables: Iterable[Any], **options: Unpack[CallOptions]
 ) -> list[Any]:
     """Apply ``fn`` to every input in parallel and return the results as a list, in input order.
 
@@ -351,54 +357,12 @@ def map(
     >>> shoal.map(pow, [2, 3], [5, 2])
     [32, 9]
     """
-    call = Prepared(
-        "map",
-        fn,
-        iterables,
-        star=False,
-        args=args,
-        kwargs=kwargs,
-        iterkwargs=iterkwargs,
-        on_error=on_error,
-        chunksize=chunksize,
-        **_limits(
-            timeout, retries, retry_on, max_tasks_per_worker, max_worker_memory, progress, callback
-        ),
-        seed=seed,
-        initializer=initializer,
-        initargs=initargs,
-        shared=shared,
-        max_load=max_load,
-        max_memory=max_memory,
-    )
-    _, gen = call.open(_pool(workers, backend), ordered=False)
+    _, gen = _start("map", fn, iterables, star=False, ordered=False, options=dict(options))
     return _driver.collect(gen)
 
 
 def starmap(
-    fn: Callable[..., Any],
-    iterable: Iterable[Iterable[Any]],
-    *,
-    workers: int | float | None = None,
-    chunksize: int | None = None,
-    args: Iterable[Any] = (),
-    kwargs: Mapping[str, Any] | None = None,
-    iterkwargs: Iterable[Mapping[str, Any]] | None = None,
-    on_error: str = "raise",
-    timeout: float | None = None,
-    retries: int = 0,
-    retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
-    max_tasks_per_worker: int | None = None,
-    max_worker_memory: int | str | None = None,
-    progress: bool | Callable[[Any], Any] = False,
-    callback: Callable[[Any], Any] | None = None,
-    seed: int | None = None,
-    initializer: Callable[..., Any] | None = None,
-    initargs: Iterable[Any] = (),
-    shared: Any = None,
-    max_load: float | None = None,
-    max_memory: float | int | str | None = None,
-    backend: str | Backend | None = None,
+    fn: Callable[..., Any], iterable: Iterable[Iterable[Any]], **options: Unpack[CallOptions]
 ) -> list[Any]:
     """Like :func:`map`, but each input is a tuple of arguments: ``fn(*item)``.
 
@@ -408,53 +372,12 @@ def starmap(
     >>> shoal.starmap(pow, [(2, 5), (3, 2)])
     [32, 9]
     """
-    call = Prepared(
-        "starmap",
-        fn,
-        (iterable,),
-        star=True,
-        args=args,
-        kwargs=kwargs,
-        iterkwargs=iterkwargs,
-        on_error=on_error,
-        chunksize=chunksize,
-        **_limits(
-            timeout, retries, retry_on, max_tasks_per_worker, max_worker_memory, progress, callback
-        ),
-        seed=seed,
-        initializer=initializer,
-        initargs=initargs,
-        shared=shared,
-        max_load=max_load,
-        max_memory=max_memory,
-    )
-    _, gen = call.open(_pool(workers, backend), ordered=False)
+    _, gen = _start("starmap", fn, (iterable,), star=True, ordered=False, options=dict(options))
     return _driver.collect(gen)
 
 
 def imap(
-    fn: Callable[..., Any],
-    *iterables: Iterable[Any],
-    workers: int | float | None = None,
-    chunksize: int | None = None,
-    args: Iterable[Any] = (),
-    kwargs: Mapping[str, Any] | None = None,
-    iterkwargs: Iterable[Mapping[str, Any]] | None = None,
-    on_error: str = "raise",
-    timeout: float | None = None,
-    retries: int = 0,
-    retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
-    max_tasks_per_worker: int | None = None,
-    max_worker_memory: int | str | None = None,
-    progress: bool | Callable[[Any], Any] = False,
-    callback: Callable[[Any], Any] | None = None,
-    seed: int | None = None,
-    initializer: Callable[..., Any] | None = None,
-    initargs: Iterable[Any] = (),
-    shared: Any = None,
-    max_load: float | None = None,
-    max_memory: float | int | str | None = None,
-    backend: str | Backend | None = None,
+    fn: Callable[..., Any], *iterables: Iterable[Any], **options: Unpack[CallOptions]
 ) -> _driver.ResultStream:
     """Like :func:`map`, but lazy: an iterator over results in input order.
 
@@ -462,54 +385,15 @@ def imap(
     flight, so memory stays bounded for huge or infinite inputs and for slow consumers.
     Closing the iterator (or leaving a ``for`` loop over it) drops the queued work.
     """
-    call = Prepared(
-        "imap",
-        fn,
-        iterables,
-        star=False,
-        args=args,
-        kwargs=kwargs,
-        iterkwargs=iterkwargs,
-        on_error=on_error,
-        chunksize=chunksize,
-        **_limits(
-            timeout, retries, retry_on, max_tasks_per_worker, max_worker_memory, progress, callback
-        ),
-        seed=seed,
-        initializer=initializer,
-        initargs=initargs,
-        shared=shared,
-        max_load=max_load,
-        max_memory=max_memory,
-    )
-    session, gen = call.open(_pool(workers, backend), ordered=True)
+    session, gen = _start("imap", fn, iterables, star=False, ordered=True, options=dict(options))
     return _driver.ResultStream(session, _driver.flatten(gen))
 
 
 def as_completed(
     fn: Callable[..., Any],
     *iterables: Iterable[Any],
-    workers: int | float | None = None,
-    chunksize: int | None = None,
-    args: Iterable[Any] = (),
-    kwargs: Mapping[str, Any] | None = None,
-    iterkwargs: Iterable[Mapping[str, Any]] | None = None,
-    on_error: str = "raise",
     with_index: bool = False,
-    timeout: float | None = None,
-    retries: int = 0,
-    retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
-    max_tasks_per_worker: int | None = None,
-    max_worker_memory: int | str | None = None,
-    progress: bool | Callable[[Any], Any] = False,
-    callback: Callable[[Any], Any] | None = None,
-    seed: int | None = None,
-    initializer: Callable[..., Any] | None = None,
-    initargs: Iterable[Any] = (),
-    shared: Any = None,
-    max_load: float | None = None,
-    max_memory: float | int | str | None = None,
-    backend: str | Backend | None = None,
+    **options: Unpack[CallOptions],
 ) -> _driver.ResultStream:
     """Like :func:`imap`, but yields results as they complete.
 
@@ -519,27 +403,9 @@ def as_completed(
         Yield ``(index, result)`` pairs, ``index`` being the input's position, so each result
         can be matched to its input.
     """
-    call = Prepared(
-        "as_completed",
-        fn,
-        iterables,
-        star=False,
-        args=args,
-        kwargs=kwargs,
-        iterkwargs=iterkwargs,
-        on_error=on_error,
-        chunksize=chunksize,
-        **_limits(
-            timeout, retries, retry_on, max_tasks_per_worker, max_worker_memory, progress, callback
-        ),
-        seed=seed,
-        initializer=initializer,
-        initargs=initargs,
-        shared=shared,
-        max_load=max_load,
-        max_memory=max_memory,
+    session, gen = _start(
+        "as_completed", fn, iterables, star=False, ordered=False, options=dict(options)
     )
-    session, gen = call.open(_pool(workers, backend), ordered=False)
     stream = _driver.with_indices(gen) if with_index else _driver.flatten(gen)
     return _driver.ResultStream(session, stream)
 
