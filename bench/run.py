@@ -91,6 +91,7 @@ def map_workloads(repeat: int) -> dict[str, tuple[Callable[[Any], Any], list[Any
     per_second = workloads.calibrate(1.0)
     return {
         "W1 100k no-op": (noop, list(range(100_000))),
+        "W1r 100k no-op, range input": (noop, range(100_000)),
         "W2 20k x 100us": (spin, [per_second // 10_000] * 20_000),
         "W3 200 x 10ms": (spin, [per_second // 100] * 200),
         "W4 400 heavy-tailed ~5ms": (spin, workloads.heavy_tailed(400, 0.005, per_second)),
@@ -346,7 +347,7 @@ def main() -> int:
             results["maps"][label] = {"serial_s": serial}
             for name, mapper in peers.mappers.items():
                 took, got = best_of(lambda m=mapper, fn=fn, xs=xs: m(fn, xs), args.repeat)
-                if list(got) != expected:
+                if list(got) != list(expected):
                     raise SystemExit(f"{name} returned wrong results for {label}")
                 results["maps"][label][name] = took / serial
                 row.append(f"{took / serial:.2f}")

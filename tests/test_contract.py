@@ -212,3 +212,16 @@ def test_executor_on_every_backend(backend):
         with pytest.raises(ValueError, match="bad input 3"):
             bad.result(timeout=30)
         assert isinstance(bad.exception().__cause__, shoal.RemoteTraceback)
+
+
+@pytest.mark.parametrize("rng", [range(0), range(1000), range(5, 500, 7), range(100, -50, -3)])
+def test_range_inputs_travel_as_ranges_and_give_the_same_results(backend, rng):
+    assert shoal.map(square, rng, backend=backend) == [x * x for x in rng]
+    assert list(shoal.imap(square, rng, backend=backend, chunksize=9)) == [x * x for x in rng]
+    got = sorted(shoal.as_completed(square, rng, with_index=True, backend=backend))
+    assert got == [(i, x * x) for i, x in enumerate(rng)]
+
+
+def test_range_inputs_keep_errors_and_indices(backend):
+    got = shoal.map(fail_on, range(10), kwargs={"bad": 7}, on_error="return", backend=backend)
+    assert isinstance(got[7], ValueError) and any("item 7" in n for n in got[7].__notes__)

@@ -87,6 +87,10 @@ def test_seeded_results_do_not_depend_on_scheduling(how):
     )
 
 
+def test_seeded_range_inputs_match_lists():
+    assert shoal.map(draws, range(40), seed=3) == shoal.map(draws, list(range(40)), seed=3)
+
+
 def test_seeded_streams_are_independent_and_seed_dependent():
     a = shoal.map(draws, range(50), seed=1)
     b = shoal.map(draws, range(50), seed=2)

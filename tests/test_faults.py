@@ -86,6 +86,14 @@ def test_segfaulting_items_fail_alone_even_inside_chunks(pool_backend):
             assert g == 2 * i, (i, g)
 
 
+def test_a_segfault_inside_a_range_chunk_is_isolated(pool_backend):
+    got = shoal.map(
+        segfault_on, range(300), kwargs={"bad": (123,)}, on_error="return", backend=pool_backend
+    )
+    assert isinstance(got[123], shoal.WorkerCrashedError) and got[123].index == 123
+    assert [g for i, g in enumerate(got) if i != 123] == [2 * i for i in range(300) if i != 123]
+
+
 def test_a_segfault_raises_naming_the_item(pool_backend):
     with pytest.raises(shoal.WorkerCrashedError, match=r"item 7.*SIGSEGV") as info:
         shoal.map(segfault_on, range(20), kwargs={"bad": (7,)}, backend=pool_backend)

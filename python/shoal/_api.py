@@ -123,6 +123,7 @@ class Prepared:
                 raise TypeError(f"kwargs keys must be strings, got {key!r}")
         if not iterables and iterkwargs is None:
             raise TypeError(f"shoal.{api}() needs at least one iterable of inputs (or iterkwargs=)")
+        self.range_source: range | None = None
         sources = list(iterables)
         if iterkwargs is not None:
             if isinstance(iterkwargs, Mapping):
@@ -146,6 +147,9 @@ class Prepared:
             self.items, mode = iterators[0], MODE_STAR
         elif len(iterators) == 1:
             self.items, mode = iterators[0], MODE_SINGLE
+            if isinstance(iterables[0], range):
+                # Chunks of a range travel as ranges: a few bytes instead of a pickled list.
+                self.range_source = iterables[0]
         else:
             self.items, mode = zip(*iterators, strict=False), MODE_STAR
         #: Raise the lowest-index failure even on an unordered session (map, starmap).
@@ -190,6 +194,7 @@ class Prepared:
             limits=self.limits,
             progress=make_progress(self.progress, self.total, self.api),
             callback=self.callback,
+            range_source=self.range_source,
         )
         return session, gen
 

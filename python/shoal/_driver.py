@@ -82,8 +82,10 @@ class _Run:
         limits: Limits,
         progress: Any,
         callback: Callable[[Any], Any] | None,
+        range_source: range | None = None,
     ) -> None:
         self.session = session
+        self.range_source = range_source
         self.spec_id = spec_id
         self.spec = spec
         self.items = items
@@ -124,12 +126,16 @@ class _Run:
     def feed(self) -> None:
         while not self.exhausted and self.held() < self.window:
             size = self.chunksize or self.session.chunk_size(self.spec_id, self.remaining)
-            chunk: list[Any] = []
-            try:
-                # extend() keeps what it read even if the input raises midway.
-                chunk.extend(itertools.islice(self.items, size))
-            except Exception as exc:
-                self.input_error, self.exhausted = exc, True
+            chunk: Any
+            if self.range_source is not None:
+                chunk = self.range_source[self.next_index : self.next_index + size]
+            else:
+                chunk = []
+                try:
+                    # extend() keeps what it read even if the input raises midway.
+                    chunk.extend(itertools.islice(self.items, size))
+                except Exception as exc:
+                    self.input_error, self.exhausted = exc, True
             if chunk:
                 seq = self.session.submit(self.spec_id, chunk, self.next_index)
                 self.in_flight[seq] = _Pending(self.next_index, chunk, [])
@@ -306,6 +312,7 @@ def batches(
     limits: Limits = NO_LIMITS,
     progress: Any = None,
     callback: Callable[[Any], Any] | None = None,
+    range_source: range | None = None,
 ) -> Iterator[Batch]:
     """Run a call on an open session; yield ``(start_index, values)`` batches.
 
@@ -319,6 +326,9 @@ def batches(
     culprit is blamed. An item that crashed, timed out, ran out of memory, or raised one of
     ``limits.retry_on`` runs again up to ``limits.retries`` times; the final error lists the
     attempts.
+
+    With ``range_source`` (the input is one ``range``), chunks are sub-ranges rather than lists:
+    they pickle to a few bytes and the worker makes the integers itself.
 
     The session is closed when the generator ends, fails or is closed; on Ctrl-C it is aborted
     (its running tasks are stopped where the engine can).
@@ -337,6 +347,7 @@ def batches(
         limits=limits,
         progress=progress,
         callback=callback,
+        range_source=range_source,
     )
     return run.loop()
 
