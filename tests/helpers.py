@@ -160,3 +160,18 @@ def wait_until(predicate, timeout=10.0):
             return True
         time.sleep(0.02)
     return predicate()
+
+
+def run_script(code: str, timeout: float = 60, env: dict | None = None):
+    """Run Python ``code`` in a fresh interpreter that sees this test run's ``sys.path``."""
+    import subprocess
+    import textwrap
+
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )

@@ -11,7 +11,7 @@ import pytest
 import shoal
 from shoal.backends.processes import THREAD_VARIABLES, ProcessBackend
 
-from helpers import square
+from helpers import run_script, square
 
 
 def worker_env(_):
@@ -348,13 +348,7 @@ def test_when_shared_memory_cannot_be_had_buffers_go_in_band():
         "resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, 2**16))\n"
         "print(shoal.map(test_data.array_sum, [arr, arr], workers=1) == [int(arr.sum())] * 2)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )
+    out = run_script(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"
 

@@ -28,6 +28,7 @@ from helpers import (
     hog_on,
     leak,
     pid_of,
+    run_script,
     segfault_on,
     sleep_on,
     square,
@@ -219,13 +220,7 @@ def test_progress_callable_and_callback():
 
 def test_progress_bar_on_stderr():
     code = "import shoal, helpers; shoal.map(helpers.square, range(300), progress=True)"
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )
+    out = run_script(code)
     assert out.returncode == 0, out.stderr
     last = out.stderr.strip().split("\r")[-1]
     assert "100%" in last and "300/300" in last and "it/s" in last, out.stderr[-300:]
@@ -306,17 +301,7 @@ def test_a_result_too_large_for_the_channel_names_its_item():
         print(type(got[1]).__name__, "|", got[1], "|", got[1].__notes__[0])
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(sys.path),
-            "SHOAL_MAX_MESSAGE_BYTES": str(2**20),
-        },
-    )
+    out = run_script(code, env={"SHOAL_MAX_MESSAGE_BYTES": str(2**20)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("PicklingError")
     assert "too large for the channel" in out.stdout and "item 1" in out.stdout
@@ -326,13 +311,7 @@ def test_tasks_printing_megabytes_do_not_disturb_the_channel():
     code = (
         "import shoal, helpers; print(shoal.map(helpers.chatty, range(6), kwargs={'megabytes': 2}))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )
+    out = run_script(code)
     assert out.returncode == 0, out.stderr[-500:]
     assert out.stdout.rstrip().endswith("[0, 1, 2, 3, 4, 5]")
     assert len(out.stdout) > 12 * 2**20

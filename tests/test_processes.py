@@ -26,22 +26,11 @@ from helpers import (
     raise_unbuildable,
     return_lambda,
     return_unpicklable,
+    run_script,
     slow_pid,
     square,
     wait_until,
 )
-
-
-def run_script(code: str, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        **kwargs,
-    )
 
 
 def test_default_pool_is_reused_across_calls():
