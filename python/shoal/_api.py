@@ -21,12 +21,12 @@ from ._options import (
     check_on_error,
     check_retries,
     check_retry_on,
+    check_seed,
     check_timeout,
     parse_memory,
     resolve_workers,
 )
 from ._progress import make_progress
-from ._seeding import check_seed
 from ._spec import MODE_KW, MODE_SINGLE, MODE_STAR, CallSpec, Limits
 from .backends import Backend, get_backend
 from .backends._base import Pool
@@ -180,7 +180,7 @@ class Prepared:
         except BaseException:
             session.close()
             raise
-        gen = _driver.batches(
+        gen = _driver.Run(
             session,
             spec_id,
             self.spec,
@@ -195,7 +195,7 @@ class Prepared:
             progress=make_progress(self.progress, self.total, self.api),
             callback=self.callback,
             range_source=self.range_source,
-        )
+        ).loop()
         return session, gen
 
 

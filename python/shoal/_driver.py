@@ -26,7 +26,7 @@ from ._errors import (
     annotate,
     note_attempts,
 )
-from ._spec import NO_LIMITS, CallSpec, ChunkResult, Crash, Limits, describe_item
+from ._spec import CallSpec, ChunkResult, Crash, Limits, describe_item
 from .backends._base import Session
 
 Batch = tuple[int, list[Any]]
@@ -63,8 +63,26 @@ class _Pending:
         self.attempts = attempts
 
 
-class _Run:
-    """One call on an open session. See :func:`batches`."""
+class Run:
+    """One call on an open session; :meth:`loop` yields ``(start_index, values)`` batches.
+
+    Batches come in input order if ``ordered``, else in completion order. With
+    ``on_error="raise"`` the call stops at a failure: chunks after it are dropped, no more input
+    is read, and its running tasks are stopped. If ``ordered`` or
+    ``first_error_in_input_order``, the chunks before the failing item still finish, so the
+    exception raised is that of the failing item with the lowest index, whatever the timing.
+
+    A chunk whose worker died is split: each of its items runs again, alone, so that only the
+    culprit is blamed. An item that crashed, timed out, ran out of memory, or raised one of
+    ``limits.retry_on`` runs again up to ``limits.retries`` times; the final error lists the
+    attempts.
+
+    With ``range_source`` (the input is one ``range``), chunks are sub-ranges rather than lists:
+    they pickle to a few bytes and the worker makes the integers itself.
+
+    The session is closed when the generator ends, fails or is closed; on Ctrl-C it is aborted
+    (its running tasks are stopped where the engine can).
+    """
 
     def __init__(
         self,
@@ -78,7 +96,7 @@ class _Run:
         chunksize: int | None,
         deadline: float | None,
         ordered: bool,
-        errors_in_input_order: bool,
+        first_error_in_input_order: bool,
         limits: Limits,
         progress: Any,
         callback: Callable[[Any], Any] | None,
@@ -95,7 +113,7 @@ class _Run:
         self.chunksize = 1 if limits.timeout is not None else chunksize
         self.deadline = deadline
         self.ordered = ordered
-        self.errors_in_input_order = errors_in_input_order or ordered
+        self.errors_in_input_order = first_error_in_input_order or ordered
         self.retries = limits.retries
         self.retry_on = limits.retry_on
         self.progress = progress
@@ -295,61 +313,6 @@ class _Run:
             self.session.close(abort=abort)
             if self.progress is not None:
                 self.progress.close()
-
-
-def batches(
-    session: Session,
-    spec_id: int,
-    spec: CallSpec,
-    items: Iterator[Any],
-    total: int | None,
-    *,
-    on_error: str,
-    chunksize: int | None,
-    deadline: float | None = None,
-    ordered: bool = False,
-    first_error_in_input_order: bool = False,
-    limits: Limits = NO_LIMITS,
-    progress: Any = None,
-    callback: Callable[[Any], Any] | None = None,
-    range_source: range | None = None,
-) -> Iterator[Batch]:
-    """Run a call on an open session; yield ``(start_index, values)`` batches.
-
-    Batches come in input order if ``ordered``, else in completion order. With
-    ``on_error="raise"`` the call stops at a failure: chunks after it are dropped, no more input
-    is read, and its running tasks are stopped. If ``ordered`` or
-    ``first_error_in_input_order``, the chunks before the failing item still finish, so the
-    exception raised is that of the failing item with the lowest index, whatever the timing.
-
-    A chunk whose worker died is split: each of its items runs again, alone, so that only the
-    culprit is blamed. An item that crashed, timed out, ran out of memory, or raised one of
-    ``limits.retry_on`` runs again up to ``limits.retries`` times; the final error lists the
-    attempts.
-
-    With ``range_source`` (the input is one ``range``), chunks are sub-ranges rather than lists:
-    they pickle to a few bytes and the worker makes the integers itself.
-
-    The session is closed when the generator ends, fails or is closed; on Ctrl-C it is aborted
-    (its running tasks are stopped where the engine can).
-    """
-    run = _Run(
-        session,
-        spec_id,
-        spec,
-        items,
-        total,
-        on_error=on_error,
-        chunksize=chunksize,
-        deadline=deadline,
-        ordered=ordered,
-        errors_in_input_order=first_error_in_input_order,
-        limits=limits,
-        progress=progress,
-        callback=callback,
-        range_source=range_source,
-    )
-    return run.loop()
 
 
 def collect(gen: Iterable[Batch]) -> list[Any]:

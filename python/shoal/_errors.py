@@ -67,6 +67,12 @@ class PicklingError(ShoalError, pickle.PicklingError):
     """A function, argument or result could not be pickled; the message names which one."""
 
 
+def _subject(index: int | None, function: str, arguments: str) -> tuple[str, str]:
+    """``("item 3", " f(3)")``: how messages name the failed item and its call."""
+    where = f"item {index}" if index is not None else "a task"
+    return where, (f" {function}({arguments})" if function else "")
+
+
 class WorkerCrashedError(ShoalError):
     """The worker process died while it was running this item.
 
@@ -85,8 +91,7 @@ class WorkerCrashedError(ShoalError):
     def __init__(
         self, index: int | None, arguments: str, pid: int | None, exit: str, function: str = ""
     ) -> None:
-        where = f"item {index}" if index is not None else "a task"
-        call = f" {function}({arguments})" if function else ""
+        where, call = _subject(index, function, arguments)
         super().__init__(f"worker (pid {pid}) died while running {where}:{call}: {exit}")
         self.index = index
         self.arguments = arguments
@@ -115,8 +120,7 @@ class TaskTimeoutError(ShoalError, TimeoutError):
     def __init__(
         self, index: int | None, arguments: str, pid: int | None, timeout: float, function: str = ""
     ) -> None:
-        where = f"item {index}" if index is not None else "a task"
-        call = f" {function}({arguments})" if function else ""
+        where, call = _subject(index, function, arguments)
         super().__init__(
             f"{where}{call} ran past its timeout of {timeout:g} s; "
             f"its worker (pid {pid}) was killed"
@@ -154,8 +158,7 @@ class WorkerMemoryError(ShoalError, MemoryError):
         limit: int,
         function: str = "",
     ) -> None:
-        where = f"item {index}" if index is not None else "a task"
-        call = f" {function}({arguments})" if function else ""
+        where, call = _subject(index, function, arguments)
         super().__init__(
             f"worker (pid {pid}) used {rss / 2**20:.0f} MiB, over max_worker_memory "
             f"({limit / 2**20:.0f} MiB), while running {where}:{call}; it was killed"

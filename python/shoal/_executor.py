@@ -28,11 +28,11 @@ from ._options import (
     check_max_tasks,
     check_retries,
     check_retry_on,
+    check_seed,
     check_timeout,
     parse_memory,
     resolve_workers,
 )
-from ._seeding import check_seed
 from ._spec import MODE_KW, CallSpec, ChunkResult, Limits, describe_item
 from .backends import Backend, get_backend
 from .backends._base import Session, refuse_engine_limits

@@ -109,15 +109,25 @@ def check_retry_on(retry_on: Any) -> tuple[type[BaseException], ...]:
     return types
 
 
+def check_int(value: Any, name: str, minimum: int) -> int | None:
+    """Validate an optional int option: ``None``, or an int (not a bool) >= ``minimum``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int or None, not {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return int(value)
+
+
 def check_max_tasks(n: Any, name: str = "max_tasks_per_worker") -> int | None:
     """Validate a count option such as ``max_tasks_per_worker``: ``None`` or an int >= 1."""
-    if n is None:
-        return None
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-        raise TypeError(f"{name} must be an int or None, not {type(n).__name__}")
-    if n < 1:
-        raise ValueError(f"{name} must be at least 1, got {n}")
-    return int(n)
+    return check_int(n, name, 1)
+
+
+def check_seed(seed: Any) -> int | None:
+    """Validate ``seed``: ``None`` or an int >= 0."""
+    return check_int(seed, "seed", 0)
 
 
 _UNITS = {

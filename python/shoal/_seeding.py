@@ -14,20 +14,8 @@ completion, or retries.
 from __future__ import annotations
 
 import hashlib
-import numbers
 import random
 from typing import Any
-
-
-def check_seed(seed: Any) -> int | None:
-    """Validate ``seed``: ``None`` or an int >= 0."""
-    if seed is None:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be a non-negative int or None, not {type(seed).__name__}")
-    if seed < 0:
-        raise ValueError(f"seed must be non-negative, got {seed}")
-    return int(seed)
 
 
 def _numpy() -> Any:
