@@ -347,10 +347,85 @@ def test_when_shared_memory_cannot_be_had_buffers_go_in_band():
         "arr = np.arange(1_000_000, dtype=np.int64)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, 2**16))\n"
         "print(shoal.map(test_data.array_sum, [arr, arr], workers=1) == [int(arr.sum())] * 2)\n"
+        "got = shoal.map(test_data.big_result, [1, 2], workers=1)\n"
+        "want = [test_data.big_result(i) for i in (1, 2)]\n"
+        "print(all(np.array_equal(g, w) for g, w in zip(got, want)))\n"
     )
     out = run_script(code)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "True"
+    assert out.stdout.split() == ["True", "True"]
+
+
+def big_result(i):
+    return np.full(300_000, i, dtype=np.float64) * np.arange(300_000)  # 2.4 MB
+
+
+def many_big_results(n):
+    return [np.full(150_000, k, dtype=np.int64) for k in range(n)]  # 1.2 MB each
+
+
+def shared_mappings():
+    """Address ranges of this process's mappings of shoal's shared-memory segments."""
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if "memfd:shoal" in line:
+                lo, hi = line.split()[0].split("-")
+                ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_large_results_arrive_through_shared_memory_without_holding_descriptors():
+    import gc
+
+    gc.collect()
+    mapped_before, fds_before = len(shared_mappings()), open_fds()
+    got = shoal.map(big_result, range(40), workers=2)
+    for i, arr in enumerate(got):
+        assert np.array_equal(arr, big_result(i))
+    ranges = shared_mappings()
+    address = got[5].__array_interface__["data"][0]
+    assert any(lo <= address < hi for lo, hi in ranges), "result not in a shared segment"
+    assert open_fds() <= fds_before + 2, "each received segment must not keep a descriptor"
+    # Results are ordinary writable arrays; writes stay private to this process.
+    got[5][0] = -1.0
+    assert got[5][0] == -1.0
+    del got, arr
+    gc.collect()
+    assert len(shared_mappings()) == mapped_before, "segments freed with their arrays"
+
+
+def test_small_results_stay_in_band():
+    got = shoal.map(np.arange, [10, 1000], workers=1)
+    assert [len(g) for g in got] == [10, 1000]
+    address = got[1].__array_interface__["data"][0]
+    assert not any(lo <= address < hi for lo, hi in shared_mappings())
+
+
+def test_a_result_with_more_buffers_than_one_frame_may_pass_is_still_whole():
+    (got,) = shoal.map(many_big_results, [70], workers=1)
+    assert [int(a[0]) for a in got] == list(range(70))
+    assert all(len(a) == 150_000 for a in got)
+
+
+def test_results_survive_their_worker_exiting_right_after_sending():
+    # One task per worker: each worker exits as soon as its result is sent.
+    got = shoal.map(big_result, range(6), workers=2, max_tasks_per_worker=1)
+    for i, arr in enumerate(got):
+        assert np.array_equal(arr, big_result(i))
+
+
+def test_results_through_shared_memory_in_imap_and_executor():
+    assert [int(a[1]) for a in shoal.imap(big_result, range(5), workers=2)] == [
+        int(big_result(i)[1]) for i in range(5)
+    ]
+    with shoal.Executor(workers=2) as ex:
+        futures = [ex.submit(big_result, i) for i in range(5)]
+        assert [float(f.result()[2]) for f in futures] == [2.0 * i for i in range(5)]
 
 
 def test_no_shared_memory_left_after_crash_and_kill(tmp_path):

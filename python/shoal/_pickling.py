@@ -19,6 +19,7 @@ from ._spec import CallSpec, ItemError
 TYPE_CHECKING = False  # typing itself costs ~7 ms at worker start-up
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from typing import Any
 
     from ._shm import SegmentCache
@@ -105,19 +106,24 @@ def _portable_exception(exc: BaseException) -> BaseException:
         return RemoteError(f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc))
 
 
-def encode_outcome(values: list[Any], errors: list[ItemError]) -> bytes:
-    """Pickle a chunk's outcome in a worker.
+def encode_outcome(
+    values: list[Any], errors: list[ItemError], segments: SegmentCache | None = None
+) -> bytes:
+    """Pickle a chunk's outcome in a worker; with ``segments`` (a
+    :class:`~shoal._shm.ResultSegments`), large buffers go into shared memory.
 
     A result that cannot be pickled, or whose pickle is over the channel's limit, becomes an
     error of its own item (naming it) instead of failing the whole chunk.
     """
     wire = [(e.offset, _portable_exception(e.exc), e.traceback, e.arguments) for e in errors]
     try:
-        blob = dumps((values, wire))
+        blob = dumps((values, wire), segments)
         if len(blob) <= MAX_MESSAGE_BYTES:
             return blob
     except Exception:
         pass
+    if segments is not None:
+        segments.close()  # made for the failed attempt; the retry below makes its own
     failed = {e.offset for e in errors}
     for offset, value in enumerate(values):
         if offset in failed:
@@ -140,12 +146,14 @@ def encode_outcome(values: list[Any], errors: list[ItemError]) -> bytes:
             values[offset] = None
             wire.append((offset, err, "", ""))
     wire.sort(key=lambda w: w[0])
-    return dumps((values, wire))
+    return dumps((values, wire), segments)
 
 
-def decode_outcome(payload: bytes) -> tuple[list[Any], list[ItemError]]:
-    """Unpickle a chunk's outcome in the driver."""
-    values, wire = pickle.loads(payload)
+def decode_outcome(
+    payload: bytes, segments: Sequence[Any] = ()
+) -> tuple[list[Any], list[ItemError]]:
+    """Unpickle a chunk's outcome in the driver, mapping the ``segments`` that came with it."""
+    values, wire = shm.loads(payload, segments)
     if not wire:
         return values, []
     return values, [ItemError(off, exc, tb, args) for off, exc, tb, args in wire]

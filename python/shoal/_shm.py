@@ -14,23 +14,31 @@ per call, and every segment is closed when the call ends. memfd segments have no
 ``/dev/shm``: the kernel frees their memory once no process holds them, so crashes and Ctrl-C
 leave nothing behind. If a segment cannot be made (memory limits, file descriptors), the buffer
 simply goes in-band, through the channel.
+
+Results travel the same way in the other direction, with one difference: a worker may exit (or
+be killed) right after answering, so the driver cannot rely on opening the worker's descriptors
+later. A worker's :class:`ResultSegments` therefore copies each large buffer of a result into a
+segment and the segments' descriptors are *passed* with the result frame (``SCM_RIGHTS``, see
+``shoal-core``'s ``fdpass``). The driver maps them when it unpickles the result and closes the
+descriptors at once: the memory lives exactly as long as the arrays built on it.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 import pickle
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
     from typing import Any
 
 #: Buffers at least this large go through shared memory (``SHOAL_SHM_THRESHOLD`` bytes).
 THRESHOLD = int(os.environ.get("SHOAL_SHM_THRESHOLD", str(1 << 20)))
 #: Prefix of a payload whose buffers are in shared memory (never the start of a pickle).
 MAGIC = b"SHM\x00"
+#: Most segments passed with one result frame (the protocol's limit); more go in-band.
+MAX_RESULT_SEGMENTS = 64
 
 
 class SegmentCache:
@@ -64,11 +72,40 @@ class SegmentCache:
         self._segments.clear()
 
 
+class ResultSegments(SegmentCache):
+    """The segments of one result, in a worker: referenced by their position in :meth:`fds`,
+    whose descriptors are passed with the result frame."""
+
+    def __init__(self) -> None:
+        self._segments = {}
+        self.failed = False
+
+    def ref(self, view: memoryview) -> int | None:  # type: ignore[override]
+        from . import _native
+
+        key = (id(view.obj), view.nbytes)
+        hit = self._segments.get(key)
+        if hit is None:
+            if len(self._segments) >= MAX_RESULT_SEGMENTS:
+                return None
+            try:
+                segment = _native.Segment(view)
+            except (OSError, ValueError):
+                self.failed = True
+                return None
+            hit = self._segments[key] = (segment, view.obj)
+        return list(self._segments).index(key)
+
+    def fds(self) -> list[int]:
+        """Descriptors of the segments, in reference order."""
+        return [segment.fd for segment, _ in self._segments.values()]
+
+
 def dumps(obj: Any, cache: SegmentCache | None, dump: Callable[..., bytes] = pickle.dumps) -> bytes:
     """Pickle ``obj`` (with ``dump``: pickle's or cloudpickle's), large buffers by reference."""
     if cache is None:
         return dump(obj, 5)
-    refs: list[tuple[int, int, int]] = []
+    refs: list[Any] = []
 
     def out_of_band(buffer: pickle.PickleBuffer) -> bool:
         try:
@@ -89,20 +126,39 @@ def dumps(obj: Any, cache: SegmentCache | None, dump: Callable[..., bytes] = pic
     return MAGIC + pickle.dumps((refs, body), 5)
 
 
-def _map(pid: int, fd: int, size: int) -> mmap.mmap:
+def _map(pid: int, fd: int, size: int) -> Any:
+    from . import _native
+
     handle = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY)
     try:
         # Private and writable: a task may modify what it got; nobody else sees it.
-        return mmap.mmap(
-            handle, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
-        )
+        return _native.Mapping(handle, size)
     finally:
         os.close(handle)
 
 
-def loads(data: bytes) -> Any:
-    """Unpickle a payload made by :func:`dumps`, mapping its segments."""
+def _map_received(segment: Any) -> Any:
+    from . import _native
+
+    try:
+        return _native.Mapping(segment.fd, segment.size)
+    finally:
+        # The mapping keeps the memory (and holds no descriptor): close ours now.
+        segment.close()
+
+
+def loads(data: bytes, received: Sequence[Any] = ()) -> Any:
+    """Unpickle a payload made by :func:`dumps`, mapping its segments: the driver's (by
+    ``/proc`` path) or those ``received`` with a result (by position)."""
     if not data.startswith(MAGIC):
         return pickle.loads(data)
     refs, body = pickle.loads(memoryview(data)[len(MAGIC) :])
-    return pickle.loads(body, buffers=[_map(*ref) for ref in refs])
+    buffers = []
+    for ref in refs:
+        if isinstance(ref, int):
+            if not 0 <= ref < len(received):
+                raise ValueError(f"result refers to segment {ref}; {len(received)} arrived")
+            buffers.append(_map_received(received[ref]))
+        else:
+            buffers.append(_map(*ref))
+    return pickle.loads(body, buffers=buffers)

@@ -50,7 +50,9 @@ def _failed_chunk(failure: BaseException, tb: str, n: int, stop: bool) -> bytes:
     return encode_outcome([None] * count, errors)
 
 
-def _run_task(setup: CallSpec | BaseException, payload: bytes) -> bytes:
+def _run_task(
+    setup: CallSpec | BaseException, payload: bytes, segments: _shm.ResultSegments
+) -> bytes:
     if isinstance(setup, BaseException):
         return _failed_chunk(setup, format_remote_traceback(setup), 1, True)
     try:
@@ -59,7 +61,7 @@ def _run_task(setup: CallSpec | BaseException, payload: bytes) -> bytes:
         err = SetupLoadError(f"the arguments could not be unpickled in the worker: {exc!r}")
         return _failed_chunk(err, format_remote_traceback(exc), 1, True)
     values, errors = run_chunk(setup, items, start)
-    return encode_outcome(values, errors)
+    return encode_outcome(values, errors, segments)
 
 
 def main(fd: int | None = None) -> None:
@@ -81,8 +83,15 @@ def main(fd: int | None = None) -> None:
         if kind == task_kind:
             start = clock()
             setup = setups.get(aux)
-            blob = _run_task(_missing(aux) if setup is None else setup, payload)
-            channel.send_result(ident, clock() - start, blob)
+            segments = _shm.ResultSegments()
+            blob = _run_task(_missing(aux) if setup is None else setup, payload, segments)
+            fds = segments.fds()
+            if fds:
+                # Large buffers of the result travel as segments passed with the frame.
+                channel.send_result(ident, clock() - start, blob, fds)
+                segments.close()
+            else:
+                channel.send_result(ident, clock() - start, blob)
         elif kind == setup_kind:
             try:
                 setups[ident] = _shm.loads(payload)

@@ -9,12 +9,14 @@
 //!   ordering of results). Tested without processes.
 //! - [`chunking`]: adaptive chunk sizes from measured item times.
 //! - [`supervisor`]: processes, sockets and threads that carry out the scheduler's decisions.
+//! - [`fdpass`]: file descriptors (shared-memory segments) passed with frames.
 //! - [`cpu`]: how many CPUs this process may use.
 //! - [`progress`]: a progress bar redrawn by its own thread.
 
 pub mod chunking;
 pub mod cpu;
 pub mod error;
+pub mod fdpass;
 pub mod progress;
 pub mod protocol;
 pub mod scheduler;

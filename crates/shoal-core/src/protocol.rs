@@ -14,10 +14,15 @@
 //! | 0..2   | magic        | `0x5348` ("SH"), catches a desynchronised stream  |
 //! | 2      | version      | [`VERSION`]                                        |
 //! | 3      | kind         | [`Kind`]                                           |
-//! | 4..8   | n_buffers    | number of out-of-band buffers                      |
+//! | 4..6   | n_buffers    | number of out-of-band buffers                      |
+//! | 6..8   | n_fds        | file descriptors passed with the frame (see below) |
 //! | 8..16  | id           | task id, setup id or pid, depending on the kind    |
 //! | 16..24 | aux          | setup id of a task, elapsed ns of a result         |
 //! | 24..32 | payload_len  | length of the payload in bytes                     |
+//!
+//! A frame may come with file descriptors (shared-memory segments holding a result's large
+//! buffers), passed as `SCM_RIGHTS` ancillary data with the frame's first bytes; the header says
+//! how many, so the reader hands exactly those to the frame (see [`crate::fdpass`]).
 
 use std::io::{self, Read, Write};
 
@@ -28,11 +33,13 @@ pub const HEADER_LEN: usize = 32;
 /// Magic number at the start of every frame.
 pub const MAGIC: u16 = 0x5348;
 /// Protocol version; bumped on any incompatible change.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Largest payload or buffer accepted, so that a corrupt length cannot make us allocate wildly.
 pub const MAX_SECTION_LEN: u64 = 1 << 36;
 /// Largest number of out-of-band buffers in one frame.
-pub const MAX_BUFFERS: u32 = 1 << 16;
+pub const MAX_BUFFERS: u32 = u16::MAX as u32;
+/// Largest number of file descriptors passed with one frame.
+pub const MAX_FDS: u16 = 64;
 
 /// What a frame means. Driver-to-worker kinds and worker-to-driver kinds share one space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -83,6 +90,8 @@ pub struct Frame {
     pub payload: Vec<u8>,
     /// Out-of-band buffers, in order.
     pub buffers: Vec<Vec<u8>>,
+    /// How many file descriptors were passed with this frame.
+    pub n_fds: u16,
 }
 
 impl Frame {
@@ -94,6 +103,7 @@ impl Frame {
             aux,
             payload,
             buffers: Vec::new(),
+            n_fds: 0,
         }
     }
 }
@@ -106,11 +116,25 @@ pub fn encode_header(
     payload_len: usize,
     buffer_lens: &[usize],
 ) -> Vec<u8> {
+    encode_header_with_fds(kind, id, aux, payload_len, buffer_lens, 0)
+}
+
+/// [`encode_header`] for a frame that comes with `n_fds` file descriptors.
+pub fn encode_header_with_fds(
+    kind: Kind,
+    id: u64,
+    aux: u64,
+    payload_len: usize,
+    buffer_lens: &[usize],
+    n_fds: u16,
+) -> Vec<u8> {
+    debug_assert!(buffer_lens.len() <= MAX_BUFFERS as usize && n_fds <= MAX_FDS);
     let mut out = Vec::with_capacity(HEADER_LEN + 8 * buffer_lens.len());
     out.extend_from_slice(&MAGIC.to_le_bytes());
     out.push(VERSION);
     out.push(kind as u8);
-    out.extend_from_slice(&(buffer_lens.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(buffer_lens.len() as u16).to_le_bytes());
+    out.extend_from_slice(&n_fds.to_le_bytes());
     out.extend_from_slice(&id.to_le_bytes());
     out.extend_from_slice(&aux.to_le_bytes());
     out.extend_from_slice(&(payload_len as u64).to_le_bytes());
@@ -152,6 +176,7 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
         &frame.payload,
         &buffers,
     );
+    out[6..8].copy_from_slice(&frame.n_fds.to_le_bytes());
     out
 }
 
@@ -166,6 +191,7 @@ pub fn write_frame(w: &mut impl Write, frame: &Frame) -> io::Result<()> {
 struct Header {
     kind: Kind,
     n_buffers: u32,
+    n_fds: u16,
     id: u64,
     aux: u64,
     payload_len: u64,
@@ -191,9 +217,12 @@ fn parse_header(bytes: &[u8; HEADER_LEN]) -> Result<Header> {
         )));
     }
     let kind = Kind::from_u8(bytes[3])?;
-    let n_buffers = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
-    if n_buffers > MAX_BUFFERS {
-        return Err(Error::Protocol(format!("{n_buffers} buffers in one frame")));
+    let n_buffers = u32::from(u16::from_le_bytes([bytes[4], bytes[5]]));
+    let n_fds = u16::from_le_bytes([bytes[6], bytes[7]]);
+    if n_fds > MAX_FDS {
+        return Err(Error::Protocol(format!(
+            "{n_fds} descriptors with one frame"
+        )));
     }
     let payload_len = u64_at(bytes, 24);
     if payload_len > MAX_SECTION_LEN {
@@ -202,6 +231,7 @@ fn parse_header(bytes: &[u8; HEADER_LEN]) -> Result<Header> {
     Ok(Header {
         kind,
         n_buffers,
+        n_fds,
         id: u64_at(bytes, 8),
         aux: u64_at(bytes, 16),
         payload_len,
@@ -253,6 +283,7 @@ pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>> {
         aux: head.aux,
         payload,
         buffers,
+        n_fds: head.n_fds,
     }))
 }
 
@@ -265,7 +296,7 @@ pub fn holds_complete_frame(buf: &[u8]) -> bool {
     if buf.len() < HEADER_LEN {
         return false;
     }
-    let n_buffers = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]) as usize;
+    let n_buffers = u16::from_le_bytes([buf[4], buf[5]]) as usize;
     let lens_end = HEADER_LEN + 8 * n_buffers;
     if buf.len() < lens_end {
         return false;
@@ -289,6 +320,7 @@ mod tests {
             aux: u64::MAX - 1,
             payload: b"hello payload".to_vec(),
             buffers: vec![vec![1, 2, 3], Vec::new(), vec![9; 1000]],
+            n_fds: 3,
         }
     }
 
@@ -340,6 +372,23 @@ mod tests {
         ));
         let mut bytes = encode(&sample());
         bytes[3] = 99;
+        assert!(matches!(
+            read_frame(&mut Cursor::new(&bytes)),
+            Err(Error::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn descriptor_count_travels_and_is_bounded() {
+        let mut frame = Frame::new(Kind::Result, 7, 1, b"x".to_vec());
+        frame.n_fds = MAX_FDS;
+        let bytes = encode(&frame);
+        assert_eq!(
+            read_frame(&mut Cursor::new(&bytes)).unwrap().unwrap().n_fds,
+            MAX_FDS
+        );
+        let mut bytes = bytes;
+        bytes[6..8].copy_from_slice(&(MAX_FDS + 1).to_le_bytes());
         assert!(matches!(
             read_frame(&mut Cursor::new(&bytes)),
             Err(Error::Protocol(_))

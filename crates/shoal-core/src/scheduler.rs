@@ -23,6 +23,7 @@
 //! waits behind another while a worker is free).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use crate::chunking::{ChunkPolicy, ItemTimer};
@@ -189,7 +190,7 @@ pub enum Status {
 }
 
 /// A finished task, as handed to the session's consumer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Outcome {
     /// The task's sequence number within its session (0, 1, 2, ...).
     pub seq: u64,
@@ -199,6 +200,9 @@ pub struct Outcome {
     pub payload: Vec<u8>,
     /// Compute time reported by the worker.
     pub elapsed_ns: u64,
+    /// Descriptors the worker passed with its reply (shared-memory segments holding the
+    /// reply's large buffers); dropping the outcome closes them.
+    pub fds: Vec<OwnedFd>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -524,6 +528,20 @@ impl Scheduler {
         payload: Vec<u8>,
         now_ns: u64,
     ) -> Vec<Action> {
+        self.task_finished_with(worker, task, elapsed_ns, payload, Vec::new(), now_ns)
+    }
+
+    /// [`Scheduler::task_finished`] for a reply that came with descriptors (see
+    /// [`Outcome::fds`]). If nobody wants the outcome any more, they are closed here.
+    pub fn task_finished_with(
+        &mut self,
+        worker: WorkerId,
+        task: TaskId,
+        elapsed_ns: u64,
+        payload: Vec<u8>,
+        fds: Vec<OwnedFd>,
+        now_ns: u64,
+    ) -> Vec<Action> {
         self.clock_ns = self.clock_ns.max(now_ns);
         let mut out = Vec::new();
         if let Some(t) = self.tasks.remove(&task) {
@@ -560,6 +578,7 @@ impl Scheduler {
                 status: Status::Done,
                 payload,
                 elapsed_ns,
+                fds,
             };
             self.deliver(t.session, outcome, &mut out);
         }
@@ -614,6 +633,7 @@ impl Scheduler {
                     status,
                     payload: Vec::new(),
                     elapsed_ns: 0,
+                    fds: Vec::new(),
                 };
                 self.deliver(t.session, outcome, &mut out);
             }
@@ -630,6 +650,7 @@ impl Scheduler {
                         status: Status::StartFailed(msg.clone()),
                         payload: Vec::new(),
                         elapsed_ns: 0,
+                        fds: Vec::new(),
                     };
                     self.deliver(t.session, outcome, &mut out);
                 }

@@ -23,7 +23,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use crate::chunking::ChunkPolicy;
 use crate::error::{Error, Result};
+use crate::fdpass::FdReader;
 use crate::protocol::{self, Frame, Kind};
 use crate::scheduler::{
     Action, Machine, Outcome, Scheduler, SchedulerConfig, SessionId, SessionOptions, SetupId,
@@ -667,11 +668,17 @@ fn writer_loop(stream: UnixStream, rx: Receiver<Outgoing>) {
 }
 
 fn reader_loop(shared: &Arc<Shared>, worker: WorkerId, mut child: Child, stream: UnixStream) {
-    let mut input = BufReader::with_capacity(1 << 16, stream);
+    let mut input = BufReader::with_capacity(1 << 16, FdReader::new(stream));
     let mut protocol_error = None;
     loop {
         match protocol::read_frame(&mut input) {
-            Ok(Some(frame)) => handle_frame(shared, worker, frame),
+            Ok(Some(frame)) => {
+                let Some(fds) = input.get_mut().take(frame.n_fds.into()) else {
+                    protocol_error = Some("a frame's descriptors did not arrive".to_string());
+                    break;
+                };
+                handle_frame(shared, worker, frame, fds);
+            }
             Ok(None) => break,
             Err(e) => {
                 protocol_error = Some(e.to_string());
@@ -708,14 +715,15 @@ fn reap(child: &mut Child) -> Option<ExitStatus> {
     }
 }
 
-fn handle_frame(shared: &Arc<Shared>, worker: WorkerId, frame: Frame) {
+fn handle_frame(shared: &Arc<Shared>, worker: WorkerId, frame: Frame, fds: Vec<OwnedFd>) {
     let now = shared.now_ns();
     let mut st = shared.lock();
     let actions = match frame.kind {
         Kind::Hello => st.sched.worker_started(worker, frame.id as u32, now),
-        Kind::Result => st
-            .sched
-            .task_finished(worker, frame.id, frame.aux, frame.payload, now),
+        Kind::Result => {
+            st.sched
+                .task_finished_with(worker, frame.id, frame.aux, frame.payload, fds, now)
+        }
         // Other kinds only travel towards workers; ignore rather than kill the pool.
         _ => Vec::new(),
     };
@@ -811,9 +819,13 @@ mod tests {
 import os, socket, struct, sys
 fd = int(sys.argv[-1])
 s = socket.socket(fileno=fd)
-H = struct.Struct("<HBBIQQQ")
-def send(kind, ident, aux, payload=b""):
-    s.sendall(H.pack(0x5348, 1, kind, 0, ident, aux, len(payload)) + payload)
+H = struct.Struct("<HBBHHQQQ")
+def send(kind, ident, aux, payload=b"", fds=()):
+    frame = H.pack(0x5348, 2, kind, 0, len(fds), ident, aux, len(payload)) + payload
+    if fds:
+        socket.send_fds(s, [frame], list(fds))
+    else:
+        s.sendall(frame)
 def recvn(n):
     b = b""
     while len(b) < n:
@@ -824,11 +836,17 @@ def recvn(n):
     return b
 send(1, os.getpid(), 0)
 while True:
-    magic, ver, kind, nbuf, ident, aux, plen = H.unpack(recvn(32))
+    magic, ver, kind, nbuf, nfds, ident, aux, plen = H.unpack(recvn(32))
     payload = recvn(plen)
     if kind == 3:
         if payload == b"die":
             os.kill(os.getpid(), 9)
+        if payload.startswith(b"fd:"):
+            seg = os.memfd_create("t")
+            os.write(seg, payload[3:])
+            send(4, ident, 7, b"with fd", [seg])
+            os.close(seg)
+            continue
         send(4, ident, 7, payload.upper())
     elif kind == 6:
         sys.exit(0)
@@ -881,6 +899,43 @@ while True:
         assert!(e.pids().len() <= 2);
         e.shutdown(false);
         assert!(e.pids().is_empty());
+    }
+
+    #[test]
+    fn descriptors_passed_with_a_result_reach_its_outcome() {
+        use std::io::{Read, Seek, SeekFrom};
+        let Some(e) = engine(1) else { return };
+        let session = e.open_session(true).unwrap();
+        let setup = e.add_setup(session, Vec::new()).unwrap();
+        for item in ["a", "fd:first", "b", "fd:second"] {
+            e.submit(setup, 1, item.as_bytes().to_vec()).unwrap();
+        }
+        let got = collect(&e, session, 4);
+        let texts: Vec<Vec<String>> = got
+            .into_iter()
+            .map(|o| {
+                o.fds
+                    .into_iter()
+                    .map(|fd| {
+                        let mut file = std::fs::File::from(fd);
+                        file.seek(SeekFrom::Start(0)).unwrap();
+                        let mut text = String::new();
+                        file.read_to_string(&mut text).unwrap();
+                        text
+                    })
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            texts,
+            vec![
+                vec![],
+                vec!["first".to_string()],
+                vec![],
+                vec!["second".to_string()]
+            ]
+        );
+        e.shutdown(false);
     }
 
     #[test]

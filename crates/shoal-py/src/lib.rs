@@ -21,6 +21,7 @@ use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::PyBytes;
 
 use shoal_core::chunking::{ChunkPolicy, ItemTimer};
+use shoal_core::fdpass;
 use shoal_core::progress::Progress;
 use shoal_core::protocol::{self, Kind};
 use shoal_core::scheduler::{SessionOptions, Status};
@@ -76,7 +77,15 @@ struct Engine {
     inner: CoreEngine,
 }
 
-type WaitItem<'py> = (u64, u8, Bound<'py, PyBytes>, u64, Option<u32>, String);
+type WaitItem<'py> = (
+    u64,
+    u8,
+    Bound<'py, PyBytes>,
+    u64,
+    Option<u32>,
+    String,
+    Vec<Segment>,
+);
 /// `(kind, id, aux, payload)` of a frame received by a worker.
 type Received<'py> = (u8, u64, u64, Bound<'py, PyBytes>);
 
@@ -188,7 +197,8 @@ impl Engine {
 
     /// Waits for outcomes of a session; `None` waits until there is one (or a wake).
     ///
-    /// Returns a list of `(seq, kind, payload, elapsed_ns, pid, message)`.
+    /// Returns a list of `(seq, kind, payload, elapsed_ns, pid, message, segments)`, where
+    /// `segments` are the shared-memory segments the worker passed with its result.
     #[pyo3(signature = (session, timeout=None))]
     fn wait<'py>(
         &self,
@@ -233,6 +243,7 @@ impl Engine {
                             o.elapsed_ns,
                             pid,
                             msg,
+                            o.fds.into_iter().map(Segment::adopt).collect(),
                         )
                     })
                     .collect());
@@ -310,19 +321,44 @@ impl WorkerChannel {
     }
 
     /// Queues a result frame (sent at the next `recv` or `flush`).
+    ///
+    /// With `fds` (the descriptors of shared-memory segments holding the result's large
+    /// buffers), the frame is sent at once, the descriptors passed with it; the caller may
+    /// close its segments as soon as this returns.
+    #[pyo3(signature = (task, elapsed_ns, payload, fds=Vec::new()))]
     fn send_result(
         &mut self,
         py: Python<'_>,
         task: u64,
         elapsed_ns: u64,
         payload: PyBackedBytes,
+        fds: Vec<i32>,
     ) -> PyResult<()> {
-        let header = protocol::encode_header(Kind::Result, task, elapsed_ns, payload.len(), &[]);
+        if fds.len() > protocol::MAX_FDS as usize {
+            return Err(PyValueError::new_err(format!(
+                "{} segments for one result (at most {})",
+                fds.len(),
+                protocol::MAX_FDS
+            )));
+        }
+        let header = protocol::encode_header_with_fds(
+            Kind::Result,
+            task,
+            elapsed_ns,
+            payload.len(),
+            &[],
+            fds.len() as u16,
+        );
         let writer = &mut self.writer;
         py.detach(|| {
-            writer
-                .write_all(&header)
-                .and_then(|_| writer.write_all(&payload))
+            if fds.is_empty() {
+                return writer
+                    .write_all(&header)
+                    .and_then(|_| writer.write_all(&payload));
+            }
+            // Earlier frames first, so the stream stays in order.
+            writer.flush()?;
+            fdpass::send_with_fds(writer.get_ref(), &[&header, &payload], &fds)
         })?;
         Ok(())
     }
@@ -455,6 +491,97 @@ impl Segment {
     }
 }
 
+/// A private, writable mapping of a shared-memory segment, exported as a buffer.
+///
+/// Python's `mmap.mmap` keeps a duplicate of the file descriptor for as long as the mapping
+/// lives, so every array received through shared memory would hold a descriptor, and a few
+/// thousand results would exhaust the process's limit. This mapping holds none: it is unmapped
+/// when the last buffer export (numpy array, memoryview) built on it is gone.
+///
+/// Writes are copy-on-write: they stay in this process and never reach the segment.
+#[pyclass(module = "shoal._native", frozen)]
+struct Mapping {
+    addr: usize,
+    len: usize,
+}
+
+#[pymethods]
+impl Mapping {
+    /// Maps `size` bytes of the file `fd` (which the caller keeps and may close at once).
+    #[new]
+    fn new(fd: i32, size: usize) -> PyResult<Self> {
+        if size == 0 {
+            return Err(PyValueError::new_err("cannot map an empty segment"));
+        }
+        // SAFETY: mmap of a caller-provided descriptor; failure is reported as MAP_FAILED.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                fd,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(Mapping {
+            addr: addr as usize,
+            len: size,
+        })
+    }
+
+    fn __len__(&self) -> usize {
+        self.len
+    }
+
+    /// # Safety
+    /// Called by CPython with a valid `view` to fill.
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut pyo3::ffi::Py_buffer,
+        flags: std::os::raw::c_int,
+    ) -> PyResult<()> {
+        let (addr, len) = (slf.get().addr, slf.get().len);
+        // SAFETY: the region stays mapped while `slf` lives, and the filled view holds a
+        // reference to `slf` (PyBuffer_FillInfo increments it).
+        let rc = unsafe {
+            pyo3::ffi::PyBuffer_FillInfo(view, slf.as_ptr(), addr as *mut _, len as isize, 0, flags)
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(PyErr::fetch(slf.py()))
+        }
+    }
+
+    unsafe fn __releasebuffer__(&self, _view: *mut pyo3::ffi::Py_buffer) {}
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: this exact region was mapped in `new` and nothing references it any more:
+        // every buffer export held a reference to this object.
+        unsafe {
+            libc::munmap(self.addr as *mut libc::c_void, self.len);
+        }
+    }
+}
+
+impl Segment {
+    /// Wraps a segment received from a worker; its size is the file's.
+    fn adopt(fd: OwnedFd) -> Segment {
+        let file = std::fs::File::from(fd);
+        let size = file.metadata().map_or(0, |m| m.len() as usize);
+        Segment {
+            fd: Some(file.into()),
+            size,
+        }
+    }
+}
+
 fn memfd_with(bytes: &[u8]) -> std::io::Result<OwnedFd> {
     let name = c"shoal";
     // SAFETY: plain syscall with a valid NUL-terminated name.
@@ -491,6 +618,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ChunkSizer>()?;
     m.add_class::<ProgressBar>()?;
     m.add_class::<Segment>()?;
+    m.add_class::<Mapping>()?;
     m.add_function(wrap_pyfunction!(cpu_count, m)?)?;
     m.add_function(wrap_pyfunction!(signal_name, m)?)?;
     m.add_function(wrap_pyfunction!(total_memory, m)?)?;

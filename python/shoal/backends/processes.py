@@ -97,10 +97,10 @@ class ProcessSession(Session):
             if self._closed:
                 raise ShoalError("this call was closed while a thread waited for it") from None
             raise ShoalError(f"the pool stopped while this call was running: {exc}") from exc
-        for seq, kind, payload, elapsed, pid, message in outcomes:
+        for seq, kind, payload, elapsed, pid, message, segments in outcomes:
             if kind == done:
                 try:
-                    values, errors = decode_outcome(payload)
+                    values, errors = decode_outcome(payload, segments)
                 except Exception as exc:
                     err = PicklingError(f"a result could not be unpickled in the driver: {exc!r}")
                     values, errors = [None], [ItemError(0, err, "", "")]
