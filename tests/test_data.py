@@ -11,7 +11,7 @@ import pytest
 import shoal
 from shoal.backends.processes import THREAD_VARIABLES, ProcessBackend
 
-from helpers import run_script, square
+from helpers import run_script, square, wait_until
 
 
 def worker_env(_):
@@ -322,6 +322,34 @@ def test_large_arrays_go_through_shared_memory_once_per_call():
         _shm.SegmentCache.ref = real
     assert sum(made) == 2, "one segment per call, however many tasks use the array"
     assert shm_files() == before, "memfd segments leave no file in /dev/shm"
+
+
+def segments_mapped_by(pid):
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            return maps.read().count("memfd:shoal")
+    except OSError:
+        return 0
+
+
+def test_workers_unmap_a_calls_arrays_when_the_call_ends():
+    import functools
+
+    be = ProcessBackend(workers=2)
+    try:
+        pool = be.pool()
+        arr = np.arange(2_000_000, dtype=np.int64)
+        fn = functools.partial(array_sum, arr)
+        assert shoal.map(fn, range(8), backend=be, chunksize=1) == [
+            int(arr.sum()) + i for i in range(8)
+        ]
+        pids = pool.pids()
+        assert pids
+        assert wait_until(lambda: all(segments_mapped_by(p) == 0 for p in pids), timeout=5), (
+            "an idle worker must not keep a finished call's 16 MB segment mapped"
+        )
+    finally:
+        be.shutdown()
 
 
 def test_a_task_mutating_its_array_leaves_the_callers_unchanged():

@@ -92,6 +92,9 @@ def main(fd: int | None = None) -> None:
                 segments.close()
             else:
                 channel.send_result(ident, clock() - start, blob)
+            # Hold nothing of this task while waiting: a released call's arrays (mapped
+            # segments) must be freed when the release arrives, not at the next task.
+            setup = blob = payload = frame = None
         elif kind == setup_kind:
             try:
                 setups[ident] = _shm.loads(payload)
@@ -110,6 +113,7 @@ def main(fd: int | None = None) -> None:
                 from ._context import release
 
                 release(context.key)
+            gone = context = None  # its mapped segments go now, not at the next release
         elif kind == shutdown_kind:
             break
     channel.flush()
