@@ -474,3 +474,90 @@ def segfault_or_sum(pair):
 
         ctypes.string_at(0)
     return int(a.sum())
+
+
+def count_new_segments(monkeypatch):
+    """Counts segments the per-call caches create (copies into shared memory)."""
+    from shoal import _native
+
+    made = []
+    real = _native.Segment
+
+    class Counting:
+        def __new__(cls, data):
+            made.append(1)
+            return real(data)
+
+    monkeypatch.setattr(_native, "Segment", Counting)
+    return made
+
+
+def test_shared_arrays_are_passed_without_any_copy(monkeypatch):
+    import functools
+
+    base = np.arange(3_000_000, dtype=np.int64)
+    arr = shoal.share(base)
+    assert isinstance(arr, np.ndarray) and arr.dtype == base.dtype and arr.shape == base.shape
+    assert np.array_equal(arr, base)
+    address = arr.__array_interface__["data"][0]
+    assert any(lo <= address < hi for lo, hi in shared_mappings())
+    made = count_new_segments(monkeypatch)
+    want = [int(base.sum()) + i for i in range(6)]
+    assert shoal.map(functools.partial(array_sum, arr), range(6), workers=2) == want
+    assert shoal.map(array_sum, [arr] * 3, workers=2, chunksize=1) == [int(base.sum())] * 3
+    # A slice of a shared array is found inside its segment (at an offset), still no copy.
+    part = arr[1234:2_000_000]
+    assert shoal.map(array_sum, [part], workers=1) == [int(part.sum())]
+    assert made == [], "a shared array must never be copied again"
+
+
+def test_shared_array_writes(monkeypatch):
+    arr = shoal.share(np.ones(1_000_000))
+    # A task's writes stay in its worker.
+    assert shoal.map(mutate_first, [arr], workers=1) == [-7]
+    assert arr[0] == 1.0
+    # The caller's writes before a call are what the call sees.
+    arr[:] = 3.0
+    assert shoal.map(array_sum, [arr], workers=1) == [3_000_000]
+
+
+def test_shared_memory_is_freed_with_the_last_array():
+    import gc
+
+    gc.collect()
+    before = len(shared_mappings())
+    arr = shoal.share(np.arange(2_000_000))
+    view = arr[10:]
+    del arr
+    gc.collect()
+    assert len(shared_mappings()) == before + 1, "a view keeps the memory alive"
+    assert shoal.map(array_sum, [view], workers=1) == [int(view.sum())]
+    del view
+    gc.collect()
+    assert len(shared_mappings()) == before
+    from shoal import _shm
+
+    assert not _shm._SHARED, "the registry forgets freed segments"
+
+
+def test_shared_zeros_and_other_buffers():
+    z = shoal.shared_zeros((500, 1000), dtype=np.float32)
+    assert z.shape == (500, 1000) and z.dtype == np.float32 and not z.any()
+    z[:] = 2
+    assert shoal.map(np.sum, [z], workers=1) == [1_000_000.0]
+    b = shoal.share(b"x" * 2_000_000)
+    assert isinstance(b, memoryview) and bytes(b[:3]) == b"xxx"
+    assert shoal.map(len, [b], workers=1) == [2_000_000]
+    f = shoal.share(np.asfortranarray(np.arange(12.0).reshape(3, 4)))
+    assert np.array_equal(f, np.arange(12.0).reshape(3, 4))
+    assert shoal.share(np.empty((0, 3))).shape == (0, 3)
+    assert shoal.shared_zeros(0).shape == (0,)
+
+
+def test_share_refuses_what_cannot_be_shared():
+    with pytest.raises(TypeError, match="dtype=object"):
+        shoal.share(np.array([{}, []], dtype=object))
+    with pytest.raises(TypeError, match="numpy array or a bytes-like"):
+        shoal.share([1, 2, 3])
+    with pytest.raises(TypeError, match="dtype=object"):
+        shoal.shared_zeros(3, dtype=object)

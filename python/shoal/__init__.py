@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from ._executor import Executor
     from ._options import cpu_count
     from ._progress import ProgressInfo
+    from ._shared import share, shared_zeros
     from .backends import (
         Backend,
         Pool,
@@ -67,6 +68,8 @@ _LAZY = {
     "WorkerStartError": "._errors",
     "Executor": "._executor",
     "cpu_count": "._options",
+    "share": "._shared",
+    "shared_zeros": "._shared",
     "Backend": ".backends",
     "Pool": ".backends",
     "Session": ".backends",
@@ -116,7 +119,9 @@ __all__ = [
     "map",
     "register_backend",
     "set_backend",
+    "share",
     "shared",
+    "shared_zeros",
     "starmap",
     "worker_state",
 ]

@@ -47,12 +47,20 @@ class SegmentCache:
     def __init__(self) -> None:
         self._segments: dict[tuple[int, int], tuple[Any, Any]] = {}
         self._pid = os.getpid()
+        self._kept: list[Any] = []
         self.failed = False
 
-    def ref(self, view: memoryview) -> tuple[int, int, int] | None:
+    def ref(self, view: memoryview) -> tuple[int, ...] | None:
         """A reference to a segment holding ``view``'s bytes, or ``None`` to send it in-band."""
         from . import _native
 
+        if _SHARED:
+            found = _find_shared(view)
+            if found is not None:
+                # Already in shared memory (shoal.share): no copy. The exporter stays alive
+                # until the call ends, so the segment cannot go while a worker may open it.
+                self._kept.append(view.obj)
+                return (self._pid, *found)
         key = (id(view.obj), view.nbytes)
         hit = self._segments.get(key)
         if hit is None:
@@ -70,6 +78,48 @@ class SegmentCache:
         for segment, _ in self._segments.values():
             segment.close()
         self._segments.clear()
+        self._kept.clear()
+
+
+#: Arrays placed in shared memory by :func:`share`: mapping address -> (size, segment).
+_SHARED: dict[int, tuple[int, Any]] = {}
+
+
+def _find_shared(view: memoryview) -> tuple[int, int, int, int] | None:
+    """``(fd, segment size, offset, length)`` if ``view`` lies in a :func:`share` segment."""
+    from . import _native
+
+    try:
+        start, length = _native.buffer_span(view)
+    except (BufferError, ValueError):
+        return None
+    for base, (size, segment) in _SHARED.items():
+        if base <= start and start + length <= base + size:
+            return (segment.fd, size, start - base, length)
+    return None
+
+
+def _forget(address: int) -> None:
+    entry = _SHARED.pop(address, None)
+    if entry is not None:
+        entry[1].close()
+
+
+def allocate(nbytes: int, data: Any = None) -> Any:
+    """A writable buffer (a :class:`shoal._native.Mapping`) of ``nbytes`` in a new shared-memory
+    segment, zero-filled or holding a copy of ``data``; it is registered so that calls pass it
+    to workers by reference, without copying."""
+    import weakref
+
+    from . import _native
+
+    segment = _native.Segment.zeroed(nbytes) if data is None else _native.Segment(data)
+    mapping = _native.Mapping(segment.fd, nbytes, shared=True)
+    _SHARED[mapping.address] = (nbytes, segment)
+    # When the last array on this memory is gone, the segment goes too (workers that mapped it
+    # keep their own mappings).
+    weakref.finalize(mapping, _forget, mapping.address)
+    return mapping
 
 
 class ResultSegments(SegmentCache):
@@ -78,6 +128,7 @@ class ResultSegments(SegmentCache):
 
     def __init__(self) -> None:
         self._segments = {}
+        self._kept = []
         self.failed = False
 
     def ref(self, view: memoryview) -> int | None:  # type: ignore[override]
@@ -126,15 +177,18 @@ def dumps(obj: Any, cache: SegmentCache | None, dump: Callable[..., bytes] = pic
     return MAGIC + pickle.dumps((refs, body), 5)
 
 
-def _map(pid: int, fd: int, size: int) -> Any:
+def _map(pid: int, fd: int, size: int, offset: int = 0, length: int = -1) -> Any:
     from . import _native
 
     handle = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY)
     try:
         # Private and writable: a task may modify what it got; nobody else sees it.
-        return _native.Mapping(handle, size)
+        mapping = _native.Mapping(handle, size)
     finally:
         os.close(handle)
+    if offset == 0 and length in (-1, size):
+        return mapping
+    return memoryview(mapping)[offset : offset + length]
 
 
 def _map_received(segment: Any) -> Any:

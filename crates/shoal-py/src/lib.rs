@@ -474,6 +474,18 @@ impl Segment {
         Ok(Segment { fd: Some(fd), size })
     }
 
+    /// A new segment of `size` zero bytes (pages are only allocated when first written).
+    #[staticmethod]
+    fn zeroed(size: usize) -> PyResult<Self> {
+        let fd = memfd_with(&[])?;
+        let file = std::fs::File::from(fd);
+        file.set_len(size as u64)?;
+        Ok(Segment {
+            fd: Some(file.into()),
+            size,
+        })
+    }
+
     /// The segment's file descriptor in this process (-1 once closed).
     #[getter]
     fn fd(&self) -> i32 {
@@ -491,15 +503,16 @@ impl Segment {
     }
 }
 
-/// A private, writable mapping of a shared-memory segment, exported as a buffer.
+/// A mapping of a shared-memory segment, exported as a buffer.
 ///
 /// Python's `mmap.mmap` keeps a duplicate of the file descriptor for as long as the mapping
 /// lives, so every array received through shared memory would hold a descriptor, and a few
 /// thousand results would exhaust the process's limit. This mapping holds none: it is unmapped
 /// when the last buffer export (numpy array, memoryview) built on it is gone.
 ///
-/// Writes are copy-on-write: they stay in this process and never reach the segment.
-#[pyclass(module = "shoal._native", frozen)]
+/// A private mapping (the default) is copy-on-write: writes stay in this process and never
+/// reach the segment. A shared one (`shared=True`) writes through to the segment.
+#[pyclass(module = "shoal._native", frozen, weakref)]
 struct Mapping {
     addr: usize,
     len: usize,
@@ -509,17 +522,23 @@ struct Mapping {
 impl Mapping {
     /// Maps `size` bytes of the file `fd` (which the caller keeps and may close at once).
     #[new]
-    fn new(fd: i32, size: usize) -> PyResult<Self> {
+    #[pyo3(signature = (fd, size, shared=false))]
+    fn new(fd: i32, size: usize, shared: bool) -> PyResult<Self> {
         if size == 0 {
             return Err(PyValueError::new_err("cannot map an empty segment"));
         }
+        let flags = if shared {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE
+        };
         // SAFETY: mmap of a caller-provided descriptor; failure is reported as MAP_FAILED.
         let addr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 size,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE,
+                flags,
                 fd,
                 0,
             )
@@ -531,6 +550,12 @@ impl Mapping {
             addr: addr as usize,
             len: size,
         })
+    }
+
+    /// Address of the first mapped byte.
+    #[getter]
+    fn address(&self) -> usize {
+        self.addr
     }
 
     fn __len__(&self) -> usize {
@@ -599,6 +624,15 @@ fn memfd_with(bytes: &[u8]) -> std::io::Result<OwnedFd> {
     Ok(OwnedFd::from(file))
 }
 
+/// Address and length of a contiguous buffer's memory (to find which segment, if any, holds it).
+#[pyfunction]
+fn buffer_span(data: PyBuffer<u8>) -> PyResult<(usize, usize)> {
+    if !data.is_c_contiguous() {
+        return Err(PyValueError::new_err("the buffer is not contiguous"));
+    }
+    Ok((data.buf_ptr() as usize, data.len_bytes()))
+}
+
 /// Total memory of the machine in bytes (0 if unknown).
 #[pyfunction]
 fn total_memory() -> u64 {
@@ -622,6 +656,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cpu_count, m)?)?;
     m.add_function(wrap_pyfunction!(signal_name, m)?)?;
     m.add_function(wrap_pyfunction!(total_memory, m)?)?;
+    m.add_function(wrap_pyfunction!(buffer_span, m)?)?;
     m.add_function(wrap_pyfunction!(at_exit, m)?)?;
     m.add("EngineError", m.py().get_type::<EngineError>())?;
     m.add("KIND_SETUP", Kind::Setup as u8)?;
