@@ -192,6 +192,14 @@ def w5_child(name: str) -> dict[str, float]:
     import numpy as np
 
     arr = np.arange(25_000_000, dtype=np.int64)  # 200 MB
+    share_s = 0.0
+    if name == "shoal+share":
+        # The opt-in path: the array lives in shared memory before the calls (one copy, timed
+        # apart), so no call copies it.
+        start = time.perf_counter()
+        arr = shoal.share(arr)
+        share_s = time.perf_counter() - start
+        name = "shoal"
     fn = functools.partial(workloads.array_sum, arr)
     xs = list(range(50))
     serial, expected = best_of(lambda: [fn(x) for x in xs], 1)
@@ -211,14 +219,51 @@ def w5_child(name: str) -> dict[str, float]:
         # The caller's own array, plus whatever the run added at its peak.
         "peak_pss_x": 1 + (peak.peak_pss - peak.base_pss) / arr.nbytes,
         "shm_bytes": peak.peak_shm,
+        "share_s": share_s,
     }
+
+
+def w5_floor() -> float:
+    """The W5 hardware floor: 2 lone processes each summing a 200 MB array 25 times, against
+    one process summing it 50 times (memory-bound, unlike the CPU-bound floor above)."""
+    import subprocess
+
+    code = (
+        "import sys, time, numpy as np\n"
+        "a = np.arange(25_000_000, dtype=np.int64); a.sum()\n"
+        "t = time.perf_counter()\n"
+        "for _ in range(int(sys.argv[1])): a.sum()\n"
+        "print(time.perf_counter() - t)\n"
+    )
+
+    def run(copies: int, sums: int) -> float:
+        procs = [
+            subprocess.Popen([sys.executable, "-c", code, str(sums)], stdout=subprocess.PIPE)
+            for _ in range(copies)
+        ]
+        return max(float(p.communicate()[0]) for p in procs)
+
+    return min(run(WORKERS, 50 // WORKERS) / run(1, 50) for _ in range(3))
+
+
+def _w5_in_child(name: str) -> dict[str, float]:
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--w5-child", name],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"W5 for {name} failed: {out.stderr[-500:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
 def array_workloads(peers: Peers, names: list[str], results: dict[str, Any]) -> None:
     """W5: 50 tasks summing one 200 MB array passed as functools.partial(fn, arr), each tool
     in a fresh process so that the peak PSS of the process tree is that tool's alone. W7: 40
     tasks each returning a 10 MB array."""
-    import subprocess
 
     import numpy as np
 
@@ -226,20 +271,23 @@ def array_workloads(peers: Peers, names: list[str], results: dict[str, Any]) -> 
     mem = ["  peak PSS / array (shm)", ""]
     results["w5"] = {}
     for name in peers.mappers:
-        out = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--w5-child", name],
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        if out.returncode != 0:
-            raise SystemExit(f"W5 for {name} failed: {out.stderr[-500:]}")
-        got = json.loads(out.stdout.strip().splitlines()[-1])
+        got = _w5_in_child(name)
         results["w5"][name] = got
         row.append(f"{got['ratio']:.2f}")
         mem.append(f"{got['peak_pss_x']:.2f}({int(got['shm_bytes']) >> 20}M)")
     print("  ".join(f"{c:>10}" if i else f"{c:<26}" for i, c in enumerate(row)), flush=True)
     print("  ".join(f"{c:>10}" if i else f"{c:<26}" for i, c in enumerate(mem)), flush=True)
+    if "shoal" in peers.mappers:
+        got = _w5_in_child("shoal+share")
+        results["w5"]["shoal+share"] = got
+        print(
+            f"{'  shoal.share(arr) first':<26}  {'':>10}  {got['ratio']:>10.2f}  "
+            f"(PSS {got['peak_pss_x']:.2f}x; the one share() copy took {got['share_s']:.2f} s)",
+            flush=True,
+        )
+    floor = w5_floor()
+    results["w5_floor"] = floor
+    print(f"  W5 floor now: {floor:.2f} ({WORKERS} lone processes summing, vs one)", flush=True)
 
     ys = list(range(40))
     serial, expected = best_of(lambda: [workloads.array_result(y) for y in ys], 1)
