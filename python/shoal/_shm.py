@@ -44,26 +44,25 @@ MAX_RESULT_SEGMENTS = 64
 class SegmentCache:
     """The segments of one call: one per distinct large buffer, closed together."""
 
+    #: Most segments this cache makes; beyond, buffers go in-band.
+    limit: int | None = None
+
     def __init__(self) -> None:
         self._segments: dict[tuple[int, int], tuple[Any, Any]] = {}
         self._pid = os.getpid()
         self._kept: list[Any] = []
         self.failed = False
 
-    def ref(self, view: memoryview) -> tuple[int, ...] | None:
-        """A reference to a segment holding ``view``'s bytes, or ``None`` to send it in-band."""
+    def _segment(self, view: memoryview) -> tuple[int, Any] | None:
+        """``(position, segment)`` of the segment holding ``view``'s bytes, made on first use;
+        ``None`` if none can be had."""
         from . import _native
 
-        if _SHARED:
-            found = _find_shared(view)
-            if found is not None:
-                # Already in shared memory (shoal.share): no copy. The exporter stays alive
-                # until the call ends, so the segment cannot go while a worker may open it.
-                self._kept.append(view.obj)
-                return (self._pid, *found)
         key = (id(view.obj), view.nbytes)
         hit = self._segments.get(key)
         if hit is None:
+            if self.limit is not None and len(self._segments) >= self.limit:
+                return None
             try:
                 segment = _native.Segment(view)
             except (OSError, ValueError):
@@ -71,7 +70,21 @@ class SegmentCache:
                 return None
             # Keep the exporter alive: its id must not be reused for another buffer.
             hit = self._segments[key] = (segment, view.obj)
-        segment = hit[0]
+        return list(self._segments).index(key), hit[0]
+
+    def ref(self, view: memoryview) -> tuple[int, ...] | None:
+        """A reference to a segment holding ``view``'s bytes, or ``None`` to send it in-band."""
+        if _SHARED:
+            found = _find_shared(view)
+            if found is not None:
+                # Already in shared memory (shoal.share): no copy. The exporter stays alive
+                # until the call ends, so the segment cannot go while a worker may open it.
+                self._kept.append(view.obj)
+                return (self._pid, *found)
+        made = self._segment(view)
+        if made is None:
+            return None
+        segment = made[1]
         return (self._pid, segment.fd, segment.size)
 
     def close(self) -> None:
@@ -126,26 +139,11 @@ class ResultSegments(SegmentCache):
     """The segments of one result, in a worker: referenced by their position in :meth:`fds`,
     whose descriptors are passed with the result frame."""
 
-    def __init__(self) -> None:
-        self._segments = {}
-        self._kept = []
-        self.failed = False
+    limit = MAX_RESULT_SEGMENTS
 
     def ref(self, view: memoryview) -> int | None:  # type: ignore[override]
-        from . import _native
-
-        key = (id(view.obj), view.nbytes)
-        hit = self._segments.get(key)
-        if hit is None:
-            if len(self._segments) >= MAX_RESULT_SEGMENTS:
-                return None
-            try:
-                segment = _native.Segment(view)
-            except (OSError, ValueError):
-                self.failed = True
-                return None
-            hit = self._segments[key] = (segment, view.obj)
-        return list(self._segments).index(key)
+        made = self._segment(view)
+        return None if made is None else made[0]
 
     def fds(self) -> list[int]:
         """Descriptors of the segments, in reference order."""
