@@ -90,6 +90,12 @@ def sleep_on(x, bad=(2,), seconds=30.0):
     return x
 
 
+def hold_array(x, arr=None, seconds=30.0):
+    """Sleeps holding a (large, shared-memory) array argument."""
+    time.sleep(seconds)
+    return x + int(arr[0])
+
+
 def hog_on(x, bad=(1,), megabytes=400, hold=3.0):
     if x in bad:
         block = bytearray(megabytes * 2**20)

@@ -326,6 +326,11 @@ CTRL_C_MODES = {
     "future_result": (
         "ex = shoal.Executor(workers=2)\n    with ex: ex.submit(helpers.sleep_on, 2).result()"
     ),
+    # Segments in use (a 16 MB argument mapped by both workers) when Ctrl-C comes.
+    "map_with_large_array": (
+        "import numpy as np\n    shoal.map(helpers.hold_array, range(4), "
+        "kwargs={'arr': np.ones(2_000_000)}, workers=2)"
+    ),
 }
 
 
