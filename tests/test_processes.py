@@ -432,3 +432,18 @@ def test_exit_while_threads_wait_in_the_engine_is_prompt_and_clean():
         assert time.monotonic() - start < 4, "exit must not wait for running tasks"
         pids = [int(p) for p in out.stdout.split()]
         assert pids and all(wait_until(lambda p=p: not alive(p), 5) for p in pids)
+
+
+def test_the_driver_raises_its_soft_descriptor_limit():
+    # Results' large buffers arrive as descriptors; a soft limit of 256 would be too tight.
+    code = (
+        "import resource, shoal\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))\n"
+        "shoal.map(abs, [-1])\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], min(hard, 16384))\n"
+    )
+    out = run_script(code)
+    assert out.returncode == 0, out.stderr
+    now, want = out.stdout.split()
+    assert now == want

@@ -122,6 +122,30 @@ class ProcessSession(Session):
         self._segments.close()
 
 
+#: Open descriptors the driver may need: results waiting to be read hold one per large buffer.
+WANTED_DESCRIPTORS = 16384
+
+
+def _raise_descriptor_limit() -> None:
+    """Raise the soft limit on open files towards the hard one (as Ray and Dask do).
+
+    Each large buffer of a result arrives as a descriptor that lives until the result is
+    unpickled, and results of many workers can be waiting at once; the usual soft limit of 1024
+    would then be the first thing to break. Only the soft limit moves, never above the hard one.
+    """
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = (
+            WANTED_DESCRIPTORS if hard == resource.RLIM_INFINITY else min(hard, WANTED_DESCRIPTORS)
+        )
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ImportError, ValueError, OSError):
+        pass  # not fatal: only many large results at once would need more
+
+
 class ProcessPool(Pool):
     """A pool of worker processes.
 
@@ -152,6 +176,7 @@ class ProcessPool(Pool):
     ) -> None:
         self.workers = workers
         self.threads_per_worker = threads_per_worker or max(1, cpu_count() // workers)
+        _raise_descriptor_limit()
         worker_env = {
             **thread_limits(self.threads_per_worker),
             # So that functions pickled by reference import in the worker as in the driver.
