@@ -48,7 +48,8 @@ class SegmentCache:
     limit: int | None = None
 
     def __init__(self) -> None:
-        self._segments: dict[tuple[int, int], tuple[Any, Any]] = {}
+        # (id of the exporter, size) -> (segment, exporter, position in this cache)
+        self._segments: dict[tuple[int, int], tuple[Any, Any, int]] = {}
         self._pid = os.getpid()
         self._kept: list[Any] = []
         self.failed = False
@@ -61,7 +62,8 @@ class SegmentCache:
         key = (id(view.obj), view.nbytes)
         hit = self._segments.get(key)
         if hit is None:
-            if self.limit is not None and len(self._segments) >= self.limit:
+            position = len(self._segments)
+            if self.limit is not None and position >= self.limit:
                 return None
             try:
                 segment = _native.Segment(view)
@@ -69,8 +71,8 @@ class SegmentCache:
                 self.failed = True
                 return None
             # Keep the exporter alive: its id must not be reused for another buffer.
-            hit = self._segments[key] = (segment, view.obj)
-        return list(self._segments).index(key), hit[0]
+            hit = self._segments[key] = (segment, view.obj, position)
+        return hit[2], hit[0]
 
     def ref(self, view: memoryview) -> tuple[int, ...] | None:
         """A reference to a segment holding ``view``'s bytes, or ``None`` to send it in-band."""
@@ -88,7 +90,7 @@ class SegmentCache:
         return (self._pid, segment.fd, segment.size)
 
     def close(self) -> None:
-        for segment, _ in self._segments.values():
+        for segment, _, _ in self._segments.values():
             segment.close()
         self._segments.clear()
         self._kept.clear()
@@ -147,7 +149,7 @@ class ResultSegments(SegmentCache):
 
     def fds(self) -> list[int]:
         """Descriptors of the segments, in reference order."""
-        return [segment.fd for segment, _ in self._segments.values()]
+        return [segment.fd for segment, _, _ in self._segments.values()]
 
 
 def dumps(obj: Any, cache: SegmentCache | None, dump: Callable[..., bytes] = pickle.dumps) -> bytes:

@@ -72,6 +72,7 @@ def main(fd: int | None = None) -> None:
     channel = _native.WorkerChannel(fd)
     channel.hello(os.getpid())
     setups: dict[int, Any] = {}
+    segments = _shm.ResultSegments()  # reused: emptied after each result
     clock = time.perf_counter_ns
     task_kind, setup_kind = _native.KIND_TASK, _native.KIND_SETUP
     release_kind, shutdown_kind = _native.KIND_RELEASE, _native.KIND_SHUTDOWN
@@ -83,15 +84,11 @@ def main(fd: int | None = None) -> None:
         if kind == task_kind:
             start = clock()
             setup = setups.get(aux)
-            segments = _shm.ResultSegments()
             blob = _run_task(_missing(aux) if setup is None else setup, payload, segments)
-            fds = segments.fds()
-            if fds:
-                # Large buffers of the result travel as segments passed with the frame.
-                channel.send_result(ident, clock() - start, blob, fds)
-                segments.close()
-            else:
-                channel.send_result(ident, clock() - start, blob)
+            # Large buffers of the result travel as segments passed with the frame; once it
+            # is sent, our handles on them can go.
+            channel.send_result(ident, clock() - start, blob, segments.fds())
+            segments.close()
             # Hold nothing of this task while waiting: a released call's arrays (mapped
             # segments) must be freed when the release arrives, not at the next task.
             setup = blob = payload = frame = None

@@ -581,8 +581,6 @@ impl Mapping {
             Err(PyErr::fetch(slf.py()))
         }
     }
-
-    unsafe fn __releasebuffer__(&self, _view: *mut pyo3::ffi::Py_buffer) {}
 }
 
 impl Drop for Mapping {
