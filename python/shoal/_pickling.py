@@ -1,16 +1,22 @@
 """Pickling for the processes backend, with errors that say exactly what could not be pickled.
 
-Data goes through the standard :mod:`pickle` (protocol 5, fast C code); only when that fails
-(lambdas, closures, classes defined in ``__main__``) do we fall back to cloudpickle. Functions
-always go through cloudpickle, so that functions defined in ``__main__`` or a notebook work.
-When even cloudpickle fails, the offending item is located and named in a
-:class:`~shoal.PicklingError`.
+Data goes through the standard :mod:`pickle` (protocol 5, fast C code). The standard pickler
+stores classes and functions *by reference* (module and name), which the receiving process can
+only resolve if it can import that module. Anything defined in ``__main__`` (a script, a
+notebook) or in a module created at run time cannot be: such data must travel *by value*, which
+cloudpickle does. So a payload that refers to such a module (found with a byte search for the
+module's name as pickle writes it, far cheaper than a second pickling), or that the standard
+pickler refuses (lambdas, closures), is pickled again with cloudpickle. Plain data keeps the fast
+path. Functions always go through cloudpickle. When even cloudpickle fails, the offending item
+is located and named in a :class:`~shoal.PicklingError`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import sys
 
 from . import _shm as shm
 from ._errors import PicklingError, RemoteError
@@ -35,18 +41,83 @@ def _cloudpickle() -> Any:
     return cloudpickle
 
 
+#: Byte strings whose presence in a standard pickle means it refers to a module the receiving
+#: process cannot import; refreshed when the set of loaded modules changes.
+_markers: tuple[bytes, ...] = ()
+_markers_for = -1
+#: Loaded modules made at run time (no import spec), other than ``__main__``.
+_dynamic: tuple[str, ...] = ()
+
+
+def _marker(name: str) -> bytes:
+    # How protocol 5 writes a short str (a module name of STACK_GLOBAL among them): the
+    # SHORT_BINUNICODE opcode, a length byte, the UTF-8 text. Longer names are rare; their bare
+    # text is a superset test, which is all we need (a false hit only costs the slow path).
+    raw = name.encode()
+    return b"\x8c" + bytes([len(raw)]) + raw if len(raw) < 256 else raw
+
+
+def _refresh_markers() -> tuple[bytes, ...]:
+    global _markers, _markers_for, _dynamic
+    names = {"__main__"}
+    for name, module in list(sys.modules.items()):
+        # A module made at run time (types.ModuleType, exec'd code) has no import spec: no
+        # other process can import it by name.
+        if module is not None and getattr(module, "__spec__", False) is None:
+            names.add(name)
+    _dynamic = tuple(sorted(names - {"__main__"}))
+    found = [_marker(n) for n in sorted(names)]
+    # Modules the user registered with cloudpickle.register_pickle_by_value: as text, so that
+    # their submodules match too.
+    cp = sys.modules.get("cloudpickle.cloudpickle")
+    found += [n.encode() for n in sorted(getattr(cp, "_PICKLE_BY_VALUE_MODULES", ()))]
+    _markers, _markers_for = tuple(found), len(sys.modules)
+    return _markers
+
+
+def _current_markers() -> tuple[bytes, ...]:
+    return _markers if len(sys.modules) == _markers_for else _refresh_markers()
+
+
+def needs_by_value(blob: bytes) -> bool:
+    """Whether a standard pickle refers by name to a class or function the receiving process
+    could not import (defined in ``__main__`` or in a module made at run time)."""
+    for marker in _current_markers():  # noqa: SIM110 - hot path: no generator per call
+        if marker in blob:
+            return True
+    return False
+
+
 def dumps(obj: Any, segments: SegmentCache | None = None) -> bytes:
-    """Pickle data: standard pickle first, cloudpickle if that fails. With ``segments``, large
-    buffers go through shared memory (see :mod:`shoal._shm`)."""
+    """Pickle data: standard pickle first, cloudpickle (by value) if that fails or if the
+    standard pickle refers to ``__main__``. With ``segments``, large buffers go through shared
+    memory (see :mod:`shoal._shm`)."""
     try:
-        return shm.dumps(obj, segments)
+        blob = shm.dumps(obj, segments)
     except Exception:
-        return shm.dumps(obj, segments, _cloudpickle().dumps)
+        return shm.dumps(obj, segments, _by_value_pickler().dumps)
+    if needs_by_value(blob):
+        return shm.dumps(obj, segments, _by_value_pickler().dumps)
+    return blob
+
+
+def _by_value_pickler() -> Any:
+    """cloudpickle, told that the modules made at run time travel by value (it already does so
+    for ``__main__``, but treats a module found in ``sys.modules`` as importable)."""
+    cp = _cloudpickle()
+    _current_markers()  # brings the list of modules made at run time up to date
+    registered = getattr(cp.cloudpickle, "_PICKLE_BY_VALUE_MODULES", None)
+    for name in _dynamic:
+        module = sys.modules.get(name)
+        if module is not None and (registered is None or name not in registered):
+            with contextlib.suppress(ValueError):  # gone from sys.modules meanwhile
+                cp.register_pickle_by_value(module)
+    return cp
 
 
 def dumps_spec(spec: CallSpec, segments: SegmentCache | None = None) -> bytes:
     """Pickle a call spec; the error names the function or the fixed argument that failed."""
-    cp = _cloudpickle()
+    cp = _by_value_pickler()
     try:
         return shm.dumps(spec, segments, cp.dumps)
     except Exception as exc:

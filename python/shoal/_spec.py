@@ -71,8 +71,11 @@ class CallSpec:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (
-            CallSpec,
+            _rebuild_spec,
             (
+                # First, so that the receiver extends its import path before it unpickles the
+                # function and arguments, which may be found only there.
+                _ImportPath(),
                 self.fn,
                 self.mode,
                 self.args,
@@ -89,6 +92,30 @@ class CallSpec:
         """A readable name of the function, for error notes."""
         fn = self.fn
         return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+class _ImportPath:
+    """The sender's ``sys.path``, as it is when pickled; unpickling it adds the entries the
+    receiver lacks (at the end, so the receiver's own modules keep precedence). A worker started
+    before the caller extended its path (a notebook that did ``sys.path.insert`` after a first
+    call) can then import the caller's modules."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        import sys
+
+        return (_extend_import_path, (tuple(p for p in sys.path if p),))
+
+
+def _extend_import_path(paths: tuple[str, ...]) -> None:
+    import sys
+
+    missing = [p for p in paths if p not in sys.path]
+    if missing:
+        sys.path.extend(missing)
+
+
+def _rebuild_spec(_path: None, *fields: Any) -> CallSpec:
+    return CallSpec(*fields)
 
 
 class ItemError:

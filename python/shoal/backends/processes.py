@@ -23,7 +23,13 @@ from .. import _native
 from .. import _shm as shm
 from .._errors import PicklingError, ShoalError
 from .._options import check_max_tasks, cpu_count
-from .._pickling import MAX_MESSAGE_BYTES, decode_outcome, dumps_items, dumps_spec
+from .._pickling import (
+    MAX_MESSAGE_BYTES,
+    decode_outcome,
+    dumps_items,
+    dumps_spec,
+    needs_by_value,
+)
 from .._spec import NO_LIMITS, CallSpec, ChunkResult, Crash, ItemError, Limits
 from ._base import Backend, Pool, Session
 
@@ -74,6 +80,8 @@ class ProcessSession(Session):
             # The fast path, inlined: hot for futures. The start index lets the worker give
             # each item its own random stream (seed=); large buffers go to shared memory.
             payload = shm.dumps((start, items), self._segments)
+            if needs_by_value(payload):  # e.g. instances of a class defined in __main__
+                payload = dumps_items(items, start, self._segments)
         except Exception:
             # cloudpickle, or an error naming the item
             payload = dumps_items(items, start, self._segments)

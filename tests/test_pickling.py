@@ -1,0 +1,131 @@
+"""What travels by value: anything defined in ``__main__`` or in a module made at run time."""
+
+from __future__ import annotations
+
+import pickle
+import sys
+import types
+
+import pytest
+
+import shoal
+from shoal import _pickling
+
+from helpers import run_script
+
+MAIN_SCRIPT = """
+import shoal
+
+class Box:
+    def __init__(self, v):
+        self.v = v
+    def __eq__(self, other):
+        return type(other) is Box and other.v == self.v
+    def __repr__(self):
+        return f"Box({self.v})"
+
+def unbox(b, extra=None):
+    return b.v + (extra.v if extra is not None else 0)
+
+def rebox(x):
+    return Box(x * 2)
+
+def from_shared(x):
+    return shoal.shared().v + x
+
+def init(b):
+    shoal.worker_state()["b"] = b
+
+def from_state(x):
+    return shoal.worker_state()["b"].v + x
+
+if __name__ == "__main__":
+    backend = "BACKEND"
+    print(shoal.map(unbox, [Box(0), Box(1)], backend=backend))
+    print(shoal.map(unbox, [Box(0), Box(1)], args=(Box(10),), backend=backend))
+    print(shoal.map(unbox, [Box(0)], kwargs={"extra": Box(5)}, backend=backend))
+    r = shoal.map(rebox, [1, 2], backend=backend)
+    print(r, all(type(b) is Box for b in r))
+    print(list(shoal.imap(unbox, iter([Box(4)]), backend=backend)))
+    print(shoal.map(from_shared, [1, 2], shared=Box(100), backend=backend))
+    print(shoal.map(from_state, [1, 2], initializer=init, initargs=(Box(7),), backend=backend))
+    with shoal.Executor(2, backend=backend) as ex:
+        print(ex.submit(unbox, Box(3)).result(), ex.submit(rebox, 3).result() == Box(6))
+        print(list(ex.map(unbox, [Box(1), Box(2)])))
+"""
+
+EXPECTED = [
+    "[0, 1]",
+    "[10, 11]",
+    "[5]",
+    "[Box(2), Box(4)] True",
+    "[4]",
+    "[101, 102]",
+    "[8, 9]",
+    "3 True",
+    "[1, 2]",
+]
+
+
+@pytest.mark.parametrize("backend", ["processes", "threads", "serial"])
+def test_instances_of_main_classes_travel_by_value_everywhere(backend):
+    out = run_script(MAIN_SCRIPT.replace("BACKEND", backend))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == EXPECTED
+
+
+def test_plain_data_keeps_the_standard_pickle():
+    blob = _pickling.dumps([1, 2.5, "main", b"__main__", {"k": (1, None)}])
+    assert not _pickling.needs_by_value(blob)
+    assert blob == pickle.dumps([1, 2.5, "main", b"__main__", {"k": (1, None)}], 5)
+
+
+def test_a_reference_to_main_is_detected():
+    class Local:
+        pass
+
+    Local.__module__ = "__main__"
+    Local.__qualname__ = "Local"
+    sys.modules["__main__"].Local = Local  # so that the standard pickler accepts it
+    try:
+        assert _pickling.needs_by_value(pickle.dumps(Local(), 5))
+        assert not _pickling.needs_by_value(pickle.dumps(shoal.ShoalError("x"), 5))
+    finally:
+        del sys.modules["__main__"].Local
+
+
+def test_classes_of_a_module_made_at_run_time_travel_by_value():
+    mod = types.ModuleType("shoal_test_dynamic_mod")
+    exec(
+        "class Thing:\n    def __init__(self, v):\n        self.v = v\n",
+        mod.__dict__,
+    )
+    sys.modules[mod.__name__] = mod
+    try:
+        things = [mod.Thing(i) for i in range(4)]
+        assert shoal.map(_value_of, things, workers=2) == [0, 1, 2, 3]
+    finally:
+        del sys.modules[mod.__name__]
+
+
+def _value_of(thing):
+    return thing.v
+
+
+def test_a_module_found_only_on_a_path_added_after_the_pool_started(tmp_path):
+    out = run_script(
+        f"""
+        import sys
+        import shoal
+
+        print(shoal.map(abs, [-1], workers=1))  # the worker starts with the old sys.path
+        sys.path.insert(0, {str(tmp_path)!r})
+        with open({str(tmp_path / "late_mod.py")!r}, "w") as f:
+            f.write("def triple(x):\\n    return 3 * x\\n")
+        import late_mod
+
+        print(shoal.map(late_mod.triple, [1, 2], workers=1))
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["[1]", "[3, 6]"]
