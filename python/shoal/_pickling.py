@@ -13,7 +13,6 @@ is located and named in a :class:`~shoal.PicklingError`.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import sys
@@ -110,8 +109,10 @@ def _by_value_pickler() -> Any:
     for name in _dynamic:
         module = sys.modules.get(name)
         if module is not None and (registered is None or name not in registered):
-            with contextlib.suppress(ValueError):  # gone from sys.modules meanwhile
+            try:  # noqa: SIM105 - contextlib would cost every worker's start-up an import
                 cp.register_pickle_by_value(module)
+            except ValueError:  # gone from sys.modules meanwhile
+                pass
     return cp
 
 
