@@ -181,3 +181,8 @@ def run_script(code: str, timeout: float = 60, env: dict | None = None):
         timeout=timeout,
         env=full_env,
     )
+
+
+def thread_env(_=None):
+    """The thread-limit variables a worker was started with."""
+    return os.environ.get("OMP_NUM_THREADS"), os.environ.get("OPENBLAS_NUM_THREADS")

@@ -15,6 +15,7 @@ from . import _driver
 from ._context import CallContext
 from ._options import (
     check_chunksize,
+    check_int,
     check_max_load,
     check_max_memory,
     check_max_tasks,
@@ -212,16 +213,18 @@ def make_context(initializer: Any, initargs: Any, shared: Any) -> CallContext | 
     return CallContext(initializer, tuple(initargs), shared)
 
 
-def _pool(workers: Any, backend: str | Backend | None) -> Pool:
+def _pool(workers: Any, backend: str | Backend | None, threads_per_worker: Any = None) -> Pool:
     if workers is not None:
         resolve_workers(workers)
-    return get_backend(backend).pool(workers)
+    threads = check_int(threads_per_worker, "threads_per_worker", 1)
+    return get_backend(backend).pool(workers, threads_per_worker=threads)
 
 
 class CallOptions(TypedDict, total=False):
     """The options every top-level call takes; :func:`map` documents them."""
 
     workers: int | float | None
+    threads_per_worker: int | None
     chunksize: int | None
     args: Iterable[Any]
     kwargs: Mapping[str, Any] | None
@@ -260,9 +263,10 @@ def _start(
             raise TypeError(f"shoal.{api}() got an unexpected keyword argument {name!r}")
     options = dict(options)
     workers = options.pop("workers", None)
+    threads = options.pop("threads_per_worker", None)
     backend = options.pop("backend", None)
     call = Prepared(api, fn, iterables, star=star, **options)
-    return call.open(_pool(workers, backend), ordered=ordered)
+    return call.open(_pool(workers, backend, threads), ordered=ordered)
 
 
 def map(
@@ -280,6 +284,12 @@ def map(
     workers : int, float or None
         Number of workers: an int, a float in (0, 1) for that fraction of the usable CPUs, or
         ``None`` for all usable CPUs (see :func:`shoal.cpu_count`).
+    threads_per_worker : int or None
+        Threads each worker's numeric libraries (BLAS, OpenMP, numexpr, numba) may use, set
+        through ``OMP_NUM_THREADS`` and friends before the worker imports anything. ``None``:
+        the backend's setting (by default usable CPUs divided by workers). Like ``workers``,
+        each distinct value gets its own pool of workers. Processes backend only; others
+        refuse it with a ``ValueError``.
     chunksize : int or None
         Items per message to a worker. ``None`` (recommended) adapts it from measured run
         times: tiny tasks are batched, long ones sent one by one.

@@ -176,6 +176,8 @@ class Executor(cf.Executor):
         Pool size (see :func:`shoal.map`). The executor owns its pool.
     backend : str, Backend or None
         Which engine (default: the current default backend).
+    threads_per_worker : int or None
+        Threads for numeric libraries in each worker (see :func:`shoal.map`).
     **backend_options
         Options for a backend created by name (e.g. ``idle_timeout=``).
 
@@ -203,6 +205,7 @@ class Executor(cf.Executor):
         workers: int | float | None = None,
         *,
         backend: str | Backend | None = None,
+        threads_per_worker: int | None = None,
         timeout: float | None = None,
         retries: int = 0,
         retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
@@ -228,7 +231,9 @@ class Executor(cf.Executor):
             refuse = getattr(be, "name", "")
             if refuse in ("threads", "serial"):
                 refuse_engine_limits(refuse, self._limits)
-        self._pool = be.create_pool(resolve_workers(be.workers if workers is None else workers))
+        n = resolve_workers(be.workers if workers is None else workers)
+        threads = check_max_tasks(threads_per_worker, "threads_per_worker")
+        self._pool = be.create_pool(n, **be.check_pool_options({"threads_per_worker": threads}))
         self._lock = threading.Lock()
         self._session: Session | None = None
         self._functions: OrderedDict[Any, tuple[Callable[..., Any], int, CallSpec]] = OrderedDict()

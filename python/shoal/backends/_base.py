@@ -117,25 +117,51 @@ class Backend(abc.ABC):
     def __init__(self, workers: int | float | None = None) -> None:
         resolve_workers(workers)  # validate now, not at first use
         self.workers = workers
-        self._pools: dict[int, Pool] = {}
+        self._pools: dict[tuple[Any, ...], Pool] = {}
         self._lock = threading.Lock()
         _ALL_BACKENDS.add(self)
 
-    def pool(self, workers: int | float | None = None) -> Pool:
-        """The shared pool of this backend for ``workers`` (default: the backend's setting).
+    #: Per-pool options this backend honours besides ``workers`` (given per call, to an
+    #: :class:`~shoal.Executor`, or to :meth:`pool`); others are refused by
+    #: :meth:`check_pool_options`.
+    pool_options: ClassVar[frozenset[str]] = frozenset()
+
+    def check_pool_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The per-pool options that were set (not ``None``), validated.
+
+        Raises
+        ------
+        ValueError
+            For an option this backend cannot honour (it is never silently ignored).
+        """
+        given = {k: v for k, v in options.items() if v is not None}
+        for name in given:
+            if name not in self.pool_options:
+                raise ValueError(
+                    f"the {self.name} backend cannot honour {name}= (it has no worker "
+                    f"processes of its own to configure); use the processes backend"
+                )
+        return given
+
+    def pool(self, workers: int | float | None = None, **options: Any) -> Pool:
+        """The shared pool of this backend for ``workers`` (default: the backend's setting) and
+        per-pool ``options`` such as ``threads_per_worker``: one pool per distinct setting.
 
         Top-level calls reuse it, so they pay the start-up cost once.
         """
         n = resolve_workers(self.workers if workers is None else workers)
+        given = self.check_pool_options(options)
+        key = (n, *sorted(given.items()))
         with self._lock:
-            pool = self._pools.get(n)
+            pool = self._pools.get(key)
             if pool is None:
-                pool = self._pools[n] = self.create_pool(n)
+                pool = self._pools[key] = self.create_pool(n, **given)
             return pool
 
     @abc.abstractmethod
-    def create_pool(self, workers: int) -> Pool:
-        """A new private pool of ``workers`` workers (the caller shuts it down)."""
+    def create_pool(self, workers: int, **options: Any) -> Pool:
+        """A new private pool of ``workers`` workers (the caller shuts it down); ``options``
+        are per-pool options from :attr:`pool_options` that were set."""
 
     def shutdown(self, *, kill: bool = False) -> None:
         """Shut down the shared pools of this backend."""

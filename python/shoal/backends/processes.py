@@ -267,6 +267,7 @@ class ProcessBackend(Backend):
     """
 
     name = "processes"
+    pool_options = frozenset({"threads_per_worker"})
 
     def __init__(
         self,
@@ -289,13 +290,14 @@ class ProcessBackend(Backend):
         self.env = dict(env or {})
         self.threads_per_worker = check_max_tasks(threads_per_worker, "threads_per_worker")
 
-    def create_pool(self, workers: int) -> ProcessPool:
+    def create_pool(self, workers: int, threads_per_worker: int | None = None) -> ProcessPool:
         return ProcessPool(
             workers,
             idle_timeout=self.idle_timeout,
             python=self.python,
             env=self.env,
-            threads_per_worker=self.threads_per_worker,
+            threads_per_worker=check_max_tasks(threads_per_worker, "threads_per_worker")
+            or self.threads_per_worker,
             load_check_interval=self.load_check_interval,
         )
 

@@ -58,8 +58,10 @@ class SerialBackend(Backend):
     def __init__(self, workers: int | float | None = None) -> None:
         super().__init__(workers)
 
-    def pool(self, workers: int | float | None = None) -> SerialPool:
+    def pool(self, workers: int | float | None = None, **options: Any) -> SerialPool:
+        self.check_pool_options(options)
         return SerialPool()
 
-    def create_pool(self, workers: int) -> SerialPool:
+    def create_pool(self, workers: int, **options: Any) -> SerialPool:
+        self.check_pool_options(options)
         return SerialPool()

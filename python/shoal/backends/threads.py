@@ -110,5 +110,6 @@ class ThreadBackend(Backend):
         super().__init__(workers)
         self.idle_timeout = idle_timeout
 
-    def create_pool(self, workers: int) -> ThreadPool:
+    def create_pool(self, workers: int, **options: Any) -> ThreadPool:
+        self.check_pool_options(options)
         return ThreadPool(workers, self.idle_timeout)
