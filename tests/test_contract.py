@@ -8,6 +8,7 @@ import operator
 import pytest
 
 import shoal
+from shoal import _driver
 
 from helpers import (
     add,
@@ -225,3 +226,26 @@ def test_range_inputs_travel_as_ranges_and_give_the_same_results(backend, rng):
 def test_range_inputs_keep_errors_and_indices(backend):
     got = shoal.map(fail_on, range(10), kwargs={"bad": 7}, on_error="return", backend=backend)
     assert isinstance(got[7], ValueError) and any("item 7" in n for n in got[7].__notes__)
+
+
+def test_read_ahead_is_bounded_by_bytes(backend, monkeypatch):
+    # Cheap 1 KiB items: the chunk-count bound alone let ~100k of them pile up ahead of the
+    # consumer. With a 2 MiB budget, at most a few thousand may be read ahead.
+    monkeypatch.setattr(_driver, "READ_AHEAD_BYTES", 2 * 2**20, raising=False)
+    read = 0
+
+    def kibibyte_items():
+        nonlocal read
+        for i in itertools.count():
+            read += 1
+            yield i.to_bytes(8, "little") * 128  # a new 1 KiB object each time
+
+    consumed = 0
+    with shoal.imap(len, kibibyte_items(), backend=backend) as stream:
+        for value in stream:
+            assert value == 1024
+            consumed += 1
+            ahead = read - consumed
+            assert ahead * 1024 <= 2 * 2 * 2**20, f"{ahead} items read ahead of the consumer"
+            if consumed == 20_000:
+                break

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -30,6 +32,32 @@ from ._spec import CallSpec, ChunkResult, Crash, Limits, describe_item
 from .backends._base import Session
 
 Batch = tuple[int, list[Any]]
+
+#: Bytes of input and results a call may hold ahead of its consumer (besides the chunk count
+#: bound): a few tens of MiB, so cheap items of some size cannot pile up by the hundred
+#: thousand. ``SHOAL_READ_AHEAD_BYTES`` changes it.
+READ_AHEAD_BYTES = int(os.environ.get("SHOAL_READ_AHEAD_BYTES", str(32 * 2**20)))
+
+
+def approx_size(obj: Any) -> int:
+    """A cheap estimate of the memory an object holds, for backends that do not pickle.
+
+    Exact for bytes, str and arrays (``sys.getsizeof`` counts the data an object owns); for a
+    container, its own size plus a sample of its elements scaled up. It never raises.
+    """
+    try:
+        size = sys.getsizeof(obj)
+        if isinstance(obj, memoryview):
+            return size + obj.nbytes
+        if isinstance(obj, dict):
+            obj = list(obj.values())
+        if isinstance(obj, (list, tuple)) and obj:
+            step = max(1, len(obj) // 8)
+            sample = obj[::step][:8]
+            size += sum(sys.getsizeof(x) for x in sample) * len(obj) // len(sample)
+        return size
+    except Exception:
+        return 64
 
 
 def _crash_error(crash: Crash, index: int, arguments: str, spec: CallSpec) -> BaseException:
@@ -53,14 +81,16 @@ def _describe_crash(crash: Crash) -> str:
 
 
 class _Pending:
-    """A submitted chunk: where it starts in the input, its items, earlier failed attempts."""
+    """A submitted chunk: where it starts in the input, its items, earlier failed attempts,
+    and the bytes it holds while in flight."""
 
-    __slots__ = ("attempts", "chunk", "start")
+    __slots__ = ("attempts", "chunk", "nbytes", "start")
 
-    def __init__(self, start: int, chunk: list[Any], attempts: list[str]) -> None:
+    def __init__(self, start: int, chunk: list[Any], attempts: list[str], nbytes: int) -> None:
         self.start = start
         self.chunk = chunk
         self.attempts = attempts
+        self.nbytes = nbytes
 
 
 class Run:
@@ -119,6 +149,13 @@ class Run:
         self.progress = progress
         self.callback = callback
         self.window = max(1, session.max_in_flight)
+        # Bytes bound: what in-flight chunks hold, plus results not yet handed over (counted
+        # per value at the last measured size of a result).
+        self.max_bytes = READ_AHEAD_BYTES
+        self.in_flight_bytes = 0
+        self.item_bytes = 0.0  # measured input bytes per item (0: not yet known)
+        self.result_bytes = 0.0  # measured result bytes per value
+        self.values_held = 0  # values in ``ready`` and ``parked``
         self.in_flight: dict[int, _Pending] = {}
         self.next_index = 0
         self.exhausted = False
@@ -141,9 +178,44 @@ class Run:
         """
         return len(self.in_flight) + len(self.parked) + len(self.ready)
 
+    def held_bytes(self) -> float:
+        """Bytes this call holds ahead of the consumer (inputs in flight, results waiting)."""
+        return self.in_flight_bytes + self.values_held * (self.result_bytes or self.item_bytes)
+
+    def has_room(self) -> bool:
+        if self.held() >= self.window:
+            return False
+        # At least one chunk may always be in flight, however large.
+        return not self.in_flight or self.held_bytes() < self.max_bytes
+
+    def next_size(self) -> int:
+        if self.chunksize:
+            return self.chunksize
+        size = int(self.session.chunk_size(self.spec_id, self.remaining))
+        if self.item_bytes:
+            # Cheap items of some size: keep one chunk to a share of the bytes bound.
+            size = min(size, max(1, int(self.max_bytes / self.window / self.item_bytes)))
+        return size
+
+    def submit(self, chunk: Any, start: int, attempts: list[str], exclusive: bool = False) -> None:
+        session = self.session
+        seq = session.submit(self.spec_id, chunk, start, exclusive)
+        nbytes = session.last_submit_nbytes
+        if nbytes is None:
+            if self.range_source is not None:
+                nbytes = 64  # a sub-range travels as a few bytes
+            else:
+                step = max(1, len(chunk) // 3)
+                sample = chunk[::step][:3]
+                nbytes = sum(approx_size(x) for x in sample) * len(chunk) // len(sample)
+        if not exclusive:  # resubmitted single items would skew the per-item estimate
+            self.item_bytes = nbytes / len(chunk)
+        self.in_flight[seq] = _Pending(start, chunk, attempts, nbytes)
+        self.in_flight_bytes += nbytes
+
     def feed(self) -> None:
-        while not self.exhausted and self.held() < self.window:
-            size = self.chunksize or self.session.chunk_size(self.spec_id, self.remaining)
+        while not self.exhausted and self.has_room():
+            size = self.next_size()
             chunk: Any
             if self.range_source is not None:
                 chunk = self.range_source[self.next_index : self.next_index + size]
@@ -155,8 +227,7 @@ class Run:
                 except Exception as exc:
                     self.input_error, self.exhausted = exc, True
             if chunk:
-                seq = self.session.submit(self.spec_id, chunk, self.next_index)
-                self.in_flight[seq] = _Pending(self.next_index, chunk, [])
+                self.submit(chunk, self.next_index, [])
                 self.next_index += len(chunk)
                 if self.remaining is not None:
                     self.remaining = max(0, self.remaining - len(chunk))
@@ -165,8 +236,7 @@ class Run:
 
     def resubmit(self, index: int, item: Any, attempts: list[str]) -> None:
         """Run one item again, alone on its worker, so a crash is attributable."""
-        seq = self.session.submit(self.spec_id, [item], index, exclusive=True)
-        self.in_flight[seq] = _Pending(index, [item], attempts)
+        self.submit([item], index, attempts, exclusive=True)
 
     # -- output side -----------------------------------------------------------------------
 
@@ -180,6 +250,7 @@ class Run:
         if self.callback is not None:
             for value in values:
                 self.callback(value)
+        self.values_held += len(values)
         if not self.ordered:
             self.ready.append((start, values))
             return
@@ -208,7 +279,7 @@ class Run:
         if later:
             self.session.cancel(later)
             for seq in later:
-                del self.in_flight[seq]
+                self.in_flight_bytes -= self.in_flight.pop(seq).nbytes
 
     def failure_due(self) -> bool:
         if self.failure is None:
@@ -226,6 +297,9 @@ class Run:
         p = self.in_flight.pop(res.seq, None)
         if p is None:
             return
+        self.in_flight_bytes -= p.nbytes
+        if res.nbytes is not None and res.values:
+            self.result_bytes = res.nbytes / len(res.values)
         if res.crash is not None:
             self.handle_crash(p, res.crash)
             return
@@ -303,7 +377,9 @@ class Run:
                 for res in results:
                     self.handle(res)
                 while self.ready:
-                    yield self.ready.popleft()
+                    batch = self.ready.popleft()
+                    self.values_held -= len(batch[1])
+                    yield batch
             if self.input_error is not None:
                 raise self.input_error
         except KeyboardInterrupt:

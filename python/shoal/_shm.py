@@ -53,6 +53,8 @@ class SegmentCache:
         self._pid = os.getpid()
         self._kept: list[Any] = []
         self.failed = False
+        #: Bytes copied into segments made so far (memory this cache holds).
+        self.made_bytes = 0
 
     def _segment(self, view: memoryview) -> tuple[int, Any] | None:
         """``(position, segment)`` of the segment holding ``view``'s bytes, made on first use;
@@ -72,6 +74,7 @@ class SegmentCache:
                 return None
             # Keep the exporter alive: its id must not be reused for another buffer.
             hit = self._segments[key] = (segment, view.obj, position)
+            self.made_bytes += view.nbytes
         return hit[2], hit[0]
 
     def ref(self, view: memoryview) -> tuple[int, ...] | None:

@@ -235,7 +235,7 @@ class ChunkResult:
     value came back at all.
     """
 
-    __slots__ = ("crash", "elapsed_ns", "errors", "seq", "values")
+    __slots__ = ("crash", "elapsed_ns", "errors", "nbytes", "seq", "values")
 
     def __init__(
         self,
@@ -244,12 +244,16 @@ class ChunkResult:
         errors: list[ItemError] | None = None,
         crash: Crash | None = None,
         elapsed_ns: int = 0,
+        nbytes: int | None = None,
     ) -> None:
         self.seq = seq
         self.values = values
         self.errors = errors or []
         self.crash = crash
         self.elapsed_ns = elapsed_ns
+        #: Size of the values as they travelled (pickle and buffers), if the backend knows it;
+        #: the driver uses it to bound the memory held by results waiting for the consumer.
+        self.nbytes = nbytes
 
 
 _short = reprlib.Repr()

@@ -41,6 +41,11 @@ class Session(abc.ABC):
     #: How many chunks the driver may have submitted and not yet received.
     max_in_flight: int = 4
 
+    #: Bytes of the last chunk passed to :meth:`submit` as it travels to a worker, if the
+    #: session knows it (the driver then bounds read-ahead by it); ``None``: the driver
+    #: estimates it.
+    last_submit_nbytes: int | None = None
+
     @abc.abstractmethod
     def register(self, spec: CallSpec) -> int:
         """Make ``spec`` available to the workers; return an id for :meth:`submit`.

@@ -76,6 +76,7 @@ class ProcessSession(Session):
         self._engine.remove_setup(spec_id)
 
     def submit(self, spec_id: int, items: list[Any], start: int, exclusive: bool = False) -> int:
+        made_before = self._segments.made_bytes
         try:
             # The fast path, inlined: hot for futures. The start index lets the worker give
             # each item its own random stream (seed=); large buffers go to shared memory.
@@ -91,6 +92,9 @@ class ProcessSession(Session):
                 f"{len(payload)} bytes, over the channel limit of {MAX_MESSAGE_BYTES} bytes "
                 f"(SHOAL_MAX_MESSAGE_BYTES)"
             )
+        # What this chunk holds while in flight: its pickle, and buffers newly copied to
+        # shared memory for it.
+        self.last_submit_nbytes = len(payload) + self._segments.made_bytes - made_before
         return self._engine.submit(spec_id, len(items), payload, exclusive)  # type: ignore[no-any-return]
 
     def chunk_size(self, spec_id: int, remaining: int | None) -> int:
@@ -112,7 +116,8 @@ class ProcessSession(Session):
                 except Exception as exc:
                     err = PicklingError(f"a result could not be unpickled in the driver: {exc!r}")
                     values, errors = [None], [ItemError(0, err, "", "")]
-                out.append(ChunkResult(seq, values, errors, elapsed_ns=elapsed))
+                nbytes = len(payload) + sum(s.size for s in segments)
+                out.append(ChunkResult(seq, values, errors, elapsed_ns=elapsed, nbytes=nbytes))
             else:
                 out.append(ChunkResult(seq, [], crash=_crash(kind, pid, message)))
         return out
