@@ -186,3 +186,35 @@ def run_script(code: str, timeout: float = 60, env: dict | None = None):
 def thread_env(_=None):
     """The thread-limit variables a worker was started with."""
     return os.environ.get("OMP_NUM_THREADS"), os.environ.get("OPENBLAS_NUM_THREADS")
+
+
+def mark_after(x, marker_dir, seconds=0.0):
+    """Leaves a marker when it starts, sleeps, then one when it ends: whether the task ran
+    to its end."""
+    with open(os.path.join(marker_dir, f"start-{x}"), "w"):
+        pass
+    time.sleep(seconds)
+    with open(os.path.join(marker_dir, f"done-{x}"), "w"):
+        pass
+    return x
+
+
+class Payload:
+    """A result that can be watched with a weak reference (travels by reference)."""
+
+    def __init__(self, x):
+        self.x = x
+
+
+def make_payload(x):
+    return Payload(x)
+
+
+class Holder:
+    """An object whose bound method is submitted: the executor must not keep it alive."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def size(self):
+        return len(self.data)

@@ -398,7 +398,8 @@ def imap(
 
     Inputs are read only as workers need them, and at most a few chunks per worker are in
     flight, so memory stays bounded for huge or infinite inputs and for slow consumers.
-    Closing the iterator (or leaving a ``for`` loop over it) drops the queued work.
+    Closing the iterator (or leaving a ``for`` loop over it early, by ``break`` or by an
+    exception) drops the queued work and stops the running tasks.
     """
     session, gen = _start("imap", fn, iterables, star=False, ordered=True, options=dict(options))
     return _driver.ResultStream(session, _driver.flatten(gen))

@@ -110,8 +110,8 @@ class Run:
     With ``range_source`` (the input is one ``range``), chunks are sub-ranges rather than lists:
     they pickle to a few bytes and the worker makes the integers itself.
 
-    The session is closed when the generator ends, fails or is closed; on Ctrl-C it is aborted
-    (its running tasks are stopped where the engine can).
+    The session is closed when the generator ends or fails; on Ctrl-C, or when the generator is
+    closed before its end, it is aborted (its running tasks are stopped where the engine can).
     """
 
     def __init__(
@@ -382,7 +382,9 @@ class Run:
                     yield batch
             if self.input_error is not None:
                 raise self.input_error
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, GeneratorExit):
+            # Ctrl-C, or the consumer stopped iterating (closed the stream, left its loop by
+            # break or by an exception of its own, dropped it): nobody wants what still runs.
             abort = True
             raise
         finally:
@@ -422,7 +424,8 @@ class ResultStream(Iterator[Any]):
         return next(self._gen)
 
     def close(self) -> None:
-        """Stop the call; queued items are dropped."""
+        """Stop the call: queued items are dropped and running ones are stopped (where the
+        backend can stop them: worker processes are killed and replaced)."""
         if not self._closed:
             self._closed = True
             close = getattr(self._gen, "close", None)
@@ -430,7 +433,7 @@ class ResultStream(Iterator[Any]):
                 # Being iterated in another thread: ending the session below stops it.
                 with contextlib.suppress(ValueError):
                     close()
-            self._session.close()
+            self._session.close(abort=True)
 
     def __enter__(self) -> ResultStream:
         return self
@@ -444,12 +447,21 @@ class ResultStream(Iterator[Any]):
 
 
 def flatten(gen: Iterable[Batch]) -> Iterator[Any]:
-    """Values one by one."""
+    """Values one by one. A value handed over is no longer referenced here (the batch is
+    emptied as it goes), so the consumer alone decides how long it lives."""
     for _, values in gen:
-        yield from values
+        values.reverse()
+        pop = values.pop
+        while values:
+            yield pop()
 
 
 def with_indices(gen: Iterable[Batch]) -> Iterator[tuple[int, Any]]:
-    """``(input_index, value)`` pairs."""
+    """``(input_index, value)`` pairs, handed over like :func:`flatten`'s values."""
     for start, values in gen:
-        yield from zip(itertools.count(start), values)
+        values.reverse()
+        pop = values.pop
+        index = start
+        while values:
+            yield index, pop()
+            index += 1

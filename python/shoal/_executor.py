@@ -99,6 +99,18 @@ class _Future(cf.Future):  # type: ignore[type-arg]
         self._state = _PENDING
         self._result = None
         self._exception = None
+        #: The executor whose queue holds this future's task (until it is settled), and the
+        #: task's sequence number there: what :meth:`cancel` needs.
+        self._owner: Executor | None = None
+        self._seq = -1
+
+    def cancel(self) -> bool:
+        """Cancel the task if it has not started, as :mod:`concurrent.futures` does: ``False``
+        once a worker has it (it then runs to completion), ``True`` if it never will run."""
+        owner = self._owner
+        if owner is not None and self._state == _PENDING and not owner._drop_queued(self):
+            return False
+        return super().cancel()
 
     def __getattr__(self, name: str) -> Any:
         if name == "_condition":
@@ -130,6 +142,7 @@ class _Future(cf.Future):  # type: ignore[type-arg]
         return super().exception(timeout)
 
     def _settle(self, value: Any = None, exc: BaseException | None = None) -> None:
+        self._owner = None
         with _lazy_lock:
             cond = self.__dict__.get("_condition")
             if cond is None:
@@ -167,6 +180,48 @@ def _function_key(fn: Callable[..., Any]) -> Any:
     return id(fn)
 
 
+def _weak(fn: Callable[..., Any]) -> Callable[[], Any] | None:
+    """A weak reference to ``fn`` (a bound method through its parts), or ``None``."""
+    try:
+        if isinstance(fn, types.MethodType):
+            return weakref.WeakMethod(fn)
+        return weakref.ref(fn)
+    except TypeError:
+        return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, types.MethodType) and isinstance(b, types.MethodType):
+        return a.__func__ is b.__func__ and a.__self__ is b.__self__
+    return a is b
+
+
+class _Registered:
+    """A function registered with the executor's session.
+
+    While tasks of it are outstanding it is held strongly. When none is, the executor does not
+    keep it alive (a bound method would keep its object, a closure its data): the entry keeps a
+    weak reference, so the next submit of the same function skips pickling it again, or it is
+    unregistered when the session holds Python objects or no weak reference can be made.
+    """
+
+    __slots__ = ("fn", "key", "name", "outstanding", "spec_id", "weak")
+
+    def __init__(self, fn: Callable[..., Any], key: Any, spec_id: int, name: str) -> None:
+        self.fn: Callable[..., Any] | None = fn
+        self.weak: Callable[[], Any] | None = None
+        self.key = key
+        self.spec_id = spec_id
+        self.name = name
+        self.outstanding = 0
+
+    def matches(self, fn: Callable[..., Any]) -> bool:
+        if self.fn is not None:
+            return _same(self.fn, fn)
+        held = self.weak() if self.weak is not None else None
+        return held is not None and _same(held, fn)
+
+
 class Executor(cf.Executor):
     """A :class:`concurrent.futures.Executor` running on a shoal backend.
 
@@ -194,8 +249,10 @@ class Executor(cf.Executor):
 
     Notes
     -----
-    ``Future.cancel()`` succeeds for any future whose result has not arrived; a task that was
-    already running still runs, and its result is dropped. A dead worker fails only the future
+    As in :mod:`concurrent.futures`, ``Future.cancel()`` succeeds only for a task no worker has
+    taken yet (it then never runs) and returns ``False`` once the task is running. The
+    executor holds a task's function, arguments and result only until its future is settled.
+    A dead worker fails only the future
     of the task it was running; the executor never becomes "broken". On Ctrl-C inside a
     ``with`` block, the workers are killed at once instead of waiting for running tasks.
     """
@@ -236,11 +293,11 @@ class Executor(cf.Executor):
         self._pool = be.create_pool(n, **be.check_pool_options({"threads_per_worker": threads}))
         self._lock = threading.Lock()
         self._session: Session | None = None
-        self._functions: OrderedDict[Any, tuple[Callable[..., Any], int, CallSpec]] = OrderedDict()
+        self._functions: OrderedDict[Any, _Registered] = OrderedDict()
+        self._by_spec: dict[int, _Registered] = {}
         self._futures: dict[int, tuple[_Future, int, Any, str, list[str]]] = {}
-        self._outstanding: dict[int, int] = {}
         self._next_seq = 0
-        self._last: tuple[Callable[..., Any], int, CallSpec] | None = None
+        self._last: _Registered | None = None
         self._pump: threading.Thread | None = None
         self._shutdown = False
         self._exiting = False
@@ -254,16 +311,21 @@ class Executor(cf.Executor):
 
     # -- futures -------------------------------------------------------------------------
 
-    def _spec_id(self, session: Session, fn: Callable[..., Any]) -> tuple[int, CallSpec]:
+    def _registered(self, session: Session, fn: Callable[..., Any]) -> _Registered:
+        """The registration of ``fn`` with ``session``, made on first use (lock held)."""
         last = self._last
-        if last is not None and last[0] is fn:  # the common case: one function, many submits
-            return last[1], last[2]
+        if last is not None and last.fn is fn:  # the common case: one function, many submits
+            return last
         key = _function_key(fn)
         hit = self._functions.get(key)
+        if hit is not None and not hit.matches(fn):  # a dead function's id, reused
+            self._forget(session, hit)
+            hit = None
         if hit is not None:
             self._functions.move_to_end(key)
+            hit.fn, hit.weak = fn, None
             self._last = hit
-            return hit[1], hit[2]
+            return hit
         spec = CallSpec(
             fn,
             MODE_KW,
@@ -273,15 +335,57 @@ class Executor(cf.Executor):
             context=self._context,
         )
         spec_id = session.register(spec)
-        self._functions[key] = self._last = (fn, spec_id, spec)
+        hit = self._functions[key] = self._by_spec[spec_id] = self._last = _Registered(
+            fn, key, spec_id, spec.name
+        )
         if len(self._functions) > _MAX_CACHED_FUNCTIONS:
-            for old_key, (_, old_id, _) in list(self._functions.items()):
+            for old in list(self._functions.values()):
                 if len(self._functions) <= _MAX_CACHED_FUNCTIONS:
                     break
-                if not self._outstanding.get(old_id) and self._last is not self._functions[old_key]:
-                    del self._functions[old_key]
-                    session.unregister(old_id)
-        return spec_id, spec
+                if not old.outstanding and old is not hit:
+                    self._forget(session, old)
+        return hit
+
+    def _forget(self, session: Session, entry: _Registered) -> None:
+        """Unregister a function that has no outstanding task (lock held)."""
+        self._functions.pop(entry.key, None)
+        self._by_spec.pop(entry.spec_id, None)
+        if self._last is entry:
+            self._last = None
+        session.unregister(entry.spec_id)
+
+    def _task_done(self, spec_id: int) -> None:
+        """One task of ``spec_id`` is settled or dropped (lock held); once none is left, the
+        executor stops holding the function."""
+        entry = self._by_spec.get(spec_id)
+        if entry is None:
+            return
+        entry.outstanding -= 1
+        if entry.outstanding > 0:
+            return
+        if self._last is entry:
+            self._last = None
+        session = self._session
+        weak = None if session is None or session.holds_specs else _weak(entry.fn)
+        if weak is None:
+            if session is not None:
+                self._forget(session, entry)
+        else:
+            entry.fn, entry.weak = None, weak
+
+    def _drop_queued(self, future: _Future) -> bool:
+        """Remove ``future``'s task if no worker has it yet; ``False`` if it has started."""
+        with self._lock:
+            seq, session = future._seq, self._session
+            entry = self._futures.get(seq)
+            if session is None or entry is None or entry[0] is not future:
+                return False
+            if seq not in session.cancel([seq]):
+                return False
+            del self._futures[seq]
+            self._task_done(entry[1])
+        future._owner = None
+        return True
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
         """Schedule ``fn(*args, **kwargs)``; return a :class:`concurrent.futures.Future`.
@@ -303,9 +407,9 @@ class Executor(cf.Executor):
             if self._session is None:
                 self._session = self._pool.open_session(ordered=False, limits=self._limits)
             session = self._session
-            spec_id, spec = self._spec_id(session, fn)
+            registered = self._registered(session, fn)
             future = _Future()
-            self._queue(session, future, spec_id, (args, kwargs), spec.name, [])
+            self._queue(session, future, registered.spec_id, (args, kwargs), registered.name, [])
             if self._pump is None:
                 self._pump = threading.Thread(
                     target=self._run_pump, name="shoal-executor", daemon=True
@@ -338,7 +442,8 @@ class Executor(cf.Executor):
         if got != seq:  # pragma: no cover - guards the numbering assumption above
             raise RuntimeError(f"session numbered a task {got}, expected {seq}")
         self._next_seq += 1
-        self._outstanding[spec_id] = self._outstanding.get(spec_id, 0) + 1
+        future._owner, future._seq = self, seq
+        self._by_spec[spec_id].outstanding += 1
 
     def _retry(self, entry: Any, failure: str) -> bool:
         """Run a failed task again if it has retries left; True if it was resubmitted."""
@@ -358,7 +463,6 @@ class Executor(cf.Executor):
             for res in results:
                 entry = self._futures.pop(res.seq, None)
                 if entry is not None:
-                    self._outstanding[entry[1]] -= 1
                     done.append((res, entry))
         for res, entry in done:
             future, _, item, name, attempts = entry
@@ -382,6 +486,11 @@ class Executor(cf.Executor):
                     err.exc, index=None, tb=err.traceback, function=name, arguments=err.arguments
                 )
                 future._settle(exc=note_attempts(exc, attempts))
+        # Released only now: a retry above re-counted its task first, so the function of a
+        # task being retried is never dropped in between.
+        with self._lock:
+            for _, entry in done:
+                self._task_done(entry[1])
 
     def _run_pump(self) -> None:
         session = self._session
@@ -391,6 +500,9 @@ class Executor(cf.Executor):
                 results = session.wait(0.5)
                 if results:
                     self._complete(results)
+                # Hold no finished result while waiting for the next: the caller may have
+                # dropped its future already.
+                results = []
                 with self._lock:
                     if self._shutdown and not self._futures:
                         break
@@ -417,20 +529,23 @@ class Executor(cf.Executor):
         wait : bool
             Block until pending futures are done and the workers have exited.
         cancel_futures : bool
-            Cancel futures whose results have not arrived (their queued tasks are dropped).
+            Cancel the futures whose tasks have not started (they never will); tasks that are
+            running finish and their futures get their results.
         """
+        cancelled = []
         with self._lock:
             self._shutdown = True
             session, pump = self._session, self._pump
-            if cancel_futures:
-                for future, *_ in list(self._futures.values()):
-                    future.cancel()
-                if session is not None:
-                    session.cancel()
-                # Dropped tasks will never report back; forget them so the pump can finish.
-                for seq, (future, *_) in list(self._futures.items()):
-                    if future.cancelled():
-                        del self._futures[seq]
+            if cancel_futures and session is not None:
+                # Only tasks no worker has yet are dropped; running ones finish with results.
+                for seq in session.cancel():
+                    entry = self._futures.pop(seq, None)
+                    if entry is not None:
+                        self._task_done(entry[1])
+                        cancelled.append(entry[0])
+        for future in cancelled:
+            future._owner = None
+            cf.Future.cancel(future)
         if session is not None:
             session.wake()
         if pump is None:

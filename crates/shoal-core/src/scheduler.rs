@@ -664,7 +664,10 @@ impl Scheduler {
     /// Drops queued (not yet started) tasks of a session: all of them, or those whose sequence
     /// numbers are in `only`. Running tasks finish normally. An ordered session skips the
     /// dropped numbers, so later outcomes are not held back waiting for them.
-    pub fn cancel(&mut self, session: SessionId, only: Option<&[u64]>) {
+    ///
+    /// Returns the sequence numbers dropped: a task not among them had already been sent to a
+    /// worker (or had finished), which is what `Future.cancel()` needs to know.
+    pub fn cancel(&mut self, session: SessionId, only: Option<&[u64]>) -> Vec<u64> {
         let wanted: Option<HashSet<u64>> = only.map(|seqs| seqs.iter().copied().collect());
         let tasks = &mut self.tasks;
         let mut dropped = Vec::new();
@@ -679,17 +682,18 @@ impl Scheduler {
         });
         if let Some(sess) = self.sessions.get_mut(&session) {
             if sess.ordered && !dropped.is_empty() {
-                sess.skipped.extend(dropped);
+                sess.skipped.extend(dropped.iter().copied());
                 Self::release_in_order(sess);
             }
         }
+        dropped
     }
 
     /// Closes a session: queued tasks are dropped, later outcomes discarded, setups released.
     /// With `abort`, workers running its tasks are killed too.
     pub fn close_session(&mut self, session: SessionId, abort: bool) -> Vec<Action> {
         let mut out = Vec::new();
-        self.cancel(session, None);
+        let _dropped = self.cancel(session, None);
         let Some(sess) = self.sessions.remove(&session) else {
             return out;
         };
@@ -1308,7 +1312,11 @@ mod tests {
         let setup = s.add_setup(sess, blob("f")).unwrap();
         let (workers, sends) = start_with_tasks(&mut s, setup, 5);
         assert_eq!(s.queued(), 4);
-        s.cancel(sess, Some(&[1, 3]));
+        assert_eq!(
+            s.cancel(sess, Some(&[0, 1, 3])),
+            vec![1, 3],
+            "seq 0 was already sent to a worker: it is not dropped"
+        );
         assert_eq!(s.queued(), 2, "seq 2 and 4 stay");
         let acts = s.task_finished(workers[0], sends[0].1, 5, Vec::new(), 1);
         let next: Vec<TaskId> = sent_tasks(&acts).into_iter().map(|(_, t)| t).collect();
@@ -1322,7 +1330,7 @@ mod tests {
             vec![0, 2, 4],
             "the cancelled 1 and 3 do not hold back 2 and 4"
         );
-        s.cancel(sess, None);
+        assert!(s.cancel(sess, None).is_empty());
         assert_eq!(s.queued(), 0);
     }
 

@@ -419,15 +419,13 @@ impl Engine {
         self.shared.lock().sched.chunk_size(setup, remaining)
     }
 
-    /// Drops queued tasks of a session (all, or those with the given sequence numbers).
+    /// Drops queued tasks of a session (all, or those with the given sequence numbers);
+    /// returns the sequence numbers dropped (the others had started or finished).
     ///
     /// # Errors
     /// [`Error::Closed`] after shutdown.
-    pub fn cancel(&self, session: SessionId, only: Option<&[u64]>) -> Result<()> {
-        self.with_state(|st| {
-            st.sched.cancel(session, only);
-            Ok(((), Vec::new()))
-        })
+    pub fn cancel(&self, session: SessionId, only: Option<&[u64]>) -> Result<Vec<u64>> {
+        self.with_state(|st| Ok((st.sched.cancel(session, only), Vec::new())))
     }
 
     /// Closes a session; with `abort`, kills the workers running its tasks.

@@ -182,7 +182,7 @@ impl Engine {
     }
 
     #[pyo3(signature = (session, seqs=None))]
-    fn cancel(&self, session: u64, seqs: Option<Vec<u64>>) -> PyResult<()> {
+    fn cancel(&self, session: u64, seqs: Option<Vec<u64>>) -> PyResult<Vec<u64>> {
         self.inner.cancel(session, seqs.as_deref()).map_err(to_py)
     }
 

@@ -77,9 +77,18 @@ class Session(abc.ABC):
         Must stay interruptible by Ctrl-C.
         """
 
+    #: Whether the session keeps registered specs (and so their functions) as Python objects;
+    #: an :class:`~shoal.Executor` unregisters a function it no longer runs from such a
+    #: session, so that the function (a bound method: its object) can be freed.
+    holds_specs: bool = True
+
     @abc.abstractmethod
-    def cancel(self, seqs: list[int] | None = None) -> None:
-        """Drop queued chunks that did not start: all of them, or those in ``seqs``."""
+    def cancel(self, seqs: list[int] | None = None) -> list[int]:
+        """Drop queued chunks that did not start: all of them, or those in ``seqs``.
+
+        Returns the sequence numbers dropped; any other had started (or finished) and will
+        report its result as usual.
+        """
 
     def wake(self) -> None:  # noqa: B027 - optional hook
         """Make a blocked :meth:`wait` return early."""
@@ -223,8 +232,7 @@ class LocalSession(Session):
         self._parked: dict[int, ChunkResult] = {}
         self._ready: deque[ChunkResult] = deque()
         self._cond = threading.Condition()
-        self._cancel_all = False
-        self._cancelled: set[int] = set()
+        self._queued: set[int] = set()  # submitted, not started, not cancelled
         self._closed = False
         self._woken = False
 
@@ -244,6 +252,8 @@ class LocalSession(Session):
     def submit(self, spec_id: int, items: list[Any], start: int, exclusive: bool = False) -> int:
         seq = self._next_seq
         self._next_seq += 1
+        with self._cond:
+            self._queued.add(seq)
         self._enqueue(seq, spec_id, items, start)
         return seq
 
@@ -256,13 +266,15 @@ class LocalSession(Session):
     _seed_lock: Any = None
 
     def _skipped(self, seq: int) -> bool:
-        return self._closed or self._cancel_all or seq in self._cancelled
+        return self._closed or seq not in self._queued
 
     def _run(self, seq: int, spec_id: int, items: list[Any], index: int = 0) -> None:
         from .._execute import run_chunk
 
-        if self._skipped(seq):
-            return
+        with self._cond:  # starting and cancelling exclude each other
+            if self._skipped(seq):
+                return
+            self._queued.discard(seq)
         spec = self._specs[spec_id]
         start = time.perf_counter_ns()
         values, errors = run_chunk(spec, items, index, self._seed_lock)
@@ -304,11 +316,15 @@ class LocalSession(Session):
             self._woken = True
             self._cond.notify_all()
 
-    def cancel(self, seqs: list[int] | None = None) -> None:
-        if seqs is None:
-            self._cancel_all = True
-        else:
-            self._cancelled.update(seqs)
+    def cancel(self, seqs: list[int] | None = None) -> list[int]:
+        with self._cond:
+            if seqs is None:
+                dropped = sorted(self._queued)
+                self._queued.clear()
+            else:
+                dropped = [seq for seq in seqs if seq in self._queued]
+                self._queued.difference_update(dropped)
+        return dropped
 
     def close(self, *, abort: bool = False) -> None:
         with self._cond:

@@ -122,8 +122,11 @@ class ProcessSession(Session):
                 out.append(ChunkResult(seq, [], crash=_crash(kind, pid, message)))
         return out
 
-    def cancel(self, seqs: list[int] | None = None) -> None:
-        self._engine.cancel(self._id, seqs)
+    #: Registered specs live in the engine as bytes only.
+    holds_specs = False
+
+    def cancel(self, seqs: list[int] | None = None) -> list[int]:
+        return list(self._engine.cancel(self._id, seqs))
 
     def wake(self) -> None:
         self._engine.wake(self._id)

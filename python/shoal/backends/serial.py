@@ -31,9 +31,10 @@ class SerialSession(LocalSession):
             self._run(*self._pending.popleft())
         return super().wait(0)
 
-    def cancel(self, seqs: list[int] | None = None) -> None:
-        super().cancel(seqs)
+    def cancel(self, seqs: list[int] | None = None) -> list[int]:
+        dropped = super().cancel(seqs)
         self._pending = deque(job for job in self._pending if not self._skipped(job[0]))
+        return dropped
 
 
 class SerialPool(Pool):
