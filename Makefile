@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (Rust, CPython >= 3.11 and pip are all that is needed):
 #   make demo   - create .venv, build and install shoal, run the demo
-#   make test   - same set-up, then every check: fmt, clippy, ruff, stubtest, cargo test, pytest
+#   make test   - same set-up, then every check: fmt, clippy, ruff, mypy (strict), stubtest,
+#                 cargo test, pytest
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -28,7 +29,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check $(LINTED)
 
 test: build lint
-	$(PY) -m mypy.stubtest shoal._native
+	$(PY) -m mypy
+	$(PY) -m mypy.stubtest shoal._native --allowlist stubtest-allowlist.txt
 	cargo test -p shoal-core
 	$(PY) -m pytest
 

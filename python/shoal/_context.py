@@ -105,7 +105,8 @@ def _current() -> _State:
             "shoal.shared() and shoal.worker_state() are only available inside a task of a call "
             "given initializer= or shared="
         )
-    return entry
+    state: _State = entry
+    return state
 
 
 def shared() -> Any:

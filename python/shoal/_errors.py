@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import pickle
 
+TYPE_CHECKING = False  # workers import this module: keep typing out of their start-up
+if TYPE_CHECKING:
+    from typing import Any
+
 __all__ = [
     "PicklingError",
     "RemoteError",
@@ -59,7 +63,7 @@ class RemoteError(ShoalError):
         self.type_name = type_name
         self.message = message
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, ...]:
         return (RemoteError, (self.type_name, self.message))
 
 
@@ -98,7 +102,7 @@ class WorkerCrashedError(ShoalError):
         self.pid = pid
         self.exit = exit
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, ...]:
         return (WorkerCrashedError, (self.index, self.arguments, self.pid, self.exit))
 
 
@@ -130,7 +134,7 @@ class TaskTimeoutError(ShoalError, TimeoutError):
         self.pid = pid
         self.timeout = timeout
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, ...]:
         return (TaskTimeoutError, (self.index, self.arguments, self.pid, self.timeout))
 
 
@@ -169,7 +173,7 @@ class WorkerMemoryError(ShoalError, MemoryError):
         self.rss = rss
         self.limit = limit
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, ...]:
         return (WorkerMemoryError, (self.index, self.arguments, self.pid, self.rss, self.limit))
 
 

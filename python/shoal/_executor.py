@@ -144,16 +144,12 @@ class _Future(cf.Future):  # type: ignore[type-arg]
     def _settle(self, value: Any = None, exc: BaseException | None = None) -> None:
         self._owner = None
         with _lazy_lock:
-            cond = self.__dict__.get("_condition")
+            cond: threading.Condition | None = self.__dict__.get("_condition")
             if cond is None:
-                if self._state == _PENDING:
-                    self._result, self._exception, self._state = value, exc, _FINISHED
-                    nobody_waits = True
-                else:
+                if self._state != _PENDING:
                     return
-            else:
-                nobody_waits = False
-        if nobody_waits:
+                self._result, self._exception, self._state = value, exc, _FINISHED
+        if cond is None:  # nobody waits: settled above
             if self.__dict__.get("_done_callbacks"):
                 self._invoke_callbacks()
             return
@@ -366,7 +362,8 @@ class Executor(cf.Executor):
         if self._last is entry:
             self._last = None
         session = self._session
-        weak = None if session is None or session.holds_specs else _weak(entry.fn)
+        fn = entry.fn
+        weak = None if fn is None or session is None or session.holds_specs else _weak(fn)
         if weak is None:
             if session is not None:
                 self._forget(session, entry)
@@ -589,7 +586,7 @@ class Executor(cf.Executor):
         stream = _driver.with_indices(gen) if with_index else _driver.flatten(gen)
         return _driver.ResultStream(session, stream)
 
-    def map(  # type: ignore[override]
+    def map(
         self,
         fn: Callable[..., Any],
         *iterables: Iterable[Any],

@@ -84,7 +84,7 @@ def check_timeout(timeout: Any) -> float | None:
         raise TypeError(
             f"timeout must be a number of seconds or None, not {type(timeout).__name__}"
         )
-    if not timeout > 0:
+    if not float(timeout) > 0:
         raise ValueError(f"timeout must be positive, got {timeout}")
     return float(timeout)
 

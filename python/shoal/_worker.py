@@ -91,7 +91,7 @@ def main(fd: int | None = None) -> None:
             segments.close()
             # Hold nothing of this task while waiting: a released call's arrays (mapped
             # segments) must be freed when the release arrives, not at the next task.
-            setup = blob = payload = frame = None
+            del setup, blob, payload, frame
         elif kind == setup_kind:
             try:
                 setups[ident] = _shm.loads(payload)

@@ -247,7 +247,7 @@ class LocalSession(Session):
         self._sizers.pop(spec_id, None)
 
     def chunk_size(self, spec_id: int, remaining: int | None) -> int:
-        return self._sizers[spec_id].size(remaining)
+        return int(self._sizers[spec_id].size(remaining))
 
     def submit(self, spec_id: int, items: list[Any], start: int, exclusive: bool = False) -> int:
         seq = self._next_seq

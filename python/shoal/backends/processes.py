@@ -95,7 +95,7 @@ class ProcessSession(Session):
         # What this chunk holds while in flight: its pickle, and buffers newly copied to
         # shared memory for it.
         self.last_submit_nbytes = len(payload) + self._segments.made_bytes - made_before
-        return self._engine.submit(spec_id, len(items), payload, exclusive)  # type: ignore[no-any-return]
+        return self._engine.submit(spec_id, len(items), payload, exclusive)
 
     def chunk_size(self, spec_id: int, remaining: int | None) -> int:
         return int(self._engine.chunk_size(spec_id, remaining))
@@ -298,7 +298,10 @@ class ProcessBackend(Backend):
         self.env = dict(env or {})
         self.threads_per_worker = check_max_tasks(threads_per_worker, "threads_per_worker")
 
-    def create_pool(self, workers: int, threads_per_worker: int | None = None) -> ProcessPool:
+    def create_pool(
+        self, workers: int, *, threads_per_worker: int | None = None, **options: Any
+    ) -> ProcessPool:
+        self.check_pool_options(options)
         return ProcessPool(
             workers,
             idle_timeout=self.idle_timeout,
