@@ -218,3 +218,14 @@ class Holder:
 
     def size(self):
         return len(self.data)
+
+
+def logged_run(x, log_dir, seconds=0.05, crash=-1):
+    """Appends a line to ``log_dir/run-x`` each time it runs, sleeps, and kills its worker
+    when ``x == crash``."""
+    with open(os.path.join(log_dir, f"run-{x}"), "a") as f:
+        f.write("ran\n")
+    time.sleep(seconds)
+    if x == crash:
+        os._exit(11)
+    return x

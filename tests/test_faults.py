@@ -27,6 +27,7 @@ from helpers import (
     fail_first_time,
     hog_on,
     leak,
+    logged_run,
     pid_of,
     run_script,
     segfault_on,
@@ -378,3 +379,20 @@ def test_ctrl_c_stops_everything_within_a_second(mode):
     assert "interrupted" in proc.stdout.read()
     assert all(wait_until(lambda p=p: not alive(p), 5) for p in pids), "orphan workers"
     assert stderr.count("Traceback") == 0, "no traceback storm from workers"
+
+
+def test_finished_items_of_a_crashed_chunk_do_not_run_again(tmp_path):
+    # One chunk of 8 slow items; the worker dies on item 5. Items 0-4 had finished: their
+    # results are kept and they do not run again; 6 and 7 run once; 5 is the culprit.
+    out = shoal.map(
+        logged_run,
+        range(8),
+        kwargs={"log_dir": str(tmp_path), "crash": 5},
+        chunksize=8,
+        workers=1,
+        on_error="return",
+    )
+    assert out[:5] == [0, 1, 2, 3, 4] and out[6:] == [6, 7]
+    assert isinstance(out[5], shoal.WorkerCrashedError)
+    runs = {x: (tmp_path / f"run-{x}").read_text().count("ran") for x in range(8)}
+    assert runs == {0: 1, 1: 1, 2: 1, 3: 1, 4: 1, 5: 2, 6: 1, 7: 1}

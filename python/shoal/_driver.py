@@ -294,6 +294,9 @@ class Run:
     # -- results ---------------------------------------------------------------------------
 
     def handle(self, res: ChunkResult) -> None:
+        if res.partial:
+            self.handle_partial(res)
+            return
         p = self.in_flight.pop(res.seq, None)
         if p is None:
             return
@@ -303,6 +306,22 @@ class Run:
         if res.crash is not None:
             self.handle_crash(p, res.crash)
             return
+        self.handle_values(p, res)
+
+    def handle_partial(self, res: ChunkResult) -> None:
+        """A long chunk reported its first items: take them, and keep only the rest pending,
+        so that a later crash re-runs (or blames) only items that did not finish."""
+        p = self.in_flight.get(res.seq)
+        n = len(res.values)
+        if p is None or not 0 < n < len(p.chunk):
+            return
+        done = _Pending(p.start, p.chunk[:n], p.attempts, p.nbytes * n // len(p.chunk))
+        p.start, p.chunk, p.nbytes = p.start + n, p.chunk[n:], p.nbytes - done.nbytes
+        self.in_flight_bytes -= done.nbytes
+        self.handle_values(done, res)
+
+    def handle_values(self, p: _Pending, res: ChunkResult) -> None:
+        """The values and errors of chunk ``p`` (or of its first items)."""
         if not res.errors:
             self.emit(p.start, res.values)
             return

@@ -43,8 +43,18 @@ def format_remote_traceback(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
+#: Seconds between two reports of a long chunk's finished items (see ``report`` below): items
+#: slower than this are each reported as they finish; cheaper ones in batches of about this
+#: long, so reporting costs a tiny share of the run time.
+REPORT_INTERVAL = 0.02
+
+
 def run_chunk(
-    spec: CallSpec, items: list[Any], start: int = 0, seed_lock: Any = None
+    spec: CallSpec,
+    items: list[Any],
+    start: int = 0,
+    seed_lock: Any = None,
+    report: Callable[[list[Any], list[ItemError]], None] | None = None,
 ) -> tuple[list[Any], list[ItemError]]:
     """Run ``spec`` over ``items``; return the values and the errors.
 
@@ -52,18 +62,24 @@ def run_chunk(
     random stream from its index (``seed_lock``, if given, is held around each seeded item, for
     backends whose items share one process's global random state).
 
+    With ``report``, a chunk that runs for long hands the outcome of its finished items to
+    ``report(values, errors)`` about every :data:`REPORT_INTERVAL` seconds (error offsets
+    relative to those values), and returns only the items after the last report: a worker
+    that crashes later then loses only the item it was running.
+
     The loop runs inside one ``try`` so the common case pays nothing per item for error handling;
     after an error it resumes with the next item of the same iterator, so no item runs twice.
     ``SystemExit`` raised by a task is an error of that task, not an exit of the worker.
     """
+    run = _run_items if report is None or len(items) < 2 else _reporting(report)
     if spec.context is None:
-        return _run_items(spec, items, start, seed_lock)
+        return run(spec, items, start, seed_lock)
     from ._context import activate, deactivate
 
     failure = activate(spec.context)
     try:
         if failure is None:
-            return _run_items(spec, items, start, seed_lock)
+            return run(spec, items, start, seed_lock)
         # The initializer raised: every item fails with that error.
         count = 1 if spec.stop_on_error else len(items)
         tb = format_remote_traceback(failure.__cause__ or failure)
@@ -100,6 +116,56 @@ def _run_items(
             errors.append(ItemError(offset, exc, format_remote_traceback(exc), arguments))
             if spec.stop_on_error and not isinstance(exc, spec.retry_on):
                 return values, errors
+
+
+def _reporting(
+    report: Callable[[list[Any], list[ItemError]], None],
+) -> Callable[[CallSpec, list[Any], int, Any], tuple[list[Any], list[ItemError]]]:
+    """A :func:`_run_items` that runs a chunk in growing slices and reports what finished.
+
+    Each slice runs in the same tight loop as a whole chunk; between slices the clock is read,
+    and once :data:`REPORT_INTERVAL` has passed since the last report, the finished items go to
+    ``report``. Slices double in size while items are cheap (a chunk of tiny tasks pays a few
+    clock reads), and shrink to what fits in the interval when items are slow.
+    """
+    from time import perf_counter
+
+    def run(
+        spec: CallSpec, items: list[Any], start: int, seed_lock: Any
+    ) -> tuple[list[Any], list[ItemError]]:
+        n = len(items)
+        values: list[Any] = []
+        errors: list[ItemError] = []
+        pos = 0  # items run so far
+        sent = 0  # items reported so far
+        size = 1
+        last = perf_counter()
+        while pos < n:
+            end = min(n, pos + size)
+            began = perf_counter()
+            part, part_errors = _run_items(spec, items[pos:end], start + pos, seed_lock)
+            for err in part_errors:
+                err.offset += pos - sent
+            values.extend(part)
+            errors.extend(part_errors)
+            stopped = len(part) < end - pos or (
+                part_errors
+                and spec.stop_on_error
+                and not isinstance(part_errors[-1].exc, spec.retry_on)
+            )
+            pos += len(part)
+            if stopped:
+                break
+            now = perf_counter()
+            if now - last >= REPORT_INTERVAL and pos < n:
+                report(values, errors)
+                values, errors, sent, last = [], [], pos, now
+            per_item = (now - began) / max(1, len(part))
+            fits = (REPORT_INTERVAL - (now - last)) / per_item if per_item > 0 else 2 * size
+            size = max(1, min(2 * size, int(fits)))
+        return values, errors
+
+    return run
 
 
 def _seeded(

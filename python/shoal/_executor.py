@@ -458,6 +458,8 @@ class Executor(cf.Executor):
         done = []
         with self._lock:
             for res in results:
+                if res.partial:  # never for one-item tasks; nothing to settle yet
+                    continue
                 entry = self._futures.pop(res.seq, None)
                 if entry is not None:
                     done.append((res, entry))

@@ -10,6 +10,7 @@ __all__ = [
     "KIND_TASK",
     "OUTCOME_DONE",
     "OUTCOME_MEMORY_EXCEEDED",
+    "OUTCOME_PARTIAL",
     "OUTCOME_START_FAILED",
     "OUTCOME_TIMED_OUT",
     "OUTCOME_WORKER_LOST",
@@ -36,6 +37,7 @@ OUTCOME_WORKER_LOST: int
 OUTCOME_START_FAILED: int
 OUTCOME_TIMED_OUT: int
 OUTCOME_MEMORY_EXCEEDED: int
+OUTCOME_PARTIAL: int
 
 class EngineError(RuntimeError): ...
 
@@ -91,6 +93,7 @@ class WorkerChannel:
     def send_result(
         self, task: int, elapsed_ns: int, payload: bytes, fds: list[int] = ...
     ) -> None: ...
+    def send_partial(self, task: int, items: int, payload: bytes, fds: list[int] = ...) -> None: ...
     def flush(self) -> None: ...
 
 @final

@@ -232,10 +232,11 @@ class ChunkResult:
 
     ``values`` has one entry per item that was run (fewer than the chunk when the chunk stopped at
     an error); entries at the offsets in ``errors`` are placeholders. ``crash`` is set when no
-    value came back at all.
+    value came back at all. A long chunk may first report its finished items in ``partial``
+    results; everything after counts from the first item not reported.
     """
 
-    __slots__ = ("crash", "elapsed_ns", "errors", "nbytes", "seq", "values")
+    __slots__ = ("crash", "elapsed_ns", "errors", "nbytes", "partial", "seq", "values")
 
     def __init__(
         self,
@@ -245,8 +246,12 @@ class ChunkResult:
         crash: Crash | None = None,
         elapsed_ns: int = 0,
         nbytes: int | None = None,
+        partial: bool = False,
     ) -> None:
         self.seq = seq
+        #: The outcome of the chunk's next ``len(values)`` items; the chunk goes on, and its
+        #: later results (or crash) cover only the items after them.
+        self.partial = partial
         self.values = values
         self.errors = errors or []
         self.crash = crash

@@ -4,7 +4,9 @@ Started by the Rust supervisor as ``python -c "from shoal._worker import main; m
 where FD is this worker's end of a Unix socketpair. It loops over frames:
 
 - *setup*: a pickled :class:`~shoal._spec.CallSpec`, kept until *release*;
-- *task*: a pickled chunk of items; it runs the chunk and queues a *result* frame;
+- *task*: a pickled chunk of items; it runs the chunk and queues a *result* frame; a chunk
+  that runs for long first sends *partial* frames with the outcome of its finished items, so
+  that they survive a crash of this worker later in the chunk;
 - *shutdown* or end of stream: exit.
 
 Receives and sends are Rust calls (:class:`shoal._native.WorkerChannel`) that release the GIL.
@@ -28,6 +30,7 @@ from ._spec import CallSpec, ItemError
 TYPE_CHECKING = False  # typing itself costs ~7 ms at worker start-up
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 
@@ -51,7 +54,10 @@ def _failed_chunk(failure: BaseException, tb: str, n: int, stop: bool) -> bytes:
 
 
 def _run_task(
-    setup: CallSpec | BaseException, payload: bytes, segments: _shm.ResultSegments
+    setup: CallSpec | BaseException,
+    payload: bytes,
+    segments: _shm.ResultSegments,
+    report: Callable[[list[Any], list[ItemError]], None],
 ) -> bytes:
     if isinstance(setup, BaseException):
         return _failed_chunk(setup, format_remote_traceback(setup), 1, True)
@@ -60,7 +66,7 @@ def _run_task(
     except Exception as exc:
         err = SetupLoadError(f"the arguments could not be unpickled in the worker: {exc!r}")
         return _failed_chunk(err, format_remote_traceback(exc), 1, True)
-    values, errors = run_chunk(setup, items, start)
+    values, errors = run_chunk(setup, items, start, report=report)
     return encode_outcome(values, errors, segments)
 
 
@@ -84,14 +90,21 @@ def main(fd: int | None = None) -> None:
         if kind == task_kind:
             start = clock()
             setup = setups.get(aux)
-            blob = _run_task(_missing(aux) if setup is None else setup, payload, segments)
+
+            def report(values: list[Any], errors: list[ItemError], task: int = ident) -> None:
+                # A long chunk's finished items go to the driver now (and survive a crash).
+                partial = encode_outcome(values, errors, segments)
+                channel.send_partial(task, len(values), partial, segments.fds())
+                segments.close()
+
+            blob = _run_task(_missing(aux) if setup is None else setup, payload, segments, report)
             # Large buffers of the result travel as segments passed with the frame; once it
             # is sent, our handles on them can go.
             channel.send_result(ident, clock() - start, blob, segments.fds())
             segments.close()
             # Hold nothing of this task while waiting: a released call's arrays (mapped
             # segments) must be freed when the release arrives, not at the next task.
-            del setup, blob, payload, frame
+            del setup, blob, payload, frame, report
         elif kind == setup_kind:
             try:
                 setups[ident] = _shm.loads(payload)

@@ -57,6 +57,10 @@ pub enum Kind {
     Release = 5,
     /// Driver to worker: exit cleanly.
     Shutdown = 6,
+    /// Worker to driver, while a long task runs: `id` is the task id, `aux` the number of its
+    /// items the payload covers (the next ones not yet reported), payload their pickled outcome.
+    /// The task goes on; its `Result` covers only the items after those reported.
+    Partial = 7,
 }
 
 impl Kind {
@@ -72,6 +76,7 @@ impl Kind {
             4 => Kind::Result,
             5 => Kind::Release,
             6 => Kind::Shutdown,
+            7 => Kind::Partial,
             other => return Err(Error::Protocol(format!("unknown frame kind {other}"))),
         })
     }

@@ -178,6 +178,14 @@ pub enum Status {
         /// The limit, in nanoseconds.
         limit_ns: u64,
     },
+    /// Not an end: the worker reported the outcome of the task's next `items` items while it
+    /// goes on with the others. Delivered at once, even on an ordered session, and always
+    /// before the task's own outcome. If the worker then dies, the task ends with
+    /// [`Status::WorkerLost`] and is not run again: only its unreported items remain.
+    Partial {
+        /// How many items the payload covers.
+        items: u64,
+    },
     /// Its worker's resident memory went past the session's limit; the worker was killed.
     MemoryExceeded {
         /// Pid of the killed worker.
@@ -243,6 +251,8 @@ struct Task {
     exclusive: bool,
     /// When it was sent to its worker.
     started_ns: u64,
+    /// Items whose outcome the worker has reported ahead of the task's end.
+    reported: u64,
 }
 
 #[derive(Debug, Default)]
@@ -436,6 +446,7 @@ impl Scheduler {
                 est_ns: None,
                 exclusive,
                 started_ns: 0,
+                reported: 0,
             },
         );
         self.queue.push_back(id);
@@ -586,6 +597,39 @@ impl Scheduler {
         out
     }
 
+    /// A worker reported the outcome of the next `items` items of a task that goes on (see
+    /// [`Status::Partial`]); it reaches the session at once. If the descriptors are not wanted
+    /// (the session is closed), they are closed here.
+    pub fn task_partial(
+        &mut self,
+        worker: WorkerId,
+        task: TaskId,
+        items: u64,
+        payload: Vec<u8>,
+        fds: Vec<OwnedFd>,
+    ) -> Vec<Action> {
+        let mut out = Vec::new();
+        let Some(t) = self.tasks.get_mut(&task) else {
+            return out;
+        };
+        if t.worker != Some(worker) {
+            return out;
+        }
+        t.reported += items;
+        let (session, seq) = (t.session, t.seq);
+        if let Some(sess) = self.sessions.get_mut(&session) {
+            sess.ready.push_back(Outcome {
+                seq,
+                status: Status::Partial { items },
+                payload,
+                elapsed_ns: 0,
+                fds,
+            });
+            out.push(Action::Wake { session });
+        }
+        out
+    }
+
     /// A worker process is gone (it exited, crashed, was killed, or never started).
     ///
     /// If it held one task, that task was the one running and completes with
@@ -613,7 +657,24 @@ impl Scheduler {
             self.tasks.remove(&task);
         }
         let w = Worker { running: live, ..w };
-        if w.running.len() > 1 {
+        // A task that reported partial outcomes was the one running (a worker runs its
+        // pipeline in order, and the results of the tasks before it arrived first): it is the
+        // culprit, and the tasks queued behind it are innocent.
+        let running_known = w
+            .running
+            .first()
+            .and_then(|t| self.tasks.get(t))
+            .is_some_and(|t| t.reported > 0);
+        if running_known {
+            for &task in w.running[1..].iter().rev() {
+                if let Some(t) = self.tasks.get_mut(&task) {
+                    t.worker = None;
+                    t.est_ns = None;
+                    self.queue.push_front(task);
+                }
+            }
+        }
+        if w.running.len() > 1 && !running_known {
             for &task in w.running.iter().rev() {
                 if let Some(t) = self.tasks.get_mut(&task) {
                     t.worker = None;
@@ -1237,6 +1298,39 @@ mod tests {
         let acts = s.worker_started(new[0], 200, 5);
         assert!(matches!(acts[0], Action::SendSetup { .. }));
         assert_eq!(sent_tasks(&acts).len(), 1);
+    }
+
+    #[test]
+    fn partial_reports_reach_the_session_and_pin_the_blame_on_their_task() {
+        let mut s = sched(1);
+        let sess = s.open_session(false);
+        let setup = s.add_setup(sess, blob("f")).unwrap();
+        let (workers, sends) = start_with_tasks(&mut s, setup, 1);
+        s.task_finished(workers[0], sends[0].1, 1_000, Vec::new(), 1);
+        assert_eq!(s.take_ready(sess).unwrap().len(), 1);
+        let mut piped = Vec::new();
+        for _ in 0..3 {
+            piped.extend(sent_tasks(&s.submit(setup, 10, blob("x")).unwrap().1));
+        }
+        assert_eq!(piped.len(), 3, "pipelined on the one worker");
+        // The first task reports 4 finished items and goes on.
+        let acts = s.task_partial(workers[0], piped[0].1, 4, b"p".to_vec(), Vec::new());
+        assert!(acts.iter().any(|a| matches!(a, Action::Wake { .. })));
+        // A report from a worker that does not hold the task is ignored.
+        assert!(s
+            .task_partial(workers[0] + 99, piped[0].1, 1, Vec::new(), Vec::new())
+            .is_empty());
+        let ready = s.take_ready(sess).unwrap();
+        assert_eq!(ready.len(), 1);
+        assert_eq!(ready[0].status, Status::Partial { items: 4 });
+        assert_eq!(ready[0].payload, b"p");
+        // The worker dies: the reporting task was the one running, so it alone is blamed and
+        // not run again; the two behind it are queued again as ordinary tasks.
+        s.worker_lost(workers[0], "killed by signal 11 (SIGSEGV)".into());
+        let ready = s.take_ready(sess).unwrap();
+        assert_eq!(ready.len(), 1);
+        assert!(matches!(ready[0].status, Status::WorkerLost { .. }));
+        assert_eq!(s.queued(), 2);
     }
 
     #[test]

@@ -722,6 +722,9 @@ fn handle_frame(shared: &Arc<Shared>, worker: WorkerId, frame: Frame, fds: Vec<O
             st.sched
                 .task_finished_with(worker, frame.id, frame.aux, frame.payload, fds, now)
         }
+        Kind::Partial => st
+            .sched
+            .task_partial(worker, frame.id, frame.aux, frame.payload, fds),
         // Other kinds only travel towards workers; ignore rather than kill the pool.
         _ => Vec::new(),
     };

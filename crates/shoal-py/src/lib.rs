@@ -70,6 +70,7 @@ const WORKER_LOST: u8 = 1;
 const START_FAILED: u8 = 2;
 const TIMED_OUT: u8 = 3;
 const MEMORY_EXCEEDED: u8 = 4;
+const PARTIAL: u8 = 5;
 
 /// A pool of worker processes (the processes backend's engine).
 #[pyclass(frozen, module = "shoal._native")]
@@ -235,6 +236,7 @@ impl Engine {
                             Status::MemoryExceeded { pid, rss, limit } => {
                                 (MEMORY_EXCEEDED, pid, format!("{rss} {limit}"))
                             }
+                            Status::Partial { items } => (PARTIAL, None, items.to_string()),
                         };
                         (
                             o.seq,
@@ -334,6 +336,41 @@ impl WorkerChannel {
         payload: PyBackedBytes,
         fds: Vec<i32>,
     ) -> PyResult<()> {
+        self.send(py, Kind::Result, task, elapsed_ns, payload, fds)
+    }
+
+    /// Sends, at once, the outcome of the next `items` items of a task that goes on (a long
+    /// chunk reports as it runs, so that what finished survives a crash of the worker).
+    #[pyo3(signature = (task, items, payload, fds=Vec::new()))]
+    fn send_partial(
+        &mut self,
+        py: Python<'_>,
+        task: u64,
+        items: u64,
+        payload: PyBackedBytes,
+        fds: Vec<i32>,
+    ) -> PyResult<()> {
+        self.send(py, Kind::Partial, task, items, payload, fds)?;
+        self.flush(py)
+    }
+
+    fn flush(&mut self, py: Python<'_>) -> PyResult<()> {
+        let writer = &mut self.writer;
+        py.detach(|| writer.flush())?;
+        Ok(())
+    }
+}
+
+impl WorkerChannel {
+    fn send(
+        &mut self,
+        py: Python<'_>,
+        kind: Kind,
+        task: u64,
+        aux: u64,
+        payload: PyBackedBytes,
+        fds: Vec<i32>,
+    ) -> PyResult<()> {
         if fds.len() > protocol::MAX_FDS as usize {
             return Err(PyValueError::new_err(format!(
                 "{} segments for one result (at most {})",
@@ -341,14 +378,8 @@ impl WorkerChannel {
                 protocol::MAX_FDS
             )));
         }
-        let header = protocol::encode_header_with_fds(
-            Kind::Result,
-            task,
-            elapsed_ns,
-            payload.len(),
-            &[],
-            fds.len() as u16,
-        );
+        let header =
+            protocol::encode_header_with_fds(kind, task, aux, payload.len(), &[], fds.len() as u16);
         let writer = &mut self.writer;
         py.detach(|| {
             if fds.is_empty() {
@@ -360,12 +391,6 @@ impl WorkerChannel {
             writer.flush()?;
             fdpass::send_with_fds(writer.get_ref(), &[&header, &payload], &fds)
         })?;
-        Ok(())
-    }
-
-    fn flush(&mut self, py: Python<'_>) -> PyResult<()> {
-        let writer = &mut self.writer;
-        py.detach(|| writer.flush())?;
         Ok(())
     }
 }
@@ -666,5 +691,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("OUTCOME_START_FAILED", START_FAILED)?;
     m.add("OUTCOME_TIMED_OUT", TIMED_OUT)?;
     m.add("OUTCOME_MEMORY_EXCEEDED", MEMORY_EXCEEDED)?;
+    m.add("OUTCOME_PARTIAL", PARTIAL)?;
     Ok(())
 }

@@ -102,7 +102,7 @@ class ProcessSession(Session):
 
     def wait(self, timeout: float | None) -> list[ChunkResult]:
         out = []
-        done = _native.OUTCOME_DONE
+        done, partial = _native.OUTCOME_DONE, _native.OUTCOME_PARTIAL
         try:
             outcomes = self._engine.wait(self._id, timeout)
         except _native.EngineError as exc:
@@ -110,14 +110,17 @@ class ProcessSession(Session):
                 raise ShoalError("this call was closed while a thread waited for it") from None
             raise ShoalError(f"the pool stopped while this call was running: {exc}") from exc
         for seq, kind, payload, elapsed, pid, message, segments in outcomes:
-            if kind == done:
+            if kind in (done, partial):
                 try:
                     values, errors = decode_outcome(payload, segments)
                 except Exception as exc:
                     err = PicklingError(f"a result could not be unpickled in the driver: {exc!r}")
-                    values, errors = [None], [ItemError(0, err, "", "")]
+                    count = int(message) if kind == partial else 1
+                    values = [None] * count
+                    errors = [ItemError(i, err, "", "") for i in range(count)]
                 nbytes = len(payload) + sum(s.size for s in segments)
-                out.append(ChunkResult(seq, values, errors, elapsed_ns=elapsed, nbytes=nbytes))
+                is_partial = kind == partial
+                out.append(ChunkResult(seq, values, errors, None, elapsed, nbytes, is_partial))
             else:
                 out.append(ChunkResult(seq, [], crash=_crash(kind, pid, message)))
         return out
