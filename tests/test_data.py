@@ -561,3 +561,61 @@ def test_share_refuses_what_cannot_be_shared():
         shoal.share([1, 2, 3])
     with pytest.raises(TypeError, match="dtype=object"):
         shoal.shared_zeros(3, dtype=object)
+
+
+def array_at(a, i):
+    return float(a[i])
+
+
+@pytest.fixture
+def kept(monkeypatch):
+    """The driver's kept segments, emptied before and after the test."""
+    from shoal import _shm
+
+    store = _shm.kept()
+    store.clear()
+    yield store
+    store.clear()
+
+
+def test_a_later_call_with_the_same_array_copies_nothing(kept):
+    import functools
+
+    arr = np.arange(3_000_000, dtype=np.float64)  # 24 MB
+    fn = functools.partial(array_at, arr)
+    assert shoal.map(fn, [0, 5], workers=2) == [0.0, 5.0]
+    made, hits = kept.made, kept.hits
+    assert len(kept) == 1 and kept.nbytes == arr.nbytes
+    for _ in range(3):
+        assert shoal.map(fn, [1, 7], workers=2) == [1.0, 7.0]
+        assert shoal.map(array_at, [arr, arr], [2, 3], workers=2) == [2.0, 3.0]
+    assert kept.made == made, "the same bytes were copied into a new segment again"
+    assert kept.hits == hits + 6
+
+
+def test_a_changed_array_is_never_served_stale(kept):
+    import functools
+
+    arr = np.zeros(2_000_000)
+    fn = functools.partial(array_at, arr)
+    assert shoal.map(fn, [5], workers=1) == [0.0]
+    arr[5] = 42.0  # one element changes between calls
+    assert shoal.map(fn, [5], workers=1) == [42.0]
+    arr[5] = 0.0  # and back: the first segment serves it again
+    made = kept.made
+    assert shoal.map(fn, [5], workers=1) == [0.0]
+    assert kept.made == made
+
+
+def test_kept_segments_are_bounded_and_released_when_idle(kept, monkeypatch):
+    monkeypatch.setattr(kept, "budget", 20 * 2**20)
+    monkeypatch.setattr(kept, "idle", 0.3)
+    a, b = np.ones(2_000_000), np.full(2_000_000, 2.0)  # 16 MB each
+    assert shoal.map(array_sum, [a], workers=1) == [2_000_000]
+    assert kept.nbytes == a.nbytes
+    assert shoal.map(array_sum, [b], workers=1) == [4_000_000]
+    assert kept.nbytes <= kept.budget, "the idle segment of a made room for b's"
+    big = np.ones(3_000_000)  # 24 MB: over the budget, this call owns its copy
+    assert shoal.map(array_sum, [big], workers=1) == [3_000_000]
+    assert kept.nbytes <= kept.budget
+    assert wait_until(lambda: len(kept) == 0, timeout=10), "idle segments must be released"

@@ -10,10 +10,13 @@ stay in that worker, so the caller's array never changes.
 
 A :class:`SegmentCache` belongs to one call (session): the same buffer (one array passed as a
 fixed argument, in a ``functools.partial``, a closure, or in many items) is copied at most once
-per call, and every segment is closed when the call ends. memfd segments have no file in
-``/dev/shm``: the kernel frees their memory once no process holds them, so crashes and Ctrl-C
-leave nothing behind. If a segment cannot be made (memory limits, file descriptors), the buffer
-simply goes in-band, through the channel.
+per call, and every segment is closed when the call ends. A driver's cache also looks in
+:func:`kept`, segments kept *across* calls and keyed by content: a call that passes the same
+bytes as an earlier one (a sampler or an optimiser calling ``map`` at every step with the same
+data) reuses that segment, paying a hash (memory speed) instead of a copy into fresh pages.
+memfd segments have no file in ``/dev/shm``: the kernel frees their memory once no process
+holds them, so crashes and Ctrl-C leave nothing behind. If a segment cannot be made (memory
+limits, file descriptors), the buffer simply goes in-band, through the channel.
 
 Results travel the same way in the other direction, with one difference: a worker may exit (or
 be killed) right after answering, so the driver cannot rely on opening the worker's descriptors
@@ -27,6 +30,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
+import time
+from collections import OrderedDict
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -41,17 +47,163 @@ MAGIC = b"SHM\x00"
 MAX_RESULT_SEGMENTS = 64
 
 
+class KeptSegments:
+    """Segments kept across calls, keyed by ``(size, content hash)``; bounded and released
+    when idle.
+
+    A call acquires a segment for each large buffer it sends (made on a miss) and releases it
+    when it ends. A segment no call uses stays for :attr:`idle` seconds, and the least
+    recently used idle ones go first when the total would pass :attr:`budget` bytes. The kept
+    bytes never change (the driver never writes into a segment), so a worker mapping one always
+    sees the data it was sent, and changed data has another hash: it is never served stale.
+    """
+
+    def __init__(self, budget: int, idle: float) -> None:
+        self.budget = budget
+        self.idle = idle
+        self._lock = threading.Lock()
+        # key -> [segment, users, last release time]; least recently used first
+        self._entries: OrderedDict[tuple[int, int], list[Any]] = OrderedDict()
+        self._bytes = 0
+        self._timer: threading.Timer | None = None
+        #: Lookups answered without a copy, and segments made (for tests and benchmarks).
+        self.hits = 0
+        self.made = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by kept segments."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def acquire(self, view: memoryview) -> tuple[tuple[int, int], Any, bool] | None:
+        """``(key, segment, made)`` holding ``view``'s bytes, counted as in use until
+        :meth:`release`; ``None`` if it should not be kept (too large for the budget)."""
+        from . import _native
+
+        if view.nbytes > self.budget:
+            return None
+        key = (view.nbytes, _native.content_hash(view))
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry[1] += 1
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return key, entry[0], False
+            self._make_room(view.nbytes)
+            if self._bytes + view.nbytes > self.budget:
+                return None  # the rest is in use: this call owns its own copy
+        segment = _native.Segment(view)  # the copy, outside the lock
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:  # another thread made it meanwhile
+                entry[1] += 1
+                self.hits += 1
+                segment.close()
+                return key, entry[0], False
+            self._entries[key] = [segment, 1, 0.0]
+            self._bytes += view.nbytes
+            self.made += 1
+            return key, segment, True
+
+    def release(self, key: tuple[int, int]) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] == 0:
+                entry[2] = time.monotonic()
+                self._schedule_sweep()
+
+    def _make_room(self, nbytes: int) -> None:
+        for key, (segment, users, _) in list(self._entries.items()):
+            if self._bytes + nbytes <= self.budget:
+                return
+            if users == 0:
+                self._drop(key, segment)
+
+    def _drop(self, key: tuple[int, int], segment: Any) -> None:
+        del self._entries[key]
+        self._bytes -= key[0]
+        segment.close()  # workers that still map it keep their pages
+
+    def _schedule_sweep(self) -> None:
+        if self._timer is None:
+            self._timer = threading.Timer(self.idle, self.sweep)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def sweep(self, older_than: float | None = None) -> None:
+        """Drop segments no call has used for ``older_than`` seconds (default :attr:`idle`)."""
+        limit = self.idle if older_than is None else older_than
+        now = time.monotonic()
+        with self._lock:
+            self._timer = None
+            for key, (segment, users, released) in list(self._entries.items()):
+                if users == 0 and now - released >= limit:
+                    self._drop(key, segment)
+            if any(users == 0 for _, users, _ in self._entries.values()):
+                self._schedule_sweep()
+
+    def clear(self) -> None:
+        """Drop every segment no call uses."""
+        self.sweep(0.0)
+
+    def _forget_after_fork(self) -> None:
+        # A forked child inherits the entries (and copies of their descriptors) but none of the
+        # calls that use them, nor the sweep thread: start empty.
+        self._lock = threading.Lock()
+        self._entries = OrderedDict()
+        self._bytes = 0
+        self._timer = None
+
+
+def _default_budget() -> int:
+    from . import _native
+
+    configured = os.environ.get("SHOAL_SEGMENT_CACHE_BYTES")
+    if configured is not None:
+        return int(configured)
+    total = _native.total_memory() or 8 * 2**30
+    return min(total // 4, 16 * 2**30)
+
+
+_kept: KeptSegments | None = None
+
+
+def kept() -> KeptSegments:
+    """The driver's segments kept across calls (made on first use: workers never need it)."""
+    global _kept
+    if _kept is None:
+        _kept = KeptSegments(
+            _default_budget(), float(os.environ.get("SHOAL_SEGMENT_CACHE_IDLE", "30"))
+        )
+        os.register_at_fork(after_in_child=_kept._forget_after_fork)
+    return _kept
+
+
 class SegmentCache:
-    """The segments of one call: one per distinct large buffer, closed together."""
+    """The segments of one call: one per distinct large buffer, closed together.
+
+    With ``keep``, segments come from :func:`kept` (content-keyed, shared with later calls)
+    when they fit its budget, and are released rather than closed when the call ends.
+    """
 
     #: Most segments this cache makes; beyond, buffers go in-band.
     limit: int | None = None
 
-    def __init__(self) -> None:
+    def __init__(self, keep: bool = False) -> None:
         # (id of the exporter, size) -> (segment, exporter, position in this cache)
         self._segments: dict[tuple[int, int], tuple[Any, Any, int]] = {}
         self._pid = os.getpid()
         self._kept: list[Any] = []
+        self._keep = keep
+        self._acquired: list[tuple[int, int]] = []  # keys of kept segments in use
+        self._borrowed: set[int] = set()  # positions of segments that are kept ones
         self.failed = False
         #: Bytes copied into segments made so far (memory this cache holds).
         self.made_bytes = 0
@@ -68,13 +220,20 @@ class SegmentCache:
             if self.limit is not None and position >= self.limit:
                 return None
             try:
-                segment = _native.Segment(view)
+                got = kept().acquire(view) if self._keep else None
+                if got is None:
+                    segment, made = _native.Segment(view), True
+                else:
+                    self._acquired.append(got[0])
+                    self._borrowed.add(position)
+                    segment, made = got[1], got[2]
             except (OSError, ValueError):
                 self.failed = True
                 return None
             # Keep the exporter alive: its id must not be reused for another buffer.
             hit = self._segments[key] = (segment, view.obj, position)
-            self.made_bytes += view.nbytes
+            if made:
+                self.made_bytes += view.nbytes
         return hit[2], hit[0]
 
     def ref(self, view: memoryview) -> tuple[int, ...] | None:
@@ -93,8 +252,13 @@ class SegmentCache:
         return (self._pid, segment.fd, segment.size)
 
     def close(self) -> None:
-        for segment, _, _ in self._segments.values():
-            segment.close()
+        for segment, _, position in self._segments.values():
+            if position not in self._borrowed:
+                segment.close()
+        for key in self._acquired:  # kept segments stay for later calls
+            kept().release(key)
+        self._acquired.clear()
+        self._borrowed.clear()
         self._segments.clear()
         self._kept.clear()
 

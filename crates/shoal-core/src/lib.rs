@@ -11,9 +11,11 @@
 //! - [`supervisor`]: processes, sockets and threads that carry out the scheduler's decisions.
 //! - [`fdpass`]: file descriptors (shared-memory segments) passed with frames.
 //! - [`cpu`]: how many CPUs this process may use.
+//! - [`content`]: content hashes of large buffers (to recognise data sent before).
 //! - [`progress`]: a progress bar redrawn by its own thread.
 
 pub mod chunking;
+pub mod content;
 pub mod cpu;
 pub mod error;
 pub mod fdpass;

@@ -656,6 +656,23 @@ fn buffer_span(data: PyBuffer<u8>) -> PyResult<(usize, usize)> {
     Ok((data.buf_ptr() as usize, data.len_bytes()))
 }
 
+/// The 128-bit content hash of a contiguous buffer (XXH3), computed with the GIL released.
+#[pyfunction]
+fn content_hash(py: Python<'_>, data: PyBuffer<u8>) -> PyResult<u128> {
+    if !data.is_c_contiguous() {
+        return Err(PyValueError::new_err("the buffer is not contiguous"));
+    }
+    let (ptr, size) = (data.buf_ptr() as usize, data.len_bytes());
+    let digest = py.detach(move || {
+        // SAFETY: `data` (a buffer export) keeps the memory alive and unmoved until it is
+        // dropped after this call; we only read `size` bytes from its start.
+        let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, size) };
+        shoal_core::content::content_hash(bytes)
+    });
+    drop(data);
+    Ok(digest)
+}
+
 /// Total memory of the machine in bytes (0 if unknown).
 #[pyfunction]
 fn total_memory() -> u64 {
@@ -680,6 +697,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(signal_name, m)?)?;
     m.add_function(wrap_pyfunction!(total_memory, m)?)?;
     m.add_function(wrap_pyfunction!(buffer_span, m)?)?;
+    m.add_function(wrap_pyfunction!(content_hash, m)?)?;
     m.add_function(wrap_pyfunction!(at_exit, m)?)?;
     m.add("EngineError", m.py().get_type::<EngineError>())?;
     m.add("KIND_SETUP", Kind::Setup as u8)?;

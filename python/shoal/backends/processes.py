@@ -56,7 +56,7 @@ class ProcessSession(Session):
     def __init__(self, pool: ProcessPool, *, ordered: bool, limits: Limits | None = None) -> None:
         self._pool = pool  # keeps the pool (and its workers) alive while the session runs
         self._closed = False
-        self._segments = shm.SegmentCache()
+        self._segments = shm.SegmentCache(keep=True)
         self._engine = pool._engine
         lim = limits or NO_LIMITS
         self._id = self._engine.open_session(
