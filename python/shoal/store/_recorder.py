@@ -1,0 +1,495 @@
+"""The driver's side of ``store=`` and ``capture=``: which items to run, and recording results.
+
+The driver (:class:`shoal._driver.Run`) calls three hooks:
+
+- :meth:`CallRecorder.take` reads the next items of the input. Items done in the store (and,
+  with ``rerun_failed=False``, failed ones) are handed back at once from the store instead of
+  being run; the others form a chunk of consecutive input positions, so that seeding by index
+  and ordering work unchanged. An item whose identity is already running in this call waits
+  for that one's result.
+- :meth:`CallRecorder.record` unwraps the facts :class:`shoal._itemcall.ItemCall` attached to
+  each value and queues a row per item; rows are committed in one transaction at least every
+  :data:`BATCH_S` seconds or :data:`BATCH_ITEMS` items, by the driver or, while it waits for
+  results, by a background thread that also renews the lock's heartbeat.
+- :meth:`CallRecorder.finish` commits what is left, closes the run's provenance record and
+  releases the lock: at the end, after an error, or on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import os
+import platform
+import sqlite3
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .._itemcall import hostname
+from .._spec import MODE_KW, MODE_SINGLE, MODE_STAR, CallSpec
+from . import _codec, _db
+from ._db import DONE, FAILED, StoreError, StoreWarning
+
+BATCH_S = 0.1
+BATCH_ITEMS = 1000
+# Status of a key seen in this call (in the in-memory map; the file keeps DONE/FAILED only).
+_SEEN = 10
+_RUNNING = 13
+
+Replay = Callable[[int, list[Any], int], bool]
+
+_ROW_SQL = (
+    "INSERT OR REPLACE INTO shoal_items (key, ukey, idx, run, status, started, finished, "
+    "duration, pid, host, attempts, value, nbuf, etype, emessage, traceback, exc, stdout, stderr) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _call_args(spec: CallSpec, item: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The arguments ``spec.fn`` gets for ``item`` (fixed ones included)."""
+    if spec.mode == MODE_SINGLE:
+        return (item, *spec.args), dict(spec.kwargs)
+    if spec.mode == MODE_STAR:
+        return (*item, *spec.args), dict(spec.kwargs)
+    return (*item[0], *spec.args), {**spec.kwargs, **item[1]}
+
+
+class CallRecorder:
+    """One call's link to its store (``path``), or only the unwrapping of ``capture=True``."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        spec: CallSpec,
+        items: Iterator[Any],
+        *,
+        path: str | None,
+        key: Callable[..., Any] | None,
+        capture: bool,
+        rerun_failed: bool,
+        total: int | None,
+        api: str,
+        backend: str,
+        workers: int | None,
+    ) -> None:
+        self.spec = spec
+        self.items = items
+        self.path = path
+        self.key = key
+        self.capture = capture
+        self.rerun_failed = rerun_failed
+        self.index = 0
+        self.input_error: BaseException | None = None
+        self.finished = False
+        self.error: BaseException | None = None
+        self.status: dict[bytes, int] = {}
+        self.in_flight: dict[int, tuple[bytes, Any]] = {}  # index -> (identity, user key)
+        self.waiting: dict[bytes, list[int]] = {}
+        self.pending: list[tuple[Any, ...]] = []
+        self.pending_buffers: list[tuple[bytes, int, Any]] = []
+        self.pending_since = 0.0
+        self.committed = 0
+        self.done = 0
+        self.failed = 0
+        self.buf_lock = threading.Lock()
+        self.db_lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        if path is None:
+            return
+        self.hasher = _codec.call_hasher(fn, spec.mode, spec.args, spec.kwargs, spec.seed)
+        self.conn = _db.connect(path)
+        try:
+            _db.create_or_check(self.conn, path, _db.journal_mode_for(path))
+            self._check_function(fn)
+            self.token = _db.acquire_lock(self.conn, path)
+        except BaseException:
+            self.conn.close()
+            raise
+        try:
+            self.run_id = self._start_run(fn, api, backend, workers, total)
+            for k, st in self.conn.execute("SELECT key, status FROM shoal_items"):
+                self.status[k] = st
+        except BaseException:
+            self._release()
+            raise
+        self.thread = threading.Thread(target=self._background, name="shoal-store", daemon=True)
+        self.thread.start()
+
+    # -- opening ---------------------------------------------------------------------------
+
+    def _check_function(self, fn: Callable[..., Any]) -> None:
+        name = _codec.function_name(fn)
+        stored = _db.get_meta(self.conn, "function")
+        if stored is None:
+            self.conn.execute("INSERT OR IGNORE INTO shoal_meta VALUES ('function', ?)", (name,))
+            stored = _db.get_meta(self.conn, "function")
+        if stored != name:
+            raise StoreError(
+                f"store {self.path!r} holds results of {stored}, not of {name}: a store belongs "
+                f"to one function; use another file for {name}"
+            )
+
+    def _start_run(
+        self, fn: Callable[..., Any], api: str, backend: str, workers: int | None, total: Any
+    ) -> int:
+        from .. import __version__
+
+        source = _codec.source_hash(fn)
+        row = self.conn.execute("SELECT info FROM shoal_runs ORDER BY id DESC LIMIT 1").fetchone()
+        if row is not None:
+            before = json.loads(row[0]).get("source_hash")
+            if before and source and before != source:
+                warnings.warn(
+                    f"store {self.path!r}: the source of {_codec.function_name(fn)} changed "
+                    f"since the last run; results already stored are kept (delete the store "
+                    f"to recompute them)",
+                    StoreWarning,
+                    stacklevel=4,
+                )
+        try:
+            user = getpass.getuser()
+        except Exception:
+            user = None
+        info = {
+            "shoal": __version__,
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "host": hostname(),
+            "pid": os.getpid(),
+            "user": user,
+            "argv": list(sys.argv),
+            "cwd": os.getcwd(),
+            "function": _codec.function_name(fn),
+            "source_hash": source,
+            "api": api,
+            "backend": backend,
+            "workers": workers,
+            "total": total,
+            "key": self.key is not None,
+            "capture": self.capture,
+        }
+        cur = self.conn.execute(
+            "INSERT INTO shoal_runs (started, status, info) VALUES (?, 'running', ?)",
+            (time.time(), json.dumps(info)),
+        )
+        return int(cur.lastrowid or 0)
+
+    # -- input side (driver hook) ----------------------------------------------------------
+
+    def identity(self, item: Any) -> tuple[bytes, Any]:
+        if self.key is None:
+            return _codec.item_key(self.hasher, self.spec.mode, item), None
+        args, kwargs = _call_args(self.spec, item)
+        ukey = self.key(*args, **kwargs)
+        return _codec.user_key(self.hasher, ukey), ukey
+
+    def take(self, size: int, replay: Replay) -> tuple[int, list[Any], bool]:
+        """The next chunk to run: ``(start index, items, input ended)``. Items not to run are
+        passed to ``replay(index, values, failed)`` (which returns whether to go on)."""
+        self._raise_error()
+        start = self.index
+        chunk: list[Any] = []
+        if self.path is None:
+            try:
+                for item in self.items:
+                    chunk.append(item)
+                    if len(chunk) >= size:
+                        break
+            except Exception as exc:
+                self.input_error = exc
+                self.index += len(chunk)
+                return start, chunk, True
+            self.index += len(chunk)
+            return start, chunk, len(chunk) < size
+        ended = False
+        while len(chunk) < size:
+            try:
+                item = next(self.items)
+            except StopIteration:
+                ended = True
+                break
+            except Exception as exc:
+                self.input_error = exc
+                ended = True
+                break
+            index = self.index
+            self.index += 1
+            ident, ukey = self.identity(item)
+            st = self.status.get(ident)
+            if st is not None and st >= _SEEN and self.key is not None:
+                raise ValueError(f"duplicate key {ukey!r} in one call (item {index})")
+            if st is None or (st == FAILED and self.rerun_failed):
+                self.status[ident] = _RUNNING
+                self.in_flight[index] = (ident, ukey)
+                chunk.append(item)
+                continue
+            if st == _RUNNING:
+                # The same identity is running in this call: share its result.
+                self.waiting.setdefault(ident, []).append(index)
+                go_on = True
+            else:
+                if st < _SEEN:
+                    self.status[ident] = st + _SEEN
+                go_on = self._replay(ident, index, replay)
+            # A gap in the positions: the chunk so far goes alone.
+            if not go_on:
+                ended = True
+                break
+            if chunk:
+                break
+            start = self.index
+        return start, chunk, ended
+
+    def _replay(self, ident: bytes, index: int, replay: Replay) -> bool:
+        value, failed = self._read(ident)
+        if failed:
+            self.failed += 1
+        else:
+            self.done += 1
+        return replay(index, [value], int(failed))
+
+    def _read(self, ident: bytes) -> tuple[Any, bool]:
+        if any(row[0] == ident for row in self.pending):
+            self.flush()
+        with self.db_lock:
+            row = self.conn.execute(
+                "SELECT status, value, nbuf, etype, emessage, traceback, exc FROM shoal_items "
+                "WHERE key = ?",
+                (ident,),
+            ).fetchone()
+            buffers = []
+            if row is not None and row[2]:
+                buffers = [
+                    r[0]
+                    for r in self.conn.execute(
+                        "SELECT data FROM shoal_buffers WHERE key = ? ORDER BY n", (ident,)
+                    )
+                ]
+        if row is None:
+            raise StoreError(f"store {self.path!r}: item {ident.hex()} vanished while running")
+        if row[0] == DONE:
+            return _codec.decode_value(row[1], buffers), False
+        return _codec.rebuild_error(row[3], row[4], row[5], row[6]), True
+
+    # -- output side (driver hook) ---------------------------------------------------------
+
+    def record(
+        self, start: int, values: list[Any], failed: int, attempts: int = 1
+    ) -> list[tuple[int, list[Any], int]]:
+        """Unwrap ``values`` in place and queue their rows; return results for items of the
+        same identity that waited for these, as ``(index, values, failed)``."""
+        self._raise_error()
+        rows: list[tuple[Any, ...]] = []
+        extra: list[tuple[int, list[Any], int]] = []
+        store = self.path is not None
+        for offset, wrapped in enumerate(values):
+            index = start + offset
+            if failed:
+                exc = wrapped
+                facts = exc.__dict__.pop("_shoal_item", None) if hasattr(exc, "__dict__") else None
+                if facts is None:
+                    facts = (getattr(exc, "pid", None), None, None, None, None, None)
+                if not store:
+                    _note_output(exc, facts[4], facts[5])
+                    continue
+                self.failed += 1
+                entry = self.in_flight.pop(index, None)
+                if entry is None:
+                    continue
+                ident, ukey = entry
+                etype, message, tb, blob = _codec.describe_error(exc)
+                tries = 1 + len(getattr(exc, "attempts", None) or ())
+                rows.append(self._row(ident, ukey, index, FAILED, facts, tries, None, 0))
+                rows[-1][13:17] = [etype, message, tb, blob]
+                status = FAILED
+                result = exc
+            else:
+                value = wrapped[0]
+                values[offset] = value
+                if not store:
+                    continue
+                entry = self.in_flight.pop(index, None)
+                if entry is None:
+                    continue
+                ident, ukey = entry
+                try:
+                    data, raw = _codec.encode_value(value)
+                except Exception as exc:
+                    # Kept as this item's failure; the caller still gets the value now.
+                    self.failed += 1
+                    row = self._row(ident, ukey, index, FAILED, wrapped[1:], attempts, None, 0)
+                    row[13:17] = [
+                        "PicklingError",
+                        f"result cannot be stored: {type(exc).__name__}: {exc}",
+                        "",
+                        None,
+                    ]
+                    rows.append(row)
+                    status, result = FAILED, value
+                else:
+                    self.done += 1
+                    row = self._row(ident, ukey, index, DONE, wrapped[1:], attempts, data, len(raw))
+                    rows.append(row)
+                    if raw:
+                        with self.buf_lock:
+                            self.pending_buffers.extend((ident, n, b) for n, b in enumerate(raw))
+                    status, result = DONE, value
+            self.status[ident] = status + _SEEN
+            waiters = self.waiting.pop(ident, None)
+            if waiters:
+                extra.extend((w, [result], int(failed)) for w in waiters)
+        if rows:
+            with self.buf_lock:
+                if not self.pending:
+                    self.pending_since = time.monotonic()
+                self.pending.extend(tuple(r) for r in rows)
+                due = (
+                    len(self.pending) >= BATCH_ITEMS
+                    or time.monotonic() - self.pending_since >= BATCH_S
+                )
+            if due:
+                self.flush()
+        return extra
+
+    def _row(
+        self,
+        ident: bytes,
+        ukey: Any,
+        index: int,
+        status: int,
+        facts: Any,
+        attempts: int,
+        data: bytes | None,
+        nbuf: int,
+    ) -> list[Any]:
+        pid, host, started, finished = facts[0], facts[1], facts[2], facts[3]
+        out = err = None
+        if self.capture and len(facts) >= 6:
+            out, err = facts[4], facts[5]
+        duration = finished - started if started is not None and finished is not None else None
+        return [
+            ident, ukey, index, self.run_id, status, started, finished, duration, pid, host,
+            attempts, data, nbuf, None, None, None, None, out, err,
+        ]  # fmt: skip
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Commit the queued rows in one transaction."""
+        if self.path is None:
+            return
+        with self.db_lock:
+            with self.buf_lock:
+                rows, self.pending = self.pending, []
+                buffers, self.pending_buffers = self.pending_buffers, []
+            if not rows and not buffers:
+                return
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+                self.conn.executemany(_ROW_SQL, rows)
+                if buffers:
+                    self.conn.executemany(
+                        "INSERT OR REPLACE INTO shoal_buffers VALUES (?, ?, ?)", buffers
+                    )
+                self.conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
+                err = StoreError(
+                    f"writing to store {self.path!r} failed ({exc}); the {self.committed} "
+                    f"results committed before are kept, the last {len(rows)} were lost"
+                )
+                self.error = err
+                raise err from exc
+            self.committed += len(rows)
+
+    def _background(self) -> None:
+        last_beat = time.monotonic()
+        while not self.stop.wait(BATCH_S):
+            try:
+                if self.pending and time.monotonic() - self.pending_since >= BATCH_S:
+                    self.flush()
+                if time.monotonic() - last_beat >= _db.HEARTBEAT_S:
+                    last_beat = time.monotonic()
+                    self._heartbeat()
+            except StoreError:
+                return  # self.error is set; the driver raises it at its next hook
+            except Exception as exc:  # never let the thread die silently
+                self.error = StoreError(f"store {self.path!r}: {exc}")
+                return
+
+    def _heartbeat(self) -> None:
+        with self.db_lock:
+            try:
+                cur = self.conn.execute(
+                    "UPDATE shoal_lock SET heartbeat = ? WHERE token = ?",
+                    (time.time(), self.token),
+                )
+                lost = cur.rowcount == 0
+                row = _db.read_lock(self.conn) if lost else None
+            except sqlite3.Error:
+                return  # busy: the next beat retries
+        if lost:
+            whom = _db.owner(row) if row else "nobody"
+            self.error = StoreError(
+                f"store {self.path!r}: this run's lock was taken over (now held by {whom}); "
+                f"stopping so that two runs do not write the same store"
+            )
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def finish(self, status: str) -> None:
+        """Commit what is left, record the end of the run and release the lock. Idempotent.
+        Raises :class:`StoreError` if the last commit fails and ``status`` is ``"finished"``."""
+        if self.finished or self.path is None:
+            self.finished = True
+            return
+        self.finished = True
+        self.stop.set()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join()
+        failure: BaseException | None = None
+        try:
+            if self.error is None:
+                self.flush()
+        except StoreError as exc:
+            failure = exc
+        if failure is None and self.error is not None:
+            failure = self.error
+            status = "failed"
+        try:
+            with self.db_lock:
+                self.conn.execute(
+                    "UPDATE shoal_runs SET finished = ?, status = ? WHERE id = ?",
+                    (time.time(), status if failure is None else "failed", self.run_id),
+                )
+        except sqlite3.Error:
+            pass  # the disk is full: the run stays 'running' in the file, its lock goes stale
+        self._release()
+        if failure is not None and status == "finished":
+            raise failure
+
+    def _release(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.execute("DELETE FROM shoal_lock WHERE token = ?", (self.token,))
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.close()
+
+
+def _note_output(exc: BaseException, out: str | None, err: str | None) -> None:
+    """Without a store, captured output goes into a note on the item's error."""
+    for name, text in (("stdout", out), ("stderr", err)):
+        if text:
+            with contextlib.suppress(Exception):
+                exc.add_note(f"shoal: captured {name}:\n{text.rstrip()}")
+
+
+__all__ = ["MODE_KW", "CallRecorder"]
