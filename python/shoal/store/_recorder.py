@@ -100,6 +100,9 @@ class CallRecorder:
         self.db_lock = threading.Lock()
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
+        #: Input position stored for call index i (the CLI leaves unreadable lines out of the
+        #: call but counts them); ``None``: the index itself.
+        self.positions: list[int] | None = None
         if path is None:
             return
         self.hasher = _codec.call_hasher(fn, spec.mode, spec.args, spec.kwargs, spec.seed)
@@ -373,6 +376,8 @@ class CallRecorder:
         if self.capture and len(facts) >= 6:
             out, err = facts[4], facts[5]
         duration = finished - started if started is not None and finished is not None else None
+        if self.positions is not None:
+            index = self.positions[index]
         return [
             ident, ukey, index, self.run_id, status, started, finished, duration, pid, host,
             attempts, data, nbuf, None, None, None, None, out, err,
