@@ -90,6 +90,7 @@ class Prepared:
         capture: bool = False,
         rerun_failed: bool = True,
     ) -> None:
+        item_key = key  # `key` is reused by a loop below
         if not callable(fn):
             raise TypeError(
                 f"shoal.{api}() needs a callable as its first argument, not {type(fn).__name__}"
@@ -169,7 +170,7 @@ class Prepared:
             seed=check_seed(seed),
             context=make_context(initializer, initargs, shared),
         )
-        self.store = _store_options(self, fn, store, key, capture, rerun_failed)
+        self.store = _store_options(self, fn, store, item_key, capture, rerun_failed)
         self.recorder: Any = None
 
     def open(self, pool: Pool, *, ordered: bool, deadline: float | None = None) -> Any:

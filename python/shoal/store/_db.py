@@ -144,6 +144,14 @@ def check_path(path: Any, *, write: bool) -> str:
     if write and not os.access(directory, os.W_OK):
         # SQLite writes its journal next to the file, so the directory must be writable too.
         raise StoreError(f"cannot write store {path!r}: directory {directory!r} is read-only")
+    if write and not os.path.exists(path):
+        # An empty file is a new store; creating it now proves the directory takes files
+        # (os.access says yes to root on a read-only mount).
+        try:
+            with open(path, "ab"):
+                pass
+        except OSError as exc:
+            raise StoreError(f"cannot create store {path!r}: {exc.strerror}") from exc
     return path
 
 
