@@ -27,7 +27,7 @@ RAW_MIN = 2**20
 
 
 def _cloudpickle() -> Any:
-    import cloudpickle
+    import cloudpickle  # type: ignore[import-untyped]
 
     return cloudpickle
 
@@ -140,8 +140,9 @@ def describe_error(exc: BaseException) -> tuple[str, str, str, bytes | None]:
 
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
-        blob: bytes | None = _pickled(exc)
-        pickle.loads(blob)  # one that cannot be rebuilt is kept as type and message only
+        data = _pickled(exc)
+        pickle.loads(data)  # one that cannot be rebuilt is kept as type and message only
+        blob: bytes | None = data
     except Exception:
         blob = None
     return etype, message, tb, blob

@@ -85,7 +85,7 @@ class StoreError(ShoalError):
     disk full...). The message says which and what to do."""
 
 
-class StoreWarning(UserWarning):
+class StoreWarning(ShoalError, UserWarning):
     """Something about a store worth knowing that does not stop the run (a stale lock taken
     over, a changed function source)."""
 

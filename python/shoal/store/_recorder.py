@@ -288,7 +288,7 @@ class CallRecorder:
         """Unwrap ``values`` in place and queue their rows; return results for items of the
         same identity that waited for these, as ``(index, values, failed)``."""
         self._raise_error()
-        rows: list[tuple[Any, ...]] = []
+        rows: list[list[Any]] = []
         extra: list[tuple[int, list[Any], int]] = []
         store = self.path is not None
         for offset, wrapped in enumerate(values):
