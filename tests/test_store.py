@@ -252,7 +252,7 @@ def test_large_arrays_are_stored_as_raw_buffers(tmp_path):
     path = tmp_path / "s.sqlite"
     shoal.map(big_array, [1, 2], store=path)
     conn = sqlite3.connect(path)
-    sizes = [r[0] for r in conn.execute("SELECT length(data) FROM shoal_buffers")]
+    sizes = [r[0] for r in conn.execute("SELECT length(data) FROM shoal_buffers ORDER BY item")]
     pickles = [r[0] for r in conn.execute("SELECT length(value) FROM shoal_items")]
     conn.close()
     assert sizes == [2_400_000, 2_400_000] and max(pickles) < 1000

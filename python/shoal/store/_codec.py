@@ -84,8 +84,10 @@ def item_key(hasher: Any, mode: int, item: Any) -> bytes:
     h = hasher.copy()
     if mode == MODE_KW:
         item = (item[0], sorted(item[1].items()))
-    h.update(b"a")
-    h.update(_pickled(item))
+    try:
+        h.update(pickle.dumps(item, protocol=5))
+    except Exception:
+        h.update(_cloudpickle().dumps(item, protocol=5))
     return h.digest()
 
 
@@ -94,7 +96,7 @@ def user_key(hasher: Any, key: Any) -> bytes:
     if isinstance(key, bool) or not isinstance(key, (str, int, bytes)):
         raise TypeError(f"key= must return a str, int or bytes, not {type(key).__name__}")
     h = hasher.copy()
-    h.update(b"k")
+    h.update(b"user key")
     h.update(pickle.dumps(key, protocol=5))
     return h.digest()
 

@@ -58,18 +58,20 @@ CREATE TABLE shoal_runs (
     id INTEGER PRIMARY KEY, started REAL, finished REAL, status TEXT, info TEXT
 );
 CREATE TABLE shoal_items (
-    key BLOB PRIMARY KEY,  -- identity: a hash of the arguments, or of the user's key
+    -- No index on `key`: a writer keeps every key in memory and addresses rows by id, so
+    -- inserts append (a random-key index would cost a page write per item).
+    id INTEGER PRIMARY KEY,
+    key BLOB,              -- identity: a hash of the arguments, or of the user's key
     ukey,                  -- the user's key (str, int or bytes), NULL without key=
     idx INTEGER,           -- position in the input of the run that stored it
     run INTEGER,
     status INTEGER,        -- 1 done, 2 failed
-    started REAL, finished REAL, duration REAL, pid INTEGER, host TEXT, attempts INTEGER,
+    started REAL, finished REAL, pid INTEGER, host TEXT, attempts INTEGER,
     value BLOB, nbuf INTEGER,
     etype TEXT, emessage TEXT, traceback TEXT, exc BLOB,
     stdout TEXT, stderr TEXT
 );
-CREATE INDEX shoal_items_idx ON shoal_items (idx);
-CREATE TABLE shoal_buffers (key BLOB, n INTEGER, data BLOB, PRIMARY KEY (key, n));
+CREATE TABLE shoal_buffers (item INTEGER, n INTEGER, data BLOB, PRIMARY KEY (item, n));
 CREATE TABLE shoal_lock (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     pid INTEGER, host TEXT, token TEXT, started REAL, heartbeat REAL
@@ -85,7 +87,7 @@ class StoreError(ShoalError):
     disk full...). The message says which and what to do."""
 
 
-class StoreWarning(ShoalError, UserWarning):
+class StoreWarning(ShoalError, UserWarning):  # noqa: N818 - a warning, not an error
     """Something about a store worth knowing that does not stop the run (a stale lock taken
     over, a changed function source)."""
 

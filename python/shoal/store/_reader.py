@@ -69,20 +69,19 @@ class Store:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read store {self.path!r}: {exc}") from exc
 
-    def _buffers(self, key: bytes) -> list[bytes]:
-        rows = self._query("SELECT data FROM shoal_buffers WHERE key = ? ORDER BY n", (key,))
+    def _buffers(self, rid: int) -> list[bytes]:
+        rows = self._query("SELECT data FROM shoal_buffers WHERE item = ? ORDER BY n", (rid,))
         return [r[0] for r in rows]
 
     def results(self) -> Iterator[tuple[Any, Any]]:
         """``(key, value)`` of every done item, in input order; ``key`` is the user's key
         (``key=``) or the item's input index."""
         rows = self._query(
-            "SELECT key, ukey, idx, value, nbuf FROM shoal_items WHERE status = ? "
-            "ORDER BY idx, rowid",
+            "SELECT id, ukey, idx, value, nbuf FROM shoal_items WHERE status = ? ORDER BY idx, id",
             (DONE,),
         ).fetchall()
-        for key, ukey, idx, data, nbuf in rows:
-            buffers = self._buffers(key) if nbuf else []
+        for rid, ukey, idx, data, nbuf in rows:
+            buffers = self._buffers(rid) if nbuf else []
             yield (idx if ukey is None else ukey), _codec.decode_value(data, buffers)
 
     def failures(self) -> Iterator[tuple[Any, BaseException]]:
@@ -91,7 +90,7 @@ class Store:
         worker's traceback as ``__cause__``."""
         rows = self._query(
             "SELECT ukey, idx, etype, emessage, traceback, exc FROM shoal_items "
-            "WHERE status = ? ORDER BY idx, rowid",
+            "WHERE status = ? ORDER BY idx, id",
             (FAILED,),
         ).fetchall()
         for ukey, idx, etype, message, tb, blob in rows:
@@ -103,8 +102,8 @@ class Store:
         ``pid``, ``host``, ``attempts``, ``run`` and, for a failure, ``error`` (``type``,
         ``message``, ``traceback``)."""
         rows = self._query(
-            "SELECT ukey, idx, status, started, finished, duration, pid, host, attempts, run, "
-            "etype, emessage, traceback FROM shoal_items ORDER BY idx, rowid"
+            "SELECT ukey, idx, status, started, finished, finished - started, pid, host, "
+            "attempts, run, etype, emessage, traceback FROM shoal_items ORDER BY idx, id"
         ).fetchall()
         for row in rows:
             ukey, idx, status = row[0], row[1], row[2]
@@ -129,7 +128,7 @@ class Store:
         input index), with ``capture=True``; ``None`` where nothing was captured."""
         column = "idx" if isinstance(key, int) and not self._has_user_keys() else "ukey"
         row = self._query(
-            f"SELECT stdout, stderr FROM shoal_items WHERE {column} = ? ORDER BY run DESC",
+            f"SELECT stdout, stderr FROM shoal_items WHERE {column} = ? ORDER BY id DESC",
             (key,),
         ).fetchone()
         if row is None:
@@ -172,7 +171,8 @@ class Store:
         finished = None if running or not runs else runs[-1]["finished"]
         end = finished if finished is not None else time.time()
         mean = self._query(
-            "SELECT AVG(duration) FROM shoal_items WHERE status = ? AND duration IS NOT NULL",
+            "SELECT AVG(finished - started) FROM shoal_items WHERE status = ? "
+            "AND started IS NOT NULL",
             (DONE,),
         ).fetchone()[0]
         rate = eta = None

@@ -44,10 +44,21 @@ _RUNNING = 13
 Replay = Callable[[int, list[Any], int], bool]
 
 _ROW_SQL = (
-    "INSERT OR REPLACE INTO shoal_items (key, ukey, idx, run, status, started, finished, "
-    "duration, pid, host, attempts, value, nbuf, etype, emessage, traceback, exc, stdout, stderr) "
+    "INSERT INTO shoal_items (id, key, ukey, idx, run, status, started, finished, pid, host, "
+    "attempts, value, nbuf, etype, emessage, traceback, exc, stdout, stderr) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# Done rows bind fewer columns (binding is most of an insert's cost).
+_DONE_SQL = (
+    "INSERT INTO shoal_items (id, key, ukey, idx, run, status, started, finished, pid, host, "
+    "attempts, value, nbuf) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?)"
+)
+_DONE_CAPTURED_SQL = (
+    "INSERT INTO shoal_items (id, key, ukey, idx, run, status, started, finished, pid, host, "
+    "attempts, value, nbuf, stdout, stderr) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+#: The writer falls this many rows behind before the driver commits itself (back-pressure).
+_BACKLOG = 2 * BATCH_ITEMS
 
 
 def _call_args(spec: CallSpec, item: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -87,12 +98,17 @@ class CallRecorder:
         self.input_error: BaseException | None = None
         self.finished = False
         self.error: BaseException | None = None
+        # identity -> row id << 4 | state (DONE, FAILED, or those + _SEEN, or _RUNNING)
         self.status: dict[bytes, int] = {}
         self.in_flight: dict[int, tuple[bytes, Any]] = {}  # index -> (identity, user key)
         self.waiting: dict[bytes, list[int]] = {}
         self.pending: list[tuple[Any, ...]] = []
-        self.pending_buffers: list[tuple[bytes, int, Any]] = []
+        self.pending_buffers: list[tuple[int, int, Any]] = []
+        self.pending_deletes: list[tuple[int]] = []
         self.pending_since = 0.0
+        self.next_id = 1
+        self.first_pending_id = 1  # rows from this id on are not committed yet
+        self.wake = threading.Event()
         self.committed = 0
         self.done = 0
         self.failed = 0
@@ -116,8 +132,12 @@ class CallRecorder:
             raise
         try:
             self.run_id = self._start_run(fn, api, backend, workers, total)
-            for k, st in self.conn.execute("SELECT key, status FROM shoal_items"):
-                self.status[k] = st
+            status = self.status
+            for rid, k, st in self.conn.execute("SELECT id, key, status FROM shoal_items"):
+                status[k] = rid << 4 | st
+            self.next_id = self.first_pending_id = 1 + (
+                self.conn.execute("SELECT MAX(id) FROM shoal_items").fetchone()[0] or 0
+            )
         except BaseException:
             self._release()
             raise
@@ -224,22 +244,25 @@ class CallRecorder:
             index = self.index
             self.index += 1
             ident, ukey = self.identity(item)
-            st = self.status.get(ident)
-            if st is not None and st >= _SEEN and self.key is not None:
+            packed = self.status.get(ident)
+            st = -1 if packed is None else packed & 15
+            if st >= _SEEN and self.key is not None:
                 raise ValueError(f"duplicate key {ukey!r} in one call (item {index})")
-            if st is None or (st == FAILED and self.rerun_failed):
-                self.status[ident] = _RUNNING
+            if st == -1 or (st == FAILED and self.rerun_failed):
+                # A failed row to replace keeps its id here until the new row is written.
+                self.status[ident] = (0 if packed is None else packed & ~15) | _RUNNING
                 self.in_flight[index] = (ident, ukey)
                 chunk.append(item)
                 continue
+            assert packed is not None
             if st == _RUNNING:
                 # The same identity is running in this call: share its result.
                 self.waiting.setdefault(ident, []).append(index)
                 go_on = True
             else:
                 if st < _SEEN:
-                    self.status[ident] = st + _SEEN
-                go_on = self._replay(ident, index, replay)
+                    self.status[ident] = packed + _SEEN
+                go_on = self._replay(packed >> 4, index, replay)
             # A gap in the positions: the chunk so far goes alone.
             if not go_on:
                 ended = True
@@ -249,33 +272,33 @@ class CallRecorder:
             start = self.index
         return start, chunk, ended
 
-    def _replay(self, ident: bytes, index: int, replay: Replay) -> bool:
-        value, failed = self._read(ident)
+    def _replay(self, rid: int, index: int, replay: Replay) -> bool:
+        value, failed = self._read(rid)
         if failed:
             self.failed += 1
         else:
             self.done += 1
         return replay(index, [value], int(failed))
 
-    def _read(self, ident: bytes) -> tuple[Any, bool]:
-        if any(row[0] == ident for row in self.pending):
+    def _read(self, rid: int) -> tuple[Any, bool]:
+        if rid >= self.first_pending_id:
             self.flush()
         with self.db_lock:
             row = self.conn.execute(
                 "SELECT status, value, nbuf, etype, emessage, traceback, exc FROM shoal_items "
-                "WHERE key = ?",
-                (ident,),
+                "WHERE id = ?",
+                (rid,),
             ).fetchone()
             buffers = []
             if row is not None and row[2]:
                 buffers = [
                     r[0]
                     for r in self.conn.execute(
-                        "SELECT data FROM shoal_buffers WHERE key = ? ORDER BY n", (ident,)
+                        "SELECT data FROM shoal_buffers WHERE item = ? ORDER BY n", (rid,)
                     )
                 ]
         if row is None:
-            raise StoreError(f"store {self.path!r}: item {ident.hex()} vanished while running")
+            raise StoreError(f"store {self.path!r}: row {rid} vanished while running")
         if row[0] == DONE:
             return _codec.decode_value(row[1], buffers), False
         return _codec.rebuild_error(row[3], row[4], row[5], row[6]), True
@@ -287,138 +310,168 @@ class CallRecorder:
     ) -> list[tuple[int, list[Any], int]]:
         """Unwrap ``values`` in place and queue their rows; return results for items of the
         same identity that waited for these, as ``(index, values, failed)``."""
-        self._raise_error()
-        rows: list[list[Any]] = []
+        if self.error is not None:
+            raise self.error
+        if self.path is None:
+            for offset, wrapped in enumerate(values):
+                if failed:
+                    facts = wrapped.__dict__.pop("_shoal_item", None)
+                    if facts is not None:
+                        _note_output(wrapped, facts[4], facts[5])
+                else:
+                    values[offset] = wrapped[0]
+            return []
+        rows: list[tuple[Any, ...]] = []
+        others: list[tuple[Any, ...]] = []  # failures: every column
+        buffers: list[tuple[int, int, Any]] = []
         extra: list[tuple[int, list[Any], int]] = []
-        store = self.path is not None
+        in_flight, status, positions, run = self.in_flight, self.status, self.positions, self.run_id
+        capture = self.capture
         for offset, wrapped in enumerate(values):
             index = start + offset
+            entry = in_flight.pop(index, None)
+            result = wrapped if failed else wrapped[0]
+            if not failed:
+                values[offset] = result
+            if entry is None:
+                continue  # not from this call's input (cannot happen; be safe)
+            ident, ukey = entry
+            rid = self.next_id
+            self.next_id += 1
+            old = status[ident] >> 4
+            if old:
+                self.pending_deletes.append((old,))
+            idx = index if positions is None else positions[index]
             if failed:
-                exc = wrapped
-                facts = exc.__dict__.pop("_shoal_item", None) if hasattr(exc, "__dict__") else None
-                if facts is None:
-                    facts = (getattr(exc, "pid", None), None, None, None, None, None)
-                if not store:
-                    _note_output(exc, facts[4], facts[5])
-                    continue
-                self.failed += 1
-                entry = self.in_flight.pop(index, None)
-                if entry is None:
-                    continue
-                ident, ukey = entry
-                etype, message, tb, blob = _codec.describe_error(exc)
-                tries = 1 + len(getattr(exc, "attempts", None) or ())
-                rows.append(self._row(ident, ukey, index, FAILED, facts, tries, None, 0))
-                rows[-1][13:17] = [etype, message, tb, blob]
-                status = FAILED
-                result = exc
+                others.append(self._failure_row(rid, ident, ukey, idx, wrapped))
+                state = FAILED
             else:
-                value = wrapped[0]
-                values[offset] = value
-                if not store:
-                    continue
-                entry = self.in_flight.pop(index, None)
-                if entry is None:
-                    continue
-                ident, ukey = entry
+                pid, host, t0, t1 = wrapped[1], wrapped[2], wrapped[3], wrapped[4]
+                out = wrapped[5] if capture else None
+                err = wrapped[6] if capture else None
                 try:
-                    data, raw = _codec.encode_value(value)
+                    data, raw = _codec.encode_value(result)
                 except Exception as exc:
                     # Kept as this item's failure; the caller still gets the value now.
                     self.failed += 1
-                    row = self._row(ident, ukey, index, FAILED, wrapped[1:], attempts, None, 0)
-                    row[13:17] = [
-                        "PicklingError",
-                        f"result cannot be stored: {type(exc).__name__}: {exc}",
-                        "",
-                        None,
-                    ]
-                    rows.append(row)
-                    status, result = FAILED, value
+                    state = FAILED
+                    others.append((
+                        rid, ident, ukey, idx, run, FAILED, t0, t1, pid, host, attempts, None, 0,
+                        "PicklingError", f"result cannot be stored: {type(exc).__name__}: {exc}",
+                        "", None, out, err,
+                    ))  # fmt: skip
                 else:
                     self.done += 1
-                    row = self._row(ident, ukey, index, DONE, wrapped[1:], attempts, data, len(raw))
-                    rows.append(row)
+                    state = DONE
+                    if capture:
+                        rows.append((rid, ident, ukey, idx, run, t0, t1, pid, host, attempts,
+                                     data, len(raw), out, err))  # fmt: skip
+                    else:
+                        rows.append((rid, ident, ukey, idx, run, t0, t1, pid, host, attempts,
+                                     data, len(raw)))  # fmt: skip
                     if raw:
-                        with self.buf_lock:
-                            self.pending_buffers.extend((ident, n, b) for n, b in enumerate(raw))
-                    status, result = DONE, value
-            self.status[ident] = status + _SEEN
-            waiters = self.waiting.pop(ident, None)
-            if waiters:
-                extra.extend((w, [result], int(failed)) for w in waiters)
-        if rows:
+                        buffers.extend((rid, n, b) for n, b in enumerate(raw))
+            status[ident] = rid << 4 | (state + _SEEN)
+            if self.waiting:
+                waiters = self.waiting.pop(ident, None)
+                if waiters:
+                    extra.extend((w, [result], int(failed)) for w in waiters)
+        if rows or others:
+            if others:  # failures are rare: they go on their own, in order with the rest
+                rows = sorted(rows + [("all", *o) for o in others], key=_row_id)
             with self.buf_lock:
                 if not self.pending:
                     self.pending_since = time.monotonic()
-                self.pending.extend(tuple(r) for r in rows)
-                due = (
-                    len(self.pending) >= BATCH_ITEMS
-                    or time.monotonic() - self.pending_since >= BATCH_S
-                )
-            if due:
-                self.flush()
+                self.pending.extend(rows)
+                self.pending_buffers.extend(buffers)
+                backlog = len(self.pending)
+            if backlog >= _BACKLOG:
+                self.flush()  # the writer thread lags: commit here
+            elif backlog >= BATCH_ITEMS:
+                self.wake.set()
         return extra
 
-    def _row(
-        self,
-        ident: bytes,
-        ukey: Any,
-        index: int,
-        status: int,
-        facts: Any,
-        attempts: int,
-        data: bytes | None,
-        nbuf: int,
-    ) -> list[Any]:
-        pid, host, started, finished = facts[0], facts[1], facts[2], facts[3]
-        out = err = None
-        if self.capture and len(facts) >= 6:
-            out, err = facts[4], facts[5]
-        duration = finished - started if started is not None and finished is not None else None
-        if self.positions is not None:
-            index = self.positions[index]
-        return [
-            ident, ukey, index, self.run_id, status, started, finished, duration, pid, host,
-            attempts, data, nbuf, None, None, None, None, out, err,
-        ]  # fmt: skip
+    def _failure_row(
+        self, rid: int, ident: bytes, ukey: Any, idx: int, exc: BaseException
+    ) -> tuple[Any, ...]:
+        self.failed += 1
+        facts = exc.__dict__.pop("_shoal_item", None)
+        if facts is None:  # crashed, timed out: the driver knows only the worker's pid
+            facts = (getattr(exc, "pid", None), None, None, None, None, None)
+        out, err = (facts[4], facts[5]) if self.capture else (None, None)
+        etype, message, tb, blob = _codec.describe_error(exc)
+        tries = 1 + len(getattr(exc, "attempts", None) or ())
+        return (
+            rid, ident, ukey, idx, self.run_id, FAILED, facts[2], facts[3], facts[0], facts[1],
+            tries, None, 0, etype, message, tb, blob, out, err,
+        )  # fmt: skip
 
     # -- writing ---------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Commit the queued rows in one transaction."""
+        """Commit the queued rows, in transactions of at most :data:`BATCH_ITEMS` rows."""
         if self.path is None:
             return
         with self.db_lock:
+            while True:
+                with self.buf_lock:
+                    rows = self.pending[:BATCH_ITEMS]
+                    del self.pending[:BATCH_ITEMS]
+                    last = _row_id(rows[-1]) if rows else self.next_id - 1
+                    # Buffers and replaced rows of the rows taken (ids up to `last`).
+                    cut = 0
+                    while cut < len(self.pending_buffers) and self.pending_buffers[cut][0] <= last:
+                        cut += 1
+                    buffers = self.pending_buffers[:cut]
+                    del self.pending_buffers[:cut]
+                    deletes, self.pending_deletes = self.pending_deletes, []
+                    if self.pending:
+                        self.pending_since = time.monotonic()
+                if not rows and not buffers and not deletes:
+                    return
+                self._commit(rows, buffers, deletes)
+                self.first_pending_id = last + 1
+
+    def _commit(self, rows: list[Any], buffers: list[Any], deletes: list[Any]) -> None:
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            if deletes:
+                self.conn.executemany("DELETE FROM shoal_items WHERE id = ?", deletes)
+                self.conn.executemany("DELETE FROM shoal_buffers WHERE item = ?", deletes)
+            full = [r[1:] for r in rows if r[0] == "all"]
+            done = [r for r in rows if r[0] != "all"] if full else rows
+            if full:
+                self.conn.executemany(_ROW_SQL, full)
+            if done:
+                self.conn.executemany(_DONE_CAPTURED_SQL if self.capture else _DONE_SQL, done)
+            if buffers:
+                self.conn.executemany("INSERT INTO shoal_buffers VALUES (?, ?, ?)", buffers)
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("ROLLBACK")
             with self.buf_lock:
-                rows, self.pending = self.pending, []
-                buffers, self.pending_buffers = self.pending_buffers, []
-            if not rows and not buffers:
-                return
-            try:
-                self.conn.execute("BEGIN IMMEDIATE")
-                self.conn.executemany(_ROW_SQL, rows)
-                if buffers:
-                    self.conn.executemany(
-                        "INSERT OR REPLACE INTO shoal_buffers VALUES (?, ?, ?)", buffers
-                    )
-                self.conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    self.conn.execute("ROLLBACK")
-                err = StoreError(
-                    f"writing to store {self.path!r} failed ({exc}); the {self.committed} "
-                    f"results committed before are kept, the last {len(rows)} were lost"
-                )
-                self.error = err
-                raise err from exc
-            self.committed += len(rows)
+                lost = len(rows) + len(self.pending)
+                self.pending.clear()
+                self.pending_buffers.clear()
+            err = StoreError(
+                f"writing to store {self.path!r} failed ({exc}); the {self.committed} results "
+                f"committed before are kept, the last {lost} were lost"
+            )
+            self.error = err
+            raise err from exc
+        self.committed += len(rows)
 
     def _background(self) -> None:
         last_beat = time.monotonic()
-        while not self.stop.wait(BATCH_S):
+        while not self.stop.is_set():
+            self.wake.wait(BATCH_S)
+            self.wake.clear()
             try:
-                if self.pending and time.monotonic() - self.pending_since >= BATCH_S:
+                if self.pending and (
+                    len(self.pending) >= BATCH_ITEMS
+                    or time.monotonic() - self.pending_since >= BATCH_S
+                ):
                     self.flush()
                 if time.monotonic() - last_beat >= _db.HEARTBEAT_S:
                     last_beat = time.monotonic()
@@ -459,6 +512,7 @@ class CallRecorder:
             return
         self.finished = True
         self.stop.set()
+        self.wake.set()
         if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join()
         failure: BaseException | None = None
@@ -487,6 +541,11 @@ class CallRecorder:
             self.conn.execute("DELETE FROM shoal_lock WHERE token = ?", (self.token,))
         with contextlib.suppress(sqlite3.Error):
             self.conn.close()
+
+
+def _row_id(row: tuple[Any, ...]) -> int:
+    """The id of a queued row (a failure's row is tagged ``"all"``: every column)."""
+    return row[1] if row[0] == "all" else row[0]  # type: ignore[no-any-return]
 
 
 def _note_output(exc: BaseException, out: str | None, err: str | None) -> None:
