@@ -12,7 +12,9 @@ import csv
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -421,8 +423,20 @@ def demo(workers: int | None, scale: float) -> int:
     return EXIT_OK if run_demo(workers, scale) else EXIT_FAILED
 
 
+def _interrupted(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``shoal`` console script and ``python -m shoal``."""
+    """Entry point of the ``shoal`` console script and ``python -m shoal``.
+
+    SIGTERM (what Slurm and most schedulers send first) is handled like Ctrl-C: finished
+    results are committed and the exit status is 130. SIGINT is re-enabled even where the
+    parent ignored it (a background job of a non-interactive shell).
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _interrupted)
     try:
         code = cli.main(args=list(argv) if argv is not None else None, prog_name="shoal",
                         standalone_mode=False)  # fmt: skip
