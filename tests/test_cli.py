@@ -139,7 +139,8 @@ def test_help_on_every_command_and_the_demo_subcommand():
 
 
 @pytest.mark.timeout(120)
-def test_ctrl_c_exits_130_and_keeps_results(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_exits_130_and_keeps_results(tmp_path, signum):
     store = tmp_path / "s.sqlite"
     proc = subprocess.Popen(
         [sys.executable, "-m", "shoal", "run", "store_funcs:slow", "-", "--store", str(store),
@@ -160,7 +161,7 @@ def test_ctrl_c_exits_130_and_keeps_results(tmp_path):
                 except shoal.StoreError:
                     pass
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         assert proc.stderr is not None
         proc.wait(timeout=60)
         err = proc.stderr.read()
