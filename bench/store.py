@@ -26,9 +26,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import workloads
-
 import shoal
+
+import workloads
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
