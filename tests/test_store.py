@@ -117,6 +117,29 @@ def test_failed_items_rerun_by_default_and_kept_with_rerun_failed_false(tmp_path
         assert st.summary()["failed"] == 0 and st.summary()["done"] == 8
 
 
+@pytest.mark.parametrize("api", ["imap", "map"])
+def test_scattered_stored_items_come_back_in_place(tmp_path, api):
+    path, log = tmp_path / "s.sqlite", tmp_path / "calls"
+    shoal.map(counted, range(0, 40, 3), args=(str(log),), store=path, chunksize=2)
+    log.unlink()
+    run = shoal.imap if api == "imap" else shoal.map
+    out = list(run(counted, range(40), args=(str(log),), store=path, chunksize=2))
+    assert out == list(range(1, 41))
+    assert sorted(_calls(log)) == [x for x in range(40) if x % 3]
+
+
+def test_a_kept_failure_raises_in_input_order(tmp_path):
+    path, flag = tmp_path / "s.sqlite", tmp_path / "flag"
+    flag.touch()
+    kw = {"flag": str(flag), "bad": (5,)}
+    shoal.map(fails_when_flagged, [5], kwargs=kw, store=path, on_error="return")
+    flag.unlink()
+    with pytest.raises(ValueError, match="flagged 5"):
+        shoal.map(fails_when_flagged, range(8), kwargs=kw, store=path, rerun_failed=False)
+    with shoal.Store(path) as st:  # the items before it ran and were stored
+        assert [k for k, _ in st.results()] == [0, 1, 2, 3, 4]
+
+
 def test_changed_fixed_arguments_partial_and_seed_rerun_items(tmp_path):
     path, log = tmp_path / "s.sqlite", tmp_path / "calls"
     shoal.map(counted, range(3), args=(str(log),), store=path, backend="threads")

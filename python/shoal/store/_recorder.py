@@ -57,6 +57,8 @@ _DONE_CAPTURED_SQL = (
     "INSERT INTO shoal_items (id, key, ukey, idx, run, status, started, finished, pid, host, "
     "attempts, value, nbuf, stdout, stderr) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+#: Most stored results one ``take`` reads back (bounds memory on a huge done prefix).
+_REPLAY_MAX = 10_000
 #: The writer falls this many rows behind before the driver commits itself (back-pressure).
 _BACKLOG = 2 * BATCH_ITEMS
 
@@ -231,7 +233,9 @@ class CallRecorder:
             self.index += len(chunk)
             return start, chunk, len(chunk) < size
         ended = False
-        while len(chunk) < size:
+        replays: list[tuple[int, int]] = []  # (index, row id) to read back, in input order
+        status, in_flight = self.status, self.in_flight
+        while len(chunk) < size and len(replays) < _REPLAY_MAX:
             try:
                 item = next(self.items)
             except StopIteration:
@@ -244,64 +248,96 @@ class CallRecorder:
             index = self.index
             self.index += 1
             ident, ukey = self.identity(item)
-            packed = self.status.get(ident)
+            packed = status.get(ident)
             st = -1 if packed is None else packed & 15
             if st >= _SEEN and self.key is not None:
                 raise ValueError(f"duplicate key {ukey!r} in one call (item {index})")
             if st == -1 or (st == FAILED and self.rerun_failed):
+                if not chunk:
+                    start = index
                 # A failed row to replace keeps its id here until the new row is written.
-                self.status[ident] = (0 if packed is None else packed & ~15) | _RUNNING
-                self.in_flight[index] = (ident, ukey)
+                status[ident] = (0 if packed is None else packed & ~15) | _RUNNING
+                in_flight[index] = (ident, ukey)
                 chunk.append(item)
                 continue
             assert packed is not None
             if st == _RUNNING:
-                # The same identity is running in this call: share its result.
+                # The same identity is running in this call: it shares that one's result.
                 self.waiting.setdefault(ident, []).append(index)
-                go_on = True
             else:
                 if st < _SEEN:
-                    self.status[ident] = packed + _SEEN
-                go_on = self._replay(packed >> 4, index, replay)
-            # A gap in the positions: the chunk so far goes alone.
-            if not go_on:
-                ended = True
-                break
+                    status[ident] = packed + _SEEN
+                replays.append((index, packed >> 4))
             if chunk:
-                break
+                break  # a gap in the positions: the chunk so far goes alone
+        if not chunk:
             start = self.index
+        stop = self._replay(replays, replay) if replays else None
+        if stop is not None:
+            # A stored failure stops the call (on_error="raise"): items before it still run.
+            return start, chunk if chunk and start < stop else [], True
         return start, chunk, ended
 
-    def _replay(self, rid: int, index: int, replay: Replay) -> bool:
-        value, failed = self._read(rid)
-        if failed:
-            self.failed += 1
-        else:
+    def _replay(self, replays: list[tuple[int, int]], replay: Replay) -> int | None:
+        """Hand stored results to the driver, consecutive positions as one batch; the index
+        of a stored failure that stops the call, or ``None``."""
+        values = self._read([rid for _, rid in replays])
+        run_start = -1
+        run_values: list[Any] = []
+        for (index, _), (value, failed) in zip(replays, values, strict=True):
+            if failed:
+                self.failed += 1
+                if run_values:
+                    replay(run_start, run_values, 0)
+                run_values = []
+                if not replay(index, [value], 1):
+                    return index
+                continue
             self.done += 1
-        return replay(index, [value], int(failed))
+            if run_values and index == run_start + len(run_values):
+                run_values.append(value)
+                continue
+            if run_values:
+                replay(run_start, run_values, 0)
+            run_start, run_values = index, [value]
+        if run_values:
+            replay(run_start, run_values, 0)
+        return None
 
-    def _read(self, rid: int) -> tuple[Any, bool]:
-        if rid >= self.first_pending_id:
+    def _read(self, rids: list[int]) -> list[tuple[Any, bool]]:
+        """Stored ``(value or exception, failed)`` of rows ``rids``."""
+        if max(rids) >= self.first_pending_id:
             self.flush()
+        rows: dict[int, Any] = {}
         with self.db_lock:
-            row = self.conn.execute(
-                "SELECT status, value, nbuf, etype, emessage, traceback, exc FROM shoal_items "
-                "WHERE id = ?",
-                (rid,),
-            ).fetchone()
-            buffers = []
-            if row is not None and row[2]:
-                buffers = [
-                    r[0]
-                    for r in self.conn.execute(
-                        "SELECT data FROM shoal_buffers WHERE item = ? ORDER BY n", (rid,)
-                    )
-                ]
-        if row is None:
-            raise StoreError(f"store {self.path!r}: row {rid} vanished while running")
-        if row[0] == DONE:
-            return _codec.decode_value(row[1], buffers), False
-        return _codec.rebuild_error(row[3], row[4], row[5], row[6]), True
+            for at in range(0, len(rids), 500):
+                part = rids[at : at + 500]
+                marks = ",".join("?" * len(part))
+                for row in self.conn.execute(
+                    "SELECT id, status, value, nbuf, etype, emessage, traceback, exc "
+                    f"FROM shoal_items WHERE id IN ({marks})",
+                    part,
+                ):
+                    rows[row[0]] = row
+            buffers: dict[int, list[bytes]] = {}
+            for rid, row in rows.items():
+                if row[3]:
+                    buffers[rid] = [
+                        r[0]
+                        for r in self.conn.execute(
+                            "SELECT data FROM shoal_buffers WHERE item = ? ORDER BY n", (rid,)
+                        )
+                    ]
+        out = []
+        for rid in rids:
+            row = rows.get(rid)
+            if row is None:
+                raise StoreError(f"store {self.path!r}: row {rid} vanished while running")
+            if row[1] == DONE:
+                out.append((_codec.decode_value(row[2], buffers.get(rid, [])), False))
+            else:
+                out.append((_codec.rebuild_error(row[4], row[5], row[6], row[7]), True))
+        return out
 
     # -- output side (driver hook) ---------------------------------------------------------
 
