@@ -21,6 +21,7 @@ import contextlib
 import getpass
 import json
 import os
+import pickle
 import platform
 import sqlite3
 import sys
@@ -209,6 +210,13 @@ class CallRecorder:
 
     def identity(self, item: Any) -> tuple[bytes, Any]:
         if self.key is None:
+            if self.spec.mode != MODE_KW:  # the common case, inlined: this runs per item
+                h = self.hasher.copy()
+                try:
+                    h.update(pickle.dumps(item, protocol=5))
+                except Exception:
+                    return _codec.item_key(self.hasher, self.spec.mode, item), None
+                return h.digest(), None
             return _codec.item_key(self.hasher, self.spec.mode, item), None
         args, kwargs = _call_args(self.spec, item)
         ukey = self.key(*args, **kwargs)
