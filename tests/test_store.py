@@ -470,3 +470,27 @@ def test_status_json_of_a_finished_store(tmp_path):
     shoal.map(triple, range(3), store=path)
     with shoal.Store(path) as st:
         assert json.loads(json.dumps(st.summary()))["done"] == 3
+
+
+def test_a_changed_source_is_warned_about_and_done_items_are_kept(tmp_path):
+    module = tmp_path / "swept.py"
+    store = tmp_path / "s.sqlite"
+    run = (
+        "import sys, warnings, shoal; sys.path.insert(0, sys.argv[2]); import swept\n"
+        "warnings.simplefilter('always')\n"
+        "print(shoal.map(swept.f, [1, 2], store=sys.argv[1], backend='serial'))\n"
+    )
+
+    def once(body: str) -> subprocess.CompletedProcess:
+        module.write_text(body)
+        return subprocess.run([sys.executable, "-c", run, str(store), str(tmp_path)],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    first = once("def f(x):\n    return x + 1\n")
+    assert first.stdout.strip() == "[2, 3]", first.stderr
+    second = once("def f(x):\n    return x + 100\n")
+    assert second.stdout.strip() == "[2, 3]", second.stderr  # done items are not re-run
+    assert "source of swept:f changed" in second.stderr
+    with shoal.Store(store) as st:
+        hashes = [r["source_hash"] for r in st.runs()]
+    assert len(set(hashes)) == 2
