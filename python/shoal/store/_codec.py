@@ -101,8 +101,13 @@ def user_key(hasher: Any, key: Any) -> bytes:
     return h.digest()
 
 
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex})
+
+
 def encode_value(value: Any) -> tuple[bytes, list[bytes | memoryview]]:
     """``(pickle, raw buffers)``: buffers of :data:`RAW_MIN` bytes or more stay out."""
+    if type(value) in _PLAIN:  # no buffers inside: skip the callback machinery
+        return pickle.dumps(value, protocol=5), []
     raw: list[Any] = []
 
     def keep_out(buf: pickle.PickleBuffer) -> bool:

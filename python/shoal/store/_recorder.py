@@ -371,6 +371,8 @@ class CallRecorder:
         extra: list[tuple[int, list[Any], int]] = []
         in_flight, status, positions, run = self.in_flight, self.status, self.positions, self.run_id
         capture = self.capture
+        next_id = self.next_id
+        encode = _codec.encode_value
         for offset, wrapped in enumerate(values):
             index = start + offset
             entry = in_flight.pop(index, None)
@@ -380,8 +382,8 @@ class CallRecorder:
             if entry is None:
                 continue  # not from this call's input (cannot happen; be safe)
             ident, ukey = entry
-            rid = self.next_id
-            self.next_id += 1
+            rid = next_id
+            next_id += 1
             old = status[ident] >> 4
             if old:
                 self.pending_deletes.append((old,))
@@ -394,7 +396,7 @@ class CallRecorder:
                 out = wrapped[5] if capture else None
                 err = wrapped[6] if capture else None
                 try:
-                    data, raw = _codec.encode_value(result)
+                    data, raw = encode(result)
                 except Exception as exc:
                     # Kept as this item's failure; the caller still gets the value now.
                     self.failed += 1
@@ -420,6 +422,7 @@ class CallRecorder:
                 waiters = self.waiting.pop(ident, None)
                 if waiters:
                     extra.extend((w, [result], int(failed)) for w in waiters)
+        self.next_id = next_id
         if rows or others:
             if others:  # failures are rare: they go on their own, in order with the rest
                 rows = sorted(rows + [("all", *o) for o in others], key=_row_id)
