@@ -434,6 +434,18 @@ def map(
         are not touched. Note that shoal's own workers count towards the load.
     backend : str, Backend or None
         ``"processes"`` (default), ``"threads"``, ``"serial"``, or a backend instance.
+    store : str, os.PathLike or None
+        An SQLite file that keeps every result (and failure) as it arrives. Running the same
+        call again with it runs only the items not done yet and returns what an uninterrupted
+        run returns. See ``docs/store.md`` and :class:`shoal.Store`.
+    key : callable or None
+        With ``store``: names each item (called with the function's arguments, returns a str,
+        int or bytes) instead of hashing its arguments.
+    capture : bool
+        Keep each item's stdout and stderr (first and last 64 KiB): in the store, or without
+        one, in a note on the item's error.
+    rerun_failed : bool
+        With ``store``: run stored failures again (default), or keep them.
 
     Returns
     -------

@@ -354,10 +354,10 @@ class Run:
             raise
         finally:
             self.session.close(abort=abort)
-            if self.store is not None:
-                self.store.finish(status)
             if self.progress is not None:
                 self.progress.close()
+            if self.store is not None:
+                self.store.finish(status)  # may raise StoreError: the last commit failed
 
 
 def collect(gen: Iterable[Batch]) -> list[Any]:
