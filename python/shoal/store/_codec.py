@@ -68,37 +68,29 @@ def _pickled(obj: Any) -> bytes:
         return _cloudpickle().dumps(obj, protocol=5)
 
 
-def call_hasher(
+def call_key(
     fn: Callable[..., Any], mode: int, args: tuple[Any, ...], kwargs: dict[str, Any], seed: Any
-) -> Any:
-    """A BLAKE2b hasher holding the fixed part of every item's identity."""
+) -> bytes:
+    """A 32-byte hash of the fixed part of every item's identity: the key of the keyed BLAKE2b
+    that hashes each item."""
     _, pargs, pkwargs = unwrap_partial(fn)
     fixed = (mode, args, sorted(kwargs.items()), pargs, sorted(pkwargs.items()), seed)
-    h = hashlib.blake2b(digest_size=16)
-    h.update(_pickled(fixed))
-    return h
+    return hashlib.blake2b(_pickled(fixed), digest_size=32).digest()
 
 
-def item_key(hasher: Any, mode: int, item: Any) -> bytes:
-    """The identity of one item (``hasher`` from :func:`call_hasher`)."""
-    h = hasher.copy()
+def item_key(key: bytes, mode: int, item: Any) -> bytes:
+    """The identity of one item (``key`` from :func:`call_key`)."""
     if mode == MODE_KW:
         item = (item[0], sorted(item[1].items()))
-    try:
-        h.update(pickle.dumps(item, protocol=5))
-    except Exception:
-        h.update(_cloudpickle().dumps(item, protocol=5))
-    return h.digest()
+    return hashlib.blake2b(_pickled(item), digest_size=16, key=key).digest()
 
 
-def user_key(hasher: Any, key: Any) -> bytes:
-    """The identity of an item named by the user's ``key``."""
-    if isinstance(key, bool) or not isinstance(key, (str, int, bytes)):
-        raise TypeError(f"key= must return a str, int or bytes, not {type(key).__name__}")
-    h = hasher.copy()
-    h.update(b"user key")
-    h.update(pickle.dumps(key, protocol=5))
-    return h.digest()
+def user_key(key: bytes, name: Any) -> bytes:
+    """The identity of an item named by the user's ``key=``."""
+    if isinstance(name, bool) or not isinstance(name, (str, int, bytes)):
+        raise TypeError(f"key= must return a str, int or bytes, not {type(name).__name__}")
+    data = b"user key" + pickle.dumps(name, protocol=5)
+    return hashlib.blake2b(data, digest_size=16, key=key).digest()
 
 
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex})

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import hashlib
 import json
 import os
 import pickle
@@ -124,7 +125,7 @@ class CallRecorder:
         self.positions: list[int] | None = None
         if path is None:
             return
-        self.hasher = _codec.call_hasher(fn, spec.mode, spec.args, spec.kwargs, spec.seed)
+        self.call_key = _codec.call_key(fn, spec.mode, spec.args, spec.kwargs, spec.seed)
         self.conn = _db.connect(path)
         try:
             _db.create_or_check(self.conn, path, _db.journal_mode_for(path))
@@ -210,17 +211,10 @@ class CallRecorder:
 
     def identity(self, item: Any) -> tuple[bytes, Any]:
         if self.key is None:
-            if self.spec.mode != MODE_KW:  # the common case, inlined: this runs per item
-                h = self.hasher.copy()
-                try:
-                    h.update(pickle.dumps(item, protocol=5))
-                except Exception:
-                    return _codec.item_key(self.hasher, self.spec.mode, item), None
-                return h.digest(), None
-            return _codec.item_key(self.hasher, self.spec.mode, item), None
+            return _codec.item_key(self.call_key, self.spec.mode, item), None
         args, kwargs = _call_args(self.spec, item)
         ukey = self.key(*args, **kwargs)
-        return _codec.user_key(self.hasher, ukey), ukey
+        return _codec.user_key(self.call_key, ukey), ukey
 
     def take(self, size: int, replay: Replay) -> tuple[int, list[Any], bool]:
         """The next chunk to run: ``(start index, items, input ended)``. Items not to run are
@@ -243,6 +237,10 @@ class CallRecorder:
         ended = False
         replays: list[tuple[int, int]] = []  # (index, row id) to read back, in input order
         status, in_flight = self.status, self.in_flight
+        # The common case (no key=, one argument or a tuple of them) is hashed inline: this
+        # loop runs once per item.
+        fast = self.key is None and self.spec.mode != MODE_KW
+        blake2b, dumps, call_key = hashlib.blake2b, pickle.dumps, self.call_key
         while len(chunk) < size and len(replays) < _REPLAY_MAX:
             try:
                 item = next(self.items)
@@ -255,7 +253,16 @@ class CallRecorder:
                 break
             index = self.index
             self.index += 1
-            ident, ukey = self.identity(item)
+            if fast:
+                try:
+                    ident, ukey = (
+                        blake2b(dumps(item, 5), digest_size=16, key=call_key).digest(),
+                        None,
+                    )
+                except Exception:
+                    ident, ukey = self.identity(item)
+            else:
+                ident, ukey = self.identity(item)
             packed = status.get(ident)
             st = -1 if packed is None else packed & 15
             if st >= _SEEN and self.key is not None:
