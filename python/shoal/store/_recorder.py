@@ -50,15 +50,6 @@ _ROW_SQL = (
     "attempts, value, nbuf, etype, emessage, traceback, exc, stdout, stderr) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-# Done rows bind fewer columns (binding is most of an insert's cost).
-_DONE_SQL = (
-    "INSERT INTO shoal_items (id, key, ukey, idx, run, status, started, finished, pid, host, "
-    "attempts, value, nbuf) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?)"
-)
-_DONE_CAPTURED_SQL = (
-    "INSERT INTO shoal_items (id, key, ukey, idx, run, status, started, finished, pid, host, "
-    "attempts, value, nbuf, stdout, stderr) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
 #: Most stored results one ``take`` reads back (bounds memory on a huge done prefix).
 _REPLAY_MAX = 10_000
 #: The writer falls this many rows behind before the driver commits itself (back-pressure).
@@ -136,6 +127,7 @@ class CallRecorder:
             raise
         try:
             self.run_id = self._start_run(fn, api, backend, workers, total)
+            self.done_sql = self._done_sql()
             status = self.status
             for rid, k, st in self.conn.execute("SELECT id, key, status FROM shoal_items"):
                 status[k] = rid << 4 | st
@@ -161,6 +153,21 @@ class CallRecorder:
                 f"store {self.path!r} holds results of {stored}, not of {name}: a store belongs "
                 f"to one function; use another file for {name}"
             )
+
+    def _done_sql(self) -> str:
+        """The insert of a done item: only the columns it uses (binding is most of an insert's
+        cost); the run id and the status are constants of the statement."""
+        columns = ["id", "key", "idx", "started", "finished", "pid", "host", "attempts", "value"]
+        columns.append("nbuf")
+        if self.key is not None:
+            columns.append("ukey")
+        if self.capture:
+            columns += ["stdout", "stderr"]
+        marks = ", ".join("?" * len(columns))
+        return (
+            f"INSERT INTO shoal_items ({', '.join(columns)}, run, status) "
+            f"VALUES ({marks}, {int(self.run_id)}, {DONE})"
+        )
 
     def _start_run(
         self, fn: Callable[..., Any], api: str, backend: str, workers: int | None, total: Any
@@ -378,6 +385,8 @@ class CallRecorder:
         extra: list[tuple[int, list[Any], int]] = []
         in_flight, status, positions, run = self.in_flight, self.status, self.positions, self.run_id
         capture = self.capture
+        named = self.key is not None
+        plain = not named and not capture
         next_id = self.next_id
         encode = _codec.encode_value
         for offset, wrapped in enumerate(values):
@@ -416,12 +425,13 @@ class CallRecorder:
                 else:
                     self.done += 1
                     state = DONE
-                    if capture:
-                        rows.append((rid, ident, ukey, idx, run, t0, t1, pid, host, attempts,
-                                     data, len(raw), out, err))  # fmt: skip
+                    row = (rid, ident, idx, t0, t1, pid, host, attempts, data, len(raw))
+                    if plain:
+                        rows.append(row)
                     else:
-                        rows.append((rid, ident, ukey, idx, run, t0, t1, pid, host, attempts,
-                                     data, len(raw)))  # fmt: skip
+                        rows.append(
+                            row + ((ukey,) if named else ()) + ((out, err) if capture else ())
+                        )
                     if raw:
                         buffers.extend((rid, n, b) for n, b in enumerate(raw))
             status[ident] = rid << 4 | (state + _SEEN)
@@ -497,7 +507,7 @@ class CallRecorder:
             if full:
                 self.conn.executemany(_ROW_SQL, full)
             if done:
-                self.conn.executemany(_DONE_CAPTURED_SQL if self.capture else _DONE_SQL, done)
+                self.conn.executemany(self.done_sql, done)
             if buffers:
                 self.conn.executemany("INSERT INTO shoal_buffers VALUES (?, ?, ?)", buffers)
             self.conn.execute("COMMIT")
