@@ -440,6 +440,27 @@ def test_two_concurrent_writers(tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_a_run_whose_lock_was_taken_over_stops(tmp_path):
+    path = tmp_path / "s.sqlite"
+    body = _SLOW_RUN.replace("shoal.map(", "try:\n    shoal.map(") + (
+        "except shoal.StoreError as exc:\n    print('StoreError:', exc)\n"
+    )
+    proc = _script(body, path)
+    try:
+        _wait_for_done(path, 1, proc)
+        conn = sqlite3.connect(path, timeout=30)
+        now = time.time()
+        conn.execute("UPDATE shoal_lock SET pid = 4242, host = 'other-node', token = 'x', "
+                     "heartbeat = ?", (now + 60,))  # fmt: skip
+        conn.commit()
+        conn.close()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert "StoreError:" in out and "taken over" in out and "other-node" in out, (out, err)
+
+
+@pytest.mark.timeout(120)
 def test_disk_full_raises_store_error_and_keeps_what_was_committed(tmp_path):
     path = tmp_path / "s.sqlite"
     body = """

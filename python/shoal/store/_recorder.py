@@ -499,6 +499,12 @@ class CallRecorder:
     def _commit(self, rows: list[Any], buffers: list[Any], deletes: list[Any]) -> None:
         try:
             self.conn.execute("BEGIN IMMEDIATE")
+            lock = _db.read_lock(self.conn)
+            if lock is None or lock[2] != self.token:
+                # Never write after losing the lock: another run owns the store now.
+                self.conn.execute("ROLLBACK")
+                self.error = self._lost(lock)
+                raise self.error
             if deletes:
                 self.conn.executemany("DELETE FROM shoal_items WHERE id = ?", deletes)
                 self.conn.executemany("DELETE FROM shoal_buffers WHERE item = ?", deletes)
@@ -558,11 +564,15 @@ class CallRecorder:
             except sqlite3.Error:
                 return  # busy: the next beat retries
         if lost:
-            whom = _db.owner(row) if row else "nobody"
-            self.error = StoreError(
-                f"store {self.path!r}: this run's lock was taken over (now held by {whom}); "
-                f"stopping so that two runs do not write the same store"
-            )
+            self.error = self._lost(row)
+
+    def _lost(self, lock: tuple[Any, ...] | None) -> StoreError:
+        whom = _db.owner(lock) if lock else "nobody"
+        return StoreError(
+            f"store {self.path!r}: this run's lock was taken over (now held by {whom}); "
+            f"stopping so that two runs do not write the same store. The "
+            f"{self.committed} results committed before are kept"
+        )
 
     def _raise_error(self) -> None:
         if self.error is not None:
