@@ -341,6 +341,16 @@ def test_a_store_of_a_newer_schema_is_refused(tmp_path):
             opener()
 
 
+def test_a_store_in_a_directory_the_reader_cannot_write_is_read_as_immutable(tmp_path, monkeypatch):
+    path = tmp_path / "s.sqlite"
+    shoal.map(triple, [1, 2], store=path)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if os.fspath(p) == str(tmp_path)
+                        and mode == os.W_OK else real(p, mode))  # fmt: skip
+    with shoal.Store(path) as st:
+        assert list(st.results()) == [(0, 3), (1, 6)]
+
+
 def test_journal_mode_choice(tmp_path, monkeypatch):
     monkeypatch.delenv("SHOAL_STORE_JOURNAL", raising=False)
     assert _db.journal_mode_for(str(tmp_path / "s.sqlite")) in ("wal", "delete")

@@ -22,6 +22,7 @@ import os
 import secrets
 import sqlite3
 import time
+import urllib.parse
 import warnings
 from typing import Any
 
@@ -157,10 +158,18 @@ def check_path(path: Any, *, write: bool) -> str:
     return path
 
 
-def connect(path: str) -> sqlite3.Connection:
-    """An autocommit connection (transactions are explicit ``BEGIN``/``COMMIT``)."""
+def connect(path: str, *, read_only: bool = False) -> sqlite3.Connection:
+    """An autocommit connection (transactions are explicit ``BEGIN``/``COMMIT``). A reader of a
+    store in a directory it cannot write (an archive) opens it as immutable: SQLite could not
+    create its journal or WAL index there."""
+    directory = os.path.dirname(os.path.abspath(path))
+    target, uri = path, False
+    if read_only and not os.access(directory, os.W_OK):
+        target, uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?immutable=1", True
     try:
-        conn = sqlite3.connect(path, isolation_level=None, timeout=30.0, check_same_thread=False)
+        conn = sqlite3.connect(
+            target, isolation_level=None, timeout=30.0, check_same_thread=False, uri=uri
+        )
         conn.execute("PRAGMA busy_timeout = 30000")
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open store {path!r}: {exc}") from exc

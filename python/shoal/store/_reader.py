@@ -41,7 +41,7 @@ class Store:
         self.path = _db.check_path(path, write=False)
         if os.path.getsize(self.path) == 0:
             raise StoreError(f"store {self.path!r} is empty: no run has written it yet")
-        self._conn = _db.connect(self.path)
+        self._conn = _db.connect(self.path, read_only=True)
         try:
             if not _db.check_schema(self._conn, self.path):
                 raise StoreError(f"store {self.path!r} is empty: no run has written it yet")
