@@ -60,13 +60,16 @@ def w2_rows(tmp: str, per_second: int, repeat: int, count: int) -> list[tuple]:
     items = range(count)
     expected = [workloads.spin(n) + i for i in items]
     shoal.map(spin_item, items, args=(n,))  # warm the pool
-    plain = best(lambda: shoal.map(spin_item, items, args=(n,)), repeat)
 
     def stored():
         out = shoal.map(spin_item, items, args=(n,), store=fresh(tmp, "w2.sqlite"))
         assert out == expected
 
-    with_store = best(stored, repeat)
+    # Interleaved, best of each: a shared machine's noise hits both alike.
+    plain = with_store = float("inf")
+    for _ in range(repeat):
+        plain = min(plain, best(lambda: shoal.map(spin_item, items, args=(n,)), 1))
+        with_store = min(with_store, best(stored, 1))
     return [
         (f"W2 {count // 1000}k x 100us, no store", f"{plain:.3f} s", "", ""),
         (f"W2 {count // 1000}k x 100us, store", f"{with_store:.3f} s",
@@ -110,23 +113,27 @@ def kill_rows(tmp: str, per_second: int, count: int) -> list[tuple]:
         subprocess.run([sys.executable, "-c", code, path], check=True, timeout=600)
         return time.perf_counter() - start
 
-    whole = run(fresh(tmp, "whole.sqlite"))
-    path = fresh(tmp, "killed.sqlite")
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code, path])
-    while True:
-        time.sleep(0.01)
-        if os.path.exists(path) and os.path.getsize(path) > 0:
-            try:
-                with shoal.Store(path) as st:
-                    if st.summary()["done"] >= count // 2:
-                        break
-            except shoal.StoreError:
-                pass
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    first = time.perf_counter() - start
-    resumed = run(path)
+    def killed_and_resumed() -> tuple[float, float]:
+        path = fresh(tmp, "killed.sqlite")
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-c", code, path])
+        while True:
+            time.sleep(0.01)
+            if os.path.exists(path) and os.path.getsize(path) > 0:
+                try:
+                    with shoal.Store(path) as st:
+                        if st.summary()["done"] >= count // 2:
+                            break
+                except shoal.StoreError:
+                    pass
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        first = time.perf_counter() - start
+        return first, run(path)
+
+    # Best of two each: a shared machine's noise hits both alike.
+    whole = min(run(fresh(tmp, "whole.sqlite")) for _ in range(2))
+    first, resumed = min((killed_and_resumed() for _ in range(2)), key=sum)
     total = first + resumed
     return [
         (f"uninterrupted {count:,} x 1ms (own process)", f"{whole:.2f} s", "", ""),
@@ -163,7 +170,7 @@ def main() -> None:
     per_second = workloads.calibrate(1.0)
     rows: list[tuple] = []
     with tempfile.TemporaryDirectory() as tmp:
-        rows += w2_rows(tmp, per_second, repeat=1 if quick else 3, count=2000 if quick else 20_000)
+        rows += w2_rows(tmp, per_second, repeat=1 if quick else 5, count=2000 if quick else 20_000)
         rows += million_rows(tmp, 20_000 if quick else 1_000_000)
         rows += kill_rows(tmp, per_second, 400 if quick else 8000)
         rows += exec_rows(200 if quick else 2000, repeat=1 if quick else 3)
