@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.deps-installed
 LINTED := python tests bench examples
 
-.PHONY: demo test bench build lint fmt clean
+.PHONY: demo test bench bench-store build lint fmt clean
 
 $(STAMP): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ test: build lint
 bench: build
 	$(PY) -m pip install --quiet -r bench/requirements.txt
 	$(PY) bench/run.py
+
+bench-store: build
+	scripts/install-bench-deps.sh
+	$(PY) bench/store.py
 
 fmt: $(STAMP)
 	cargo fmt --all

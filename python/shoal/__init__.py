@@ -44,6 +44,7 @@ if TYPE_CHECKING:
         register_backend,
         set_backend,
     )
+    from .store import Store, StoreError, StoreWarning
 
 __version__ = "0.1.0"
 
@@ -69,6 +70,9 @@ _LAZY = {
     "Executor": "._executor",
     "cpu_count": "._options",
     "share": "._shared",
+    "Store": ".store",
+    "StoreError": ".store",
+    "StoreWarning": ".store",
     "shared_zeros": "._shared",
     "Backend": ".backends",
     "Pool": ".backends",
@@ -105,6 +109,9 @@ __all__ = [
     "RemoteTraceback",
     "Session",
     "ShoalError",
+    "Store",
+    "StoreError",
+    "StoreWarning",
     "TaskTimeoutError",
     "WorkerCrashedError",
     "WorkerMemoryError",

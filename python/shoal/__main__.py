@@ -1,8 +1,9 @@
-"""``python -m shoal``: the demo and a short info command."""
+"""``python -m shoal``: the ``shoal`` command (``run``, ``exec``, ``status``, ``results``,
+``info``, ``demo``); see :mod:`shoal.cli`."""
 
 import sys
 
-from ._demo import main
+from .cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,6 +7,7 @@ into a lazy stream of items, picks a pool, and hands over to :mod:`shoal._driver
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypedDict, Unpack
@@ -85,6 +86,10 @@ class Prepared:
         shared: Any = None,
         max_load: float | None = None,
         max_memory: float | int | str | None = None,
+        store: Any = None,
+        key: Callable[..., Any] | None = None,
+        capture: bool = False,
+        rerun_failed: bool = True,
     ) -> None:
         if not callable(fn):
             raise TypeError(
@@ -119,9 +124,9 @@ class Prepared:
                 f"kwargs must be a mapping of keyword arguments, not {type(kwargs).__name__}"
             )
         fixed_kwargs = dict(kwargs or {})
-        for key in fixed_kwargs:
-            if not isinstance(key, str):
-                raise TypeError(f"kwargs keys must be strings, got {key!r}")
+        for name in fixed_kwargs:
+            if not isinstance(name, str):
+                raise TypeError(f"kwargs keys must be strings, got {name!r}")
         if not iterables and iterkwargs is None:
             raise TypeError(f"shoal.{api}() needs at least one iterable of inputs (or iterkwargs=)")
         self.range_source: range | None = None
@@ -165,6 +170,8 @@ class Prepared:
             seed=check_seed(seed),
             context=make_context(initializer, initargs, shared),
         )
+        self.store = _store_options(self, fn, store, key, capture, rerun_failed)
+        self.recorder: Any = None
 
     def open(self, pool: Pool, *, ordered: bool, deadline: float | None = None) -> Any:
         """Open a session on ``pool``; return ``(session, batch generator)``.
@@ -175,11 +182,21 @@ class Prepared:
         head of the input from stalling the window while other workers idle; it still raises the
         failure of lowest input index.
         """
-        session = pool.open_session(ordered=False, limits=self.limits)
+        recorder = None
+        if self.store is not None:
+            recorder = self.store.open(self, pool)
+        try:
+            session = pool.open_session(ordered=False, limits=self.limits)
+        except BaseException:
+            if recorder is not None:
+                recorder.finish("failed")
+            raise
         try:
             spec_id = session.register(self.spec)
         except BaseException:
             session.close()
+            if recorder is not None:
+                recorder.finish("failed")
             raise
         gen = _driver.Run(
             session,
@@ -196,8 +213,63 @@ class Prepared:
             progress=make_progress(self.progress, self.total, self.api),
             callback=self.callback,
             range_source=self.range_source,
+            store=recorder,
         ).loop()
+        self.recorder = recorder
         return session, gen
+
+
+class _StoreOptions:
+    """``store=``, ``key=``, ``capture=``, ``rerun_failed=`` of a call, checked."""
+
+    def __init__(
+        self, fn: Callable[..., Any], path: str | None, key: Any, capture: bool, rerun: bool
+    ) -> None:
+        self.fn, self.path, self.key, self.capture, self.rerun = fn, path, key, capture, rerun
+
+    def open(self, call: Prepared, pool: Pool) -> Any:
+        from .store._recorder import CallRecorder
+
+        return CallRecorder(
+            self.fn,
+            call.spec,
+            call.items,
+            path=self.path,
+            key=self.key,
+            capture=self.capture,
+            rerun_failed=self.rerun,
+            total=call.total,
+            api=call.api,
+            backend=type(pool).__module__.rsplit(".", 1)[-1],
+            workers=getattr(pool, "workers", None),
+        )
+
+
+def _store_options(
+    call: Prepared, fn: Callable[..., Any], store: Any, key: Any, capture: Any, rerun: Any
+) -> _StoreOptions | None:
+    """Check the store options; wrap the function so workers report per-item facts."""
+    if key is not None and not callable(key):
+        raise TypeError(f"key must be a callable, not {type(key).__name__}")
+    if not isinstance(capture, bool):
+        raise TypeError(f"capture must be True or False, not {capture!r}")
+    if not isinstance(rerun, bool):
+        raise TypeError(f"rerun_failed must be True or False, not {rerun!r}")
+    if store is None:
+        if key is not None:
+            raise TypeError("key= names items in a store: it needs store=")
+        if not capture:
+            return None
+        path = None
+    else:
+        from .store._db import check_path
+
+        path = check_path(store, write=True)
+        call.range_source = None  # items are read one by one to skip stored ones
+    from ._itemcall import ItemCall
+
+    call.spec.fn = ItemCall(fn, capture, call.spec.name)
+    return _StoreOptions(fn, path, key, capture, rerun)
 
 
 def make_context(initializer: Any, initargs: Any, shared: Any) -> CallContext | None:
@@ -244,6 +316,10 @@ class CallOptions(TypedDict, total=False):
     max_load: float | None
     max_memory: float | int | str | None
     backend: str | Backend | None
+    store: str | os.PathLike[str] | None
+    key: Callable[..., Any] | None
+    capture: bool
+    rerun_failed: bool
 
 
 _OPTION_NAMES = frozenset(CallOptions.__annotations__)
@@ -257,7 +333,8 @@ def _start(
     ordered: bool,
     options: dict[str, Any],
 ) -> Any:
-    """Validate a call's options, open its session; return ``(session, batch generator)``."""
+    """Validate a call's options, open its session; return ``(session, batch generator,
+    store recorder or None)``."""
     for name in options:
         if name not in _OPTION_NAMES:
             raise TypeError(f"shoal.{api}() got an unexpected keyword argument {name!r}")
@@ -266,7 +343,8 @@ def _start(
     threads = options.pop("threads_per_worker", None)
     backend = options.pop("backend", None)
     call = Prepared(api, fn, iterables, star=star, **options)
-    return call.open(_pool(workers, backend, threads), ordered=ordered)
+    session, gen = call.open(_pool(workers, backend, threads), ordered=ordered)
+    return session, gen, call.recorder
 
 
 def map(
@@ -351,6 +429,18 @@ def map(
         are not touched. Note that shoal's own workers count towards the load.
     backend : str, Backend or None
         ``"processes"`` (default), ``"threads"``, ``"serial"``, or a backend instance.
+    store : str, os.PathLike or None
+        An SQLite file that keeps every result (and failure) as it arrives. Running the same
+        call again with it runs only the items not done yet and returns what an uninterrupted
+        run returns. See ``docs/store.md`` and :class:`shoal.Store`.
+    key : callable or None
+        With ``store``: names each item (called with the function's arguments, returns a str,
+        int or bytes) instead of hashing its arguments.
+    capture : bool
+        Keep each item's stdout and stderr (first and last 64 KiB): in the store, or without
+        one, in a note on the item's error.
+    rerun_failed : bool
+        With ``store``: run stored failures again (default), or keep them.
 
     Returns
     -------
@@ -372,7 +462,7 @@ def map(
     >>> shoal.map(pow, [2, 3], [5, 2])
     [32, 9]
     """
-    _, gen = _start("map", fn, iterables, star=False, ordered=False, options=dict(options))
+    _, gen, _ = _start("map", fn, iterables, star=False, ordered=False, options=dict(options))
     return _driver.collect(gen)
 
 
@@ -387,7 +477,7 @@ def starmap(
     >>> shoal.starmap(pow, [(2, 5), (3, 2)])
     [32, 9]
     """
-    _, gen = _start("starmap", fn, (iterable,), star=True, ordered=False, options=dict(options))
+    _, gen, _ = _start("starmap", fn, (iterable,), star=True, ordered=False, options=dict(options))
     return _driver.collect(gen)
 
 
@@ -401,8 +491,10 @@ def imap(
     Closing the iterator (or leaving a ``for`` loop over it early, by ``break`` or by an
     exception) drops the queued work and stops the running tasks.
     """
-    session, gen = _start("imap", fn, iterables, star=False, ordered=True, options=dict(options))
-    return _driver.ResultStream(session, _driver.flatten(gen))
+    session, gen, recorder = _start(
+        "imap", fn, iterables, star=False, ordered=True, options=dict(options)
+    )
+    return _driver.ResultStream(session, _driver.flatten(gen), recorder)
 
 
 def as_completed(
@@ -419,11 +511,11 @@ def as_completed(
         Yield ``(index, result)`` pairs, ``index`` being the input's position, so each result
         can be matched to its input.
     """
-    session, gen = _start(
+    session, gen, recorder = _start(
         "as_completed", fn, iterables, star=False, ordered=False, options=dict(options)
     )
     stream = _driver.with_indices(gen) if with_index else _driver.flatten(gen)
-    return _driver.ResultStream(session, stream)
+    return _driver.ResultStream(session, stream, recorder)
 
 
 def deadline_after(timeout: float | None) -> float | None:

@@ -131,8 +131,12 @@ class Run:
         progress: Any,
         callback: Callable[[Any], Any] | None,
         range_source: range | None = None,
+        store: Any = None,
     ) -> None:
         self.session = session
+        #: ``store=``/``capture=``: a :class:`shoal.store._recorder.CallRecorder` that reads the
+        #: input (skipping stored items) and records results; ``None`` otherwise.
+        self.store = store
         self.range_source = range_source
         self.spec_id = spec_id
         self.spec = spec
@@ -217,6 +221,14 @@ class Run:
         while not self.exhausted and self.has_room():
             size = self.next_size()
             chunk: Any
+            if self.store is not None:
+                start, chunk, ended = self.store.take(size, self.replay)
+                if chunk:
+                    self.submit(chunk, start, [])
+                if ended:
+                    self.exhausted = True
+                    self.input_error = self.input_error or self.store.input_error
+                continue
             if self.range_source is not None:
                 chunk = self.range_source[self.next_index : self.next_index + size]
             else:
@@ -234,15 +246,33 @@ class Run:
             if len(chunk) < size:
                 self.exhausted = True
 
+    def replay(self, index: int, values: list[Any], failed: int) -> bool:
+        """Results read back from the store instead of run; whether to read on."""
+        if failed and self.raise_first:
+            self.fail(index, values[0], stored=True)
+            return False
+        self.emit(index, values, failed, stored=True)
+        return True
+
     def resubmit(self, index: int, item: Any, attempts: list[str]) -> None:
         """Run one item again, alone on its worker, so a crash is attributable."""
         self.submit([item], index, attempts, exclusive=True)
 
     # -- output side -----------------------------------------------------------------------
 
-    def emit(self, start: int, values: list[Any], failed: int = 0) -> None:
+    def emit(
+        self,
+        start: int,
+        values: list[Any],
+        failed: int = 0,
+        attempts: int = 1,
+        stored: bool = False,
+    ) -> None:
         if not values:
             return
+        if self.store is not None and not stored:
+            for index, same, same_failed in self.store.record(start, values, failed, attempts):
+                self.emit(index, same, same_failed, stored=True)
         self.done += len(values) - failed
         self.failed += failed
         if self.progress is not None:
@@ -264,8 +294,10 @@ class Run:
             self.ready.append((self.expected, vals))
             self.expected += len(vals)
 
-    def fail(self, index: int, exc: BaseException) -> None:
+    def fail(self, index: int, exc: BaseException, stored: bool = False) -> None:
         """A final failure with ``on_error="raise"``: stop the call at ``index``."""
+        if self.store is not None and not stored:
+            self.store.record(index, [exc], 1)
         self.failed += 1
         if self.progress is not None:
             self.progress.update(self.done, self.failed)
@@ -323,7 +355,7 @@ class Run:
     def handle_values(self, p: _Pending, res: ChunkResult) -> None:
         """The values and errors of chunk ``p`` (or of its first items)."""
         if not res.errors:
-            self.emit(p.start, res.values)
+            self.emit(p.start, res.values, attempts=len(p.attempts) + 1)
             return
         values = list(res.values)
         spec = self.spec
@@ -375,6 +407,7 @@ class Run:
 
     def loop(self) -> Iterator[Batch]:
         abort = False
+        status = "failed"
         try:
             while True:
                 self.feed()
@@ -383,6 +416,12 @@ class Run:
                     abort = True  # stop this call's running tasks; the pool stays usable
                     raise self.failure[1]
                 if not self.in_flight:
+                    if self.ready:  # results read back from a store
+                        while self.ready:
+                            batch = self.ready.popleft()
+                            self.values_held -= len(batch[1])
+                            yield batch
+                        continue
                     break
                 timeout = None
                 if self.deadline is not None:
@@ -401,15 +440,23 @@ class Run:
                     yield batch
             if self.input_error is not None:
                 raise self.input_error
-        except (KeyboardInterrupt, GeneratorExit):
-            # Ctrl-C, or the consumer stopped iterating (closed the stream, left its loop by
-            # break or by an exception of its own, dropped it): nobody wants what still runs.
+            status = "finished"
+        except KeyboardInterrupt:
             abort = True
+            status = "interrupted"
+            raise
+        except GeneratorExit:
+            # The consumer stopped iterating (closed the stream, left its loop by break or by
+            # an exception of its own, dropped it): nobody wants what still runs.
+            abort = True
+            status = "closed"
             raise
         finally:
             self.session.close(abort=abort)
             if self.progress is not None:
                 self.progress.close()
+            if self.store is not None:
+                self.store.finish(status)  # may raise StoreError: the last commit failed
 
 
 def collect(gen: Iterable[Batch]) -> list[Any]:
@@ -431,9 +478,10 @@ class ResultStream(Iterator[Any]):
     it, ends the session: queued work is dropped.
     """
 
-    def __init__(self, session: Session, gen: Iterator[Any]) -> None:
+    def __init__(self, session: Session, gen: Iterator[Any], store: Any = None) -> None:
         self._session = session
         self._gen = gen
+        self._store = store  # finished here too: a stream closed before its first next()
         self._closed = False
 
     def __iter__(self) -> ResultStream:
@@ -453,6 +501,8 @@ class ResultStream(Iterator[Any]):
                 with contextlib.suppress(ValueError):
                     close()
             self._session.close(abort=True)
+            if self._store is not None:
+                self._store.finish("closed")
 
     def __enter__(self) -> ResultStream:
         return self

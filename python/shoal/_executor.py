@@ -586,7 +586,7 @@ class Executor(cf.Executor):
         call.spec.context = self._context
         session, gen = call.open(self._pool, ordered=ordered, deadline=deadline_after(timeout))
         stream = _driver.with_indices(gen) if with_index else _driver.flatten(gen)
-        return _driver.ResultStream(session, stream)
+        return _driver.ResultStream(session, stream, call.recorder)
 
     def map(
         self,
@@ -598,12 +598,17 @@ class Executor(cf.Executor):
         kwargs: Mapping[str, Any] | None = None,
         iterkwargs: Iterable[Mapping[str, Any]] | None = None,
         on_error: str = "raise",
+        store: Any = None,
+        key: Callable[..., Any] | None = None,
+        capture: bool = False,
+        rerun_failed: bool = True,
     ) -> Iterator[Any]:
         """Lazy, ordered map on this executor's workers (see :func:`shoal.imap`).
 
         ``timeout`` (seconds, from this call) raises :class:`TimeoutError` if results are not
         all in by then, as in :meth:`concurrent.futures.Executor.map`; ``chunksize`` defaults
-        to adaptive chunking.
+        to adaptive chunking. ``store``, ``key``, ``capture`` and ``rerun_failed`` are those
+        of :func:`shoal.map` (see ``docs/store.md``).
         """
         return self._stream(
             "map",
@@ -617,6 +622,10 @@ class Executor(cf.Executor):
             kwargs=kwargs,
             iterkwargs=iterkwargs,
             on_error=on_error,
+            store=store,
+            key=key,
+            capture=capture,
+            rerun_failed=rerun_failed,
         )
 
     imap = map
