@@ -1,0 +1,318 @@
+"""The dask backend: shoal calls on a Dask ``distributed`` cluster.
+
+Which cluster, in this order: the ``client=`` or ``address=`` given to the backend; else the
+current ``distributed`` client (the one ``Client(...)`` made, as Dask's own ``compute`` would
+use); else a ``LocalCluster`` of worker processes on 127.0.0.1 (one thread each, dashboard
+off), started at first use and closed at interpreter exit.
+
+Per call, the spec is scattered to every worker once (``scatter(..., broadcast=True)``); each
+chunk is one Dask task that runs :func:`shoal.backends._remote.run_remote`. Chunks are sized by
+shoal's adaptive policy, so 20,000 tiny items are a few dozen tasks. Retries, errors and crash
+isolation are the driver's, as on every backend: a chunk whose worker died comes back as a
+crash (Dask's ``KilledWorker``), and the driver runs its items again one by one.
+
+Requires ``pip install 'shoal[dask]'``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from collections import deque
+from typing import Any
+
+from .._options import check_max_tasks, resolve_workers
+from .._spec import ChunkResult, Crash, Limits
+from ._cluster import NOT_ON_A_CLUSTER, ClusterBackend, ClusterPool, ClusterSession, refuse
+from ._remote import forget_soon, run_remote
+
+
+def _distributed() -> Any:
+    try:
+        import distributed
+    except ImportError as exc:
+        raise ModuleNotFoundError(
+            f"the dask backend needs dask.distributed, which cannot be imported ({exc}): "
+            "pip install 'shoal[dask]'"
+        ) from exc
+    return distributed
+
+
+_REFUSED = {
+    "timeout": (
+        "Dask cannot stop a task that runs in a worker thread; use backend='ray' or "
+        "'processes', or a time limit inside the function"
+    ),
+    "max_tasks_per_worker": (
+        "Dask does not replace a worker after a number of tasks; restart workers with "
+        "client.restart() between calls instead"
+    ),
+    "max_worker_memory": (
+        "Dask enforces memory per worker with its nanny: pass "
+        "get_backend('dask', memory_limit=...) for a cluster shoal starts, or start your "
+        "workers with --memory-limit (a worker over it is restarted, and its items fail with "
+        "WorkerCrashedError or run again with retries=)"
+    ),
+    "max_load": NOT_ON_A_CLUSTER,
+    "max_memory": NOT_ON_A_CLUSTER,
+}
+
+
+class DaskSession(ClusterSession):
+    """One call on a Dask cluster: chunks are futures, completions arrive by callback."""
+
+    engine = "dask"
+
+    def __init__(self, client: Any, *, ordered: bool, slots: int, target_chunk_s: float) -> None:
+        super().__init__(ordered=ordered, slots=slots, target_chunk_s=target_chunk_s)
+        self._client = client
+        # (seq, future) of tasks that ended, pushed by Dask's callback thread.
+        self._done: deque[tuple[int, Any]] = deque()
+        self._stopped: set[int] = set()
+
+    def _put_spec(self, blob: bytes) -> Any:
+        # The blob is kept to scatter again if every worker holding the spec dies.
+        [future] = self._client.scatter([blob], broadcast=True, hash=False)
+        return [future, blob]
+
+    def _drop_spec(self, handle: Any) -> None:
+        handle[0].release()
+
+    def _start(self, seq: int, spec_id: int, token: str, spec: Any, payload: bytes) -> Any:
+        if spec[0].status != "finished":
+            # Scattered data dies with the last worker holding it: send it again.
+            spec[0].release()
+            spec[0] = self._put_spec(spec[1])[0]
+        future = self._client.submit(
+            run_remote, token, spec[0], payload, key=f"{token}-{seq}", pure=False, retries=0
+        )
+        future.add_done_callback(lambda fut, seq=seq: self._on_done(seq, fut))
+        return future
+
+    def _on_done(self, seq: int, future: Any) -> None:
+        with self._cond:
+            self._done.append((seq, future))
+            self._cond.notify_all()
+
+    def _collect(self, timeout: float) -> list[ChunkResult]:
+        with self._cond:
+            if not self._done and not self._woken and timeout > 0:
+                self._cond.wait(timeout)
+            done = list(self._done)
+            self._done.clear()
+        out: list[ChunkResult] = []
+        finished = []
+        for seq, future in done:
+            if seq not in self._live:
+                continue  # cancelled or dropped: its result is not wanted
+            status = future.status  # read once: a lost result changes it (see module docs)
+            if status == "finished":
+                finished.append((seq, future))
+            elif status == "error":
+                res = self._crashed(seq, _crash_of(future.exception()))
+                if res is not None:
+                    out.append(res)
+            elif status == "cancelled":
+                # Not by us (we forget what we cancel): its spec died with every worker that
+                # held it. Report a crash; the driver sends the items again.
+                res = self._crashed(seq, Crash(None, "its task was cancelled by the scheduler"))
+                if res is not None:
+                    out.append(res)
+            # "pending"/"lost": it runs again on another worker; its callback fires again.
+        if finished:
+            try:
+                outcomes = self._client.gather([f for _, f in finished])
+            except Exception:
+                outcomes = [_result_or_exception(f) for _, f in finished]
+            for (seq, _), outcome in zip(finished, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    res = self._crashed(seq, _crash_of(outcome))
+                else:
+                    res = self._finished(seq, outcome)
+                if res is not None:
+                    out.append(res)
+        return out
+
+    def _stop(self, handles: list[Any]) -> None:
+        try:
+            self._client.cancel(handles)
+        except Exception:  # a closed client: nothing runs any more anyway
+            pass
+
+    def _forget(self, prefix: str) -> None:
+        try:
+            self._client.run(forget_soon, prefix, wait=False)
+        except Exception:
+            pass
+
+
+def _result_or_exception(future: Any) -> Any:
+    try:
+        return future.result()
+    except BaseException as exc:
+        return exc
+
+
+def _crash_of(exc: BaseException | None) -> Crash:
+    """A Dask task error as shoal's crash (``run_remote`` itself never raises a task error)."""
+    name = type(exc).__name__
+    if name == "KilledWorker":
+        return Crash(None, f"its Dask worker died ({exc})")
+    return Crash(None, f"the Dask task failed: {name}: {exc}")
+
+
+class DaskPool(ClusterPool):
+    """The workers of a Dask cluster; see :class:`ClusterPool`."""
+
+    backend: DaskBackend
+
+    def open_session(self, *, ordered: bool, limits: Limits | None = None) -> DaskSession:
+        refuse("dask", limits, (), _REFUSED)
+        client = self.backend.client()
+        return DaskSession(
+            client, ordered=ordered, slots=self.workers, target_chunk_s=self.backend.target_chunk_s
+        )
+
+
+class DaskBackend(ClusterBackend):
+    """Run tasks on a Dask ``distributed`` cluster (see the module docs).
+
+    Parameters
+    ----------
+    workers : int, float or None
+        Most chunks running at once (default: every thread of the cluster). For a cluster that
+        shoal starts, also its number of worker processes (default: usable CPUs).
+    address : str or None
+        Scheduler to connect to, e.g. ``"tcp://10.0.0.5:8786"``.
+    client : distributed.Client or None
+        A client to use as is.
+    threads_per_worker : int or None
+        Threads for BLAS/OpenMP in each worker of a cluster shoal starts (``OMP_NUM_THREADS``
+        and friends). Refused with ``address=`` or ``client=``: set it where the workers start.
+    memory_limit : int, str or None
+        Memory limit per worker of a cluster shoal starts (Dask's nanny restarts a worker over
+        it). Refused with ``address=`` or ``client=``.
+    target_chunk_s : float
+        Wanted compute time of one chunk (one Dask task).
+    """
+
+    name = "dask"
+
+    def __init__(
+        self,
+        workers: int | float | None = None,
+        *,
+        address: str | None = None,
+        client: Any = None,
+        threads_per_worker: int | None = None,
+        memory_limit: int | str | None = None,
+        target_chunk_s: float = 0.05,
+    ) -> None:
+        super().__init__(workers)
+        _distributed()
+        if address is not None and client is not None:
+            raise TypeError("give address= or client=, not both")
+        if address is not None and not isinstance(address, str):
+            raise TypeError(f"address must be a string, not {type(address).__name__}")
+        self.threads_per_worker = check_max_tasks(threads_per_worker, "threads_per_worker")
+        external = address is not None or client is not None
+        for option, value in (("threads_per_worker", threads_per_worker), ("memory_limit", memory_limit)):
+            if external and value is not None:
+                raise ValueError(
+                    f"{option}= applies to a Dask cluster that shoal starts; for a cluster at "
+                    f"an address or behind a client, set it where its workers are started"
+                )
+        if not target_chunk_s > 0:
+            raise ValueError(f"target_chunk_s must be positive, got {target_chunk_s}")
+        self.address = address
+        self.memory_limit = memory_limit
+        self.target_chunk_s = float(target_chunk_s)
+        self._given = client
+        self._client: Any = None
+        self._cluster: Any = None
+        self._start_lock = threading.Lock()
+
+    def client(self) -> Any:
+        """The ``distributed.Client`` this backend uses (connecting or starting on first use)."""
+        distributed = _distributed()
+        if self._given is not None:
+            return self._given
+        with self._start_lock:
+            if self._client is not None and self._client.status == "running":
+                return self._client
+            if self.address is not None:
+                self._client = distributed.Client(self.address, set_as_default=False)
+                return self._client
+            try:
+                current = distributed.default_client()
+            except ValueError:
+                current = None
+            if current is not None and current.status == "running":
+                if self.threads_per_worker is not None or self.memory_limit is not None:
+                    raise ValueError(
+                        "threads_per_worker= and memory_limit= apply to a Dask cluster that "
+                        "shoal starts, but a distributed client is current: set them where "
+                        "its workers are started"
+                    )
+                return current
+            self._client = self._start_local(distributed)
+            return self._client
+
+    def _start_local(self, distributed: Any) -> Any:
+        import dask
+
+        from .processes import thread_limits
+
+        n = resolve_workers(self.workers)
+        env = thread_limits(self.threads_per_worker or 1)
+        options: dict[str, Any] = {}
+        if self.memory_limit is not None:
+            options["memory_limit"] = self.memory_limit
+        # A task on a worker that died fails at once (KilledWorker) instead of being run again
+        # by Dask, so the driver can split its chunk and blame only the item that kills.
+        with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+            self._cluster = distributed.LocalCluster(
+                n_workers=n,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=None,
+                env=env,
+                **options,
+            )
+        _LOCAL.append(self)
+        return distributed.Client(self._cluster, set_as_default=False)
+
+    @property
+    def scheduler_address(self) -> str:
+        """Address of the scheduler in use."""
+        return str(self.client().scheduler.address)
+
+    def cluster_slots(self) -> int:
+        return sum(self.client().nthreads().values())
+
+    def create_pool(self, workers: int) -> DaskPool:
+        return DaskPool(self, workers)
+
+    def shutdown(self, *, kill: bool = False) -> None:
+        """Forget the pools; close the client and the cluster if this backend made them."""
+        super().shutdown(kill=kill)
+        with self._start_lock:
+            client, cluster = self._client, self._cluster
+            self._client = self._cluster = None
+        if client is not None:
+            client.close(timeout=5)
+        if cluster is not None:
+            cluster.close(timeout=5)
+
+
+_LOCAL: list[DaskBackend] = []
+
+
+@atexit.register
+def _close_local_clusters() -> None:
+    for backend in list(_LOCAL):
+        try:
+            backend.shutdown(kill=True)
+        except Exception:
+            pass
