@@ -86,13 +86,19 @@ def engine_backend(name: str, **options):
     before = descendants()
     backend = shoal.get_backend(name, **options)
     backend.cluster_slots()  # start it now, not inside the first test's time limit
-    # multiprocessing's resource tracker serves this interpreter and ends with it.
-    before |= _trackers()
-    started = descendants() - before
+    started = descendants() - before - _trackers()
     try:
         yield backend
     finally:
+        # The engine's processes now: those it started and their children, and (Dask) the
+        # worker processes its nannies started again after a test killed one.
+        mine = set(started)
+        for pid in started:
+            mine |= descendants(pid)
+        if name == "dask":
+            with contextlib.suppress(Exception):
+                mine |= set(backend.client().run(os.getpid).values())
         backend.shutdown(kill=True)
         # Ray's GCS ignores SIGTERM for a long while: a few seconds, then SIGKILL.
-        left = stop_leftovers(started | (descendants() - before - _trackers()))
+        left = stop_leftovers(mine)
     assert not left, f"{name} processes still alive after shutdown (killed now): {sorted(left)}"

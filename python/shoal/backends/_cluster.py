@@ -71,7 +71,7 @@ class ClusterSession(Session):
         self._cond = threading.Condition()
         self._woken = False
         self._closed = False
-        #: seq -> (spec id, number of items, the engine's handle)
+        #: seq -> (spec id, number of items, the engine's handle or None while held back)
         self._live: dict[int, tuple[int, int, Any]] = {}
 
     # -- specs ----------------------------------------------------------------------------
@@ -100,7 +100,10 @@ class ClusterSession(Session):
         seq = self._next_seq
         self._next_seq += 1
         token, handle = self._specs[spec_id]
-        self._live[seq] = (spec_id, len(items), self._start(seq, spec_id, token, handle, payload))
+        self._live[seq] = (spec_id, len(items), None)
+        task = self._start(seq, spec_id, token, handle, payload)
+        if task is not None:
+            self._live[seq] = (spec_id, len(items), task)
         return seq
 
     def wait(self, timeout: float | None) -> list[ChunkResult]:
@@ -151,7 +154,7 @@ class ClusterSession(Session):
 
     def cancel(self, seqs: list[int] | None = None) -> None:
         chosen = list(self._live) if seqs is None else [s for s in seqs if s in self._live]
-        handles = [self._live.pop(s)[2] for s in chosen]
+        handles = [h for h in (self._live.pop(s)[2] for s in chosen) if h is not None]
         if self.ordered:
             # Dropped chunks must not hold back the ones after them.
             self._parked.update({s: ChunkResult(s, []) for s in chosen})
@@ -168,7 +171,7 @@ class ClusterSession(Session):
             return
         self._closed = True
         self.wake()
-        handles = [entry[2] for entry in self._live.values()]
+        handles = [entry[2] for entry in self._live.values() if entry[2] is not None]
         self._live.clear()
         if handles:
             self._stop(handles)
@@ -188,7 +191,8 @@ class ClusterSession(Session):
 
     @abc.abstractmethod
     def _start(self, seq: int, spec_id: int, token: str, spec: Any, payload: bytes) -> Any:
-        """Start one chunk's task; return its handle."""
+        """Start one chunk's task; return its handle (or ``None``, and set it in ``_live``
+        when the task is started later)."""
 
     @abc.abstractmethod
     def _collect(self, timeout: float) -> list[ChunkResult]:

@@ -38,6 +38,9 @@ def _distributed() -> Any:
     return distributed
 
 
+#: Times a chunk is sent again after the scheduler dropped it with its lost spec.
+MAX_RESENDS = 3
+
 _REFUSED = {
     "timeout": (
         "Dask cannot stop a task that runs in a worker thread; use backend='ray' or "
@@ -66,9 +69,18 @@ class DaskSession(ClusterSession):
     def __init__(self, client: Any, *, ordered: bool, slots: int, target_chunk_s: float) -> None:
         super().__init__(ordered=ordered, slots=slots, target_chunk_s=target_chunk_s)
         self._client = client
+        # When a worker dies, Dask fails (or, on clusters that allow it, runs again) every task
+        # it held, queued ones too. One chunk per worker thread means nothing is queued on a
+        # worker, so an innocent chunk is never blamed with the one that killed its worker.
+        self.max_in_flight = self.slots
         # (seq, future) of tasks that ended, pushed by Dask's callback thread.
         self._done: deque[tuple[int, Any]] = deque()
-        self._stopped: set[int] = set()
+        #: seq -> (token, spec handle, payload, times resent): what a lost chunk needs again.
+        self._sent: dict[int, tuple[str, Any, bytes, int]] = {}
+        #: Chunks not yet sent: they wait for a free worker thread.
+        self._held: deque[int] = deque()
+        #: A worker died in this call: check how many threads are left before sending.
+        self._short = False
 
     def _put_spec(self, blob: bytes) -> Any:
         # The blob is kept to scatter again if every worker holding the spec dies.
@@ -79,15 +91,58 @@ class DaskSession(ClusterSession):
         handle[0].release()
 
     def _start(self, seq: int, spec_id: int, token: str, spec: Any, payload: bytes) -> Any:
-        if spec[0].status != "finished":
-            # Scattered data dies with the last worker holding it: send it again.
-            spec[0].release()
-            spec[0] = self._put_spec(spec[1])[0]
-        future = self._client.submit(
-            run_remote, token, spec[0], payload, key=f"{token}-{seq}", pure=False, retries=0
-        )
-        future.add_done_callback(lambda fut, seq=seq: self._on_done(seq, fut))
-        return future
+        self._sent[seq] = (token, spec, payload, 0)
+        self._held.append(seq)
+        self._pump()
+        return None  # set by _pump
+
+    def _capacity(self) -> int:
+        """Worker threads to fill: all of them, except after a worker died and until it is
+        back (chunks sent meanwhile would queue on the survivors)."""
+        if not self._short:
+            return self.slots
+        try:
+            threads = sum(self._client.nthreads().values())
+        except Exception:
+            return 0
+        if threads >= self.slots:
+            self._short = False
+        return min(threads, self.slots)
+
+    def _pump(self) -> None:
+        """Send held chunks to the cluster while a worker thread is free for each."""
+        if not self._held:
+            return
+        running = sum(1 for entry in self._live.values() if entry[2] is not None)
+        room = self._capacity() - running
+        while self._held and room > 0:
+            seq = self._held.popleft()
+            entry = self._live.get(seq)
+            if entry is None:
+                continue  # cancelled while held
+            token, spec, payload, tries = self._sent[seq]
+            if spec[0].status != "finished":
+                # Scattered data dies with the last worker holding it: send it again.
+                spec[0].release()
+                spec[0] = self._put_spec(spec[1])[0]
+            future = self._client.submit(
+                run_remote, token, spec[0], payload, key=f"{token}-{seq}-{tries}", pure=False
+            )
+            future.add_done_callback(lambda fut, seq=seq: self._on_done(seq, fut))
+            self._live[seq] = (entry[0], entry[1], future)
+            room -= 1
+
+    def _resend(self, seq: int) -> bool:
+        """Send a chunk again whose spec died with every worker holding it (not its fault)."""
+        entry = self._sent.get(seq)
+        live = self._live.get(seq)
+        if entry is None or live is None or entry[3] >= MAX_RESENDS:
+            return False
+        token, spec, payload, tries = entry
+        self._sent[seq] = (token, spec, payload, tries + 1)
+        self._live[seq] = (live[0], live[1], None)
+        self._held.appendleft(seq)
+        return True
 
     def _on_done(self, seq: int, future: Any) -> None:
         with self._cond:
@@ -103,21 +158,18 @@ class DaskSession(ClusterSession):
         out: list[ChunkResult] = []
         finished = []
         for seq, future in done:
-            if seq not in self._live:
-                continue  # cancelled or dropped: its result is not wanted
+            entry = self._live.get(seq)
+            if entry is None or entry[2] is not future:
+                continue  # cancelled, dropped or sent again: this result is not wanted
             status = future.status  # read once: a lost result changes it (see module docs)
             if status == "finished":
                 finished.append((seq, future))
             elif status == "error":
-                res = self._crashed(seq, _crash_of(future.exception()))
-                if res is not None:
-                    out.append(res)
+                self._failed(seq, future.exception(), out)
             elif status == "cancelled":
                 # Not by us (we forget what we cancel): its spec died with every worker that
-                # held it. Report a crash; the driver sends the items again.
-                res = self._crashed(seq, Crash(None, "its task was cancelled by the scheduler"))
-                if res is not None:
-                    out.append(res)
+                # held it, and the scheduler dropped the tasks that needed it.
+                self._failed(seq, None, out)
             # "pending"/"lost": it runs again on another worker; its callback fires again.
         if finished:
             try:
@@ -126,14 +178,32 @@ class DaskSession(ClusterSession):
                 outcomes = [_result_or_exception(f) for _, f in finished]
             for (seq, _), outcome in zip(finished, outcomes, strict=True):
                 if isinstance(outcome, BaseException):
-                    res = self._crashed(seq, _crash_of(outcome))
-                else:
-                    res = self._finished(seq, outcome)
+                    self._failed(seq, outcome, out)
+                    continue
+                self._sent.pop(seq, None)
+                res = self._finished(seq, outcome)
                 if res is not None:
                     out.append(res)
+        self._pump()
         return out
 
+    def _failed(self, seq: int, exc: BaseException | None, out: list[ChunkResult]) -> None:
+        if (exc is None or "Cancelled" in type(exc).__name__) and self._resend(seq):
+            self._short = True
+            return
+        self._sent.pop(seq, None)
+        self._short = True
+        crash = Crash(None, "its task was cancelled by the scheduler") if exc is None else None
+        res = self._crashed(seq, crash or _crash_of(exc))
+        if res is not None:
+            out.append(res)
+
     def _stop(self, handles: list[Any]) -> None:
+        for seq in [s for s in self._sent if s not in self._live]:
+            del self._sent[seq]
+        self._cancel(handles)
+
+    def _cancel(self, handles: list[Any]) -> None:
         try:
             self._client.cancel(handles)
         except Exception:  # a closed client: nothing runs any more anyway
