@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from engines import REQUIRED, engine_backend  # noqa: E402
+from engines import REQUIRED, engine_backend
 
 #: Cluster engines run the contract suite too, each on a cluster the tests start themselves.
 ENGINES = ["dask", "ray"]

@@ -19,7 +19,6 @@ import shoal
 
 from helpers import (
     crash_on,
-    log_then_sleep,
     note_pid_then_sleep,
     sleep_on,
     slow_first_time,
@@ -181,12 +180,15 @@ def test_ctrl_c_cancels_the_call_quickly_and_the_next_call_works(request, name, 
     code = _CTRL_C_SCRIPT.format(name=name, address=_address(name, backend), path=str(log))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env=env,
     )
     try:
         line = proc.stdout.readline()
-        assert line.strip() == "running", proc.stderr.read() if not line else line
+        assert line.strip() == "running", line if line else proc.stderr.read()
         time.sleep(0.3)
         sent = time.monotonic()
         proc.send_signal(signal.SIGINT)
@@ -231,9 +233,7 @@ subprocess.run([sys.executable, "-c", code + "; import sys; "
     "assert 'distributed' not in sys.modules and 'ray' not in sys.modules"], check=True)
 print("ok")
 """
-    res = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
-    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
 
 

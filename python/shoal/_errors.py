@@ -127,8 +127,7 @@ class TaskTimeoutError(ShoalError, TimeoutError):
     ) -> None:
         where, call = _subject(index, function, arguments)
         super().__init__(
-            f"{where}{call} ran past its timeout of {timeout:g} s; "
-            f"its worker{_pid(pid)} was killed"
+            f"{where}{call} ran past its timeout of {timeout:g} s; its worker{_pid(pid)} was killed"
         )
         self.index = index
         self.arguments = arguments

@@ -1,7 +1,8 @@
 """Backends: which engine runs the tasks, and how to choose one.
 
-``processes`` (default), ``threads`` and ``serial`` ship with shoal; ``dask`` and ``ray`` run
-on those engines' clusters when installed (``pip install 'shoal[dask]'``, ``'shoal[ray]'``). Choose one per call
+``processes`` (default), ``threads`` and ``serial`` ship with shoal; ``dask`` and ``ray``
+run on those engines' clusters when installed (``pip install 'shoal[dask]'``,
+``'shoal[ray]'``). Choose one per call
 (``backend="threads"``), for a block (``with shoal.backend("threads"):``) or for the process
 (``shoal.set_backend("threads")``). Subclass :class:`Backend` to plug in another engine, and
 pass an instance wherever a name is accepted.

@@ -33,7 +33,9 @@ TARGET_CHUNK_S = 0.05
 SLICE_S = 0.05
 
 
-def refuse(backend: str, limits: Limits | None, allowed: tuple[str, ...], why: dict[str, str]) -> None:
+def refuse(
+    backend: str, limits: Limits | None, allowed: tuple[str, ...], why: dict[str, str]
+) -> None:
     """Raise :class:`ValueError` for a limit the backend cannot honour (``why`` says why)."""
     if limits is None:
         return
@@ -186,7 +188,7 @@ class ClusterSession(Session):
     def _put_spec(self, blob: bytes) -> Any:
         """Send a spec to the cluster once; return the handle chunks pass to their task."""
 
-    def _drop_spec(self, handle: Any) -> None:  # noqa: B027 - optional hook
+    def _drop_spec(self, handle: Any) -> None:
         """Let the engine free a spec."""
 
     @abc.abstractmethod
@@ -202,7 +204,7 @@ class ClusterSession(Session):
     def _stop(self, handles: list[Any]) -> None:
         """Cancel these tasks (queued ones at least); their results are not wanted."""
 
-    def _forget(self, prefix: str) -> None:  # noqa: B027 - optional hook
+    def _forget(self, prefix: str) -> None:
         """Let workers drop their cached specs of this session."""
 
 

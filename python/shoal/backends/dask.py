@@ -17,6 +17,7 @@ Requires ``pip install 'shoal[dask]'``.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import threading
 from collections import deque
 from typing import Any
@@ -204,16 +205,13 @@ class DaskSession(ClusterSession):
         self._cancel(handles)
 
     def _cancel(self, handles: list[Any]) -> None:
-        try:
+        # A closed client: nothing runs any more anyway.
+        with contextlib.suppress(Exception):
             self._client.cancel(handles)
-        except Exception:  # a closed client: nothing runs any more anyway
-            pass
 
     def _forget(self, prefix: str) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self._client.run(forget_soon, prefix, wait=False)
-        except Exception:
-            pass
 
 
 def _result_or_exception(future: Any) -> Any:
@@ -286,7 +284,10 @@ class DaskBackend(ClusterBackend):
             raise TypeError(f"address must be a string, not {type(address).__name__}")
         self.threads_per_worker = check_max_tasks(threads_per_worker, "threads_per_worker")
         external = address is not None or client is not None
-        for option, value in (("threads_per_worker", threads_per_worker), ("memory_limit", memory_limit)):
+        for option, value in (
+            ("threads_per_worker", threads_per_worker),
+            ("memory_limit", memory_limit),
+        ):
             if external and value is not None:
                 raise ValueError(
                     f"{option}= applies to a Dask cluster that shoal starts; for a cluster at "
@@ -382,7 +383,5 @@ _LOCAL: list[DaskBackend] = []
 @atexit.register
 def _close_local_clusters() -> None:
     for backend in list(_LOCAL):
-        try:
+        with contextlib.suppress(Exception):
             backend.shutdown(kill=True)
-        except Exception:
-            pass

@@ -17,6 +17,7 @@ Requires ``pip install 'shoal[ray]'``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -24,7 +25,7 @@ from typing import Any
 
 from .._options import check_max_tasks, resolve_workers
 from .._spec import ChunkResult, Crash, Limits
-from ._cluster import SLICE_S, NOT_ON_A_CLUSTER, ClusterBackend, ClusterPool, ClusterSession, refuse
+from ._cluster import NOT_ON_A_CLUSTER, ClusterBackend, ClusterPool, ClusterSession, refuse
 from ._remote import run_remote
 
 
@@ -148,11 +149,9 @@ class RaySession(ClusterSession):
 
     def _stop(self, handles: list[Any]) -> None:
         for ref in handles:
-            try:
-                # A queued task is dropped; a running one gets KeyboardInterrupt in its thread.
+            # A queued task is dropped; a running one gets KeyboardInterrupt in its thread.
+            with contextlib.suppress(Exception):
                 self._ray.cancel(ref, force=False)
-            except Exception:
-                pass
 
 
 def _crash_of(exc: BaseException) -> Crash:
@@ -162,7 +161,9 @@ def _crash_of(exc: BaseException) -> Crash:
         return Crash(None, f"Ray's memory monitor killed its worker ({exc})")
     if name in ("WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError"):
         return Crash(None, f"its Ray worker died ({name})")
-    return Crash(None, f"the Ray task failed: {name}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    return Crash(
+        None, f"the Ray task failed: {name}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    )
 
 
 class RayPool(ClusterPool):
