@@ -207,3 +207,13 @@ def slow_first_time(x, marker_dir, bad=(1,), seconds=60.0):
             pass
         time.sleep(seconds)
     return x
+
+
+def worker_address_and_sum(x, seconds=0.02):
+    """Where this item ran (the Dask worker's address) and ``x`` plus the shared array's sum."""
+    import distributed
+
+    import shoal
+
+    time.sleep(seconds)
+    return distributed.get_worker().address, x + int(shoal.shared().sum())
