@@ -6,6 +6,7 @@ on every backend; this file kills workers, times items out, and interrupts calls
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -245,3 +246,29 @@ def test_dask_backend_options_are_checked():
         shoal.get_backend("dask", address="tcp://127.0.0.1:1", threads_per_worker=2)
     with pytest.raises(ValueError, match="target_chunk_s"):
         shoal.get_backend("dask", target_chunk_s=0)
+
+
+@pytest.mark.timeout(120)
+def test_dask_memory_limit_restarts_a_hog_and_fails_only_its_item():
+    pytest.importorskip("distributed")
+    from engines import engine_backend
+
+    from helpers import hog_on
+
+    fixture = engine_backend("dask", workers=1, memory_limit="300MB")
+    backend = next(fixture)
+    try:
+        got = shoal.map(
+            hog_on,
+            range(4),
+            kwargs={"bad": (1,), "megabytes": 400, "hold": 10.0},
+            on_error="return",
+            backend=backend,
+        )
+        assert isinstance(got[1], shoal.WorkerCrashedError), got
+        assert [got[i] for i in (0, 2, 3)] == [0, 2, 3]
+        _wait_for_full_cluster(backend, 1)
+        assert shoal.map(square, range(4), backend=backend) == [0, 1, 4, 9]
+    finally:
+        with contextlib.suppress(StopIteration):
+            next(fixture)  # stops the cluster and checks that nothing is left

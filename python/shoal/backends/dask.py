@@ -225,7 +225,9 @@ def _crash_of(exc: BaseException | None) -> Crash:
     """A Dask task error as shoal's crash (``run_remote`` itself never raises a task error)."""
     name = type(exc).__name__
     if name == "KilledWorker":
-        return Crash(None, f"its Dask worker died ({exc})")
+        last = getattr(exc, "last_worker", None)
+        where = getattr(last, "address", last)
+        return Crash(None, f"its Dask worker{f' {where}' if where else ''} died (KilledWorker)")
     return Crash(None, f"the Dask task failed: {name}: {exc}")
 
 
