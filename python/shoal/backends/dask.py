@@ -349,7 +349,9 @@ class DaskBackend(ClusterBackend):
                 threads_per_worker=1,
                 processes=True,
                 host="127.0.0.1",
-                dashboard_address=None,
+                # Dask serves HTTP (health, metrics; the dashboard if bokeh is installed) even
+                # with the dashboard "off": a free port on loopback, never a fixed 8787.
+                dashboard_address="127.0.0.1:0",
                 env=env,
                 **options,
             )

@@ -2,8 +2,10 @@
 
 Which cluster: the one Ray is already initialised with in this process (``ray.init()``); else
 ``address=`` (``"auto"`` for a cluster started with ``ray start`` on this machine, or
-``"host:port"``); else a local Ray started at first use on 127.0.0.1, with ``workers`` CPUs
-and no dashboard, which Ray stops at interpreter exit.
+``"host:port"``); else a local Ray started at first use, advertising 127.0.0.1, with
+``workers`` CPUs and no dashboard, which Ray stops at interpreter exit. (Ray's servers listen
+on every interface whatever the node address; its token authentication, on by default, is
+what keeps others out.)
 
 Per call, the spec goes through the object store once (``ray.put``); each chunk is one remote
 task running :func:`shoal.backends._remote.run_remote`. Ray's own retries are off
