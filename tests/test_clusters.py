@@ -272,3 +272,15 @@ def test_dask_memory_limit_restarts_a_hog_and_fails_only_its_item():
     finally:
         with contextlib.suppress(StopIteration):
             next(fixture)  # stops the cluster and checks that nothing is left
+
+
+def test_executor_futures_from_many_threads_while_results_arrive(engine):
+    with shoal.Executor(backend=engine) as ex:
+
+        def submit_many(base):
+            return [ex.submit(square, base + i) for i in range(100)]
+
+        with __import__("concurrent.futures").futures.ThreadPoolExecutor(4) as threads:
+            batches = list(threads.map(submit_many, range(0, 400, 100)))
+        got = [f.result(timeout=60) for batch in batches for f in batch]
+    assert got == [x * x for x in range(400)]

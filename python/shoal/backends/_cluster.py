@@ -55,6 +55,8 @@ class ClusterSession(Session):
     """One call (or Executor) on a cluster engine; see the module docs."""
 
     engine = "?"
+    #: Longest slice of a blocking wait (Ctrl-C and wake() are heard between slices).
+    slice_s = SLICE_S
 
     def __init__(self, *, ordered: bool, slots: int, target_chunk_s: float) -> None:
         self.ordered = ordered
@@ -75,6 +77,9 @@ class ClusterSession(Session):
         self._closed = False
         #: seq -> (spec id, number of items, the engine's handle or None while held back)
         self._live: dict[int, tuple[int, int, Any]] = {}
+        # An Executor submits from its callers' threads while its pump thread waits: this lock
+        # guards the session's state (never held while blocking on the engine for long).
+        self._lock = threading.RLock()
 
     # -- specs ----------------------------------------------------------------------------
 
@@ -99,22 +104,27 @@ class ClusterSession(Session):
 
     def submit(self, spec_id: int, items: list[Any], start: int, exclusive: bool = False) -> int:
         payload = dumps_items(items, start)
-        seq = self._next_seq
-        self._next_seq += 1
-        token, handle = self._specs[spec_id]
-        self._live[seq] = (spec_id, len(items), None)
-        task = self._start(seq, spec_id, token, handle, payload)
-        if task is not None:
-            self._live[seq] = (spec_id, len(items), task)
+        with self._lock:
+            seq = self._next_seq
+            self._next_seq += 1
+            token, handle = self._specs[spec_id]
+            self._live[seq] = (spec_id, len(items), None)
+            task = self._start(seq, spec_id, token, handle, payload)
+            if task is not None:
+                self._live[seq] = (spec_id, len(items), task)
         return seq
 
     def wait(self, timeout: float | None) -> list[ChunkResult]:
         deadline = None if timeout is None else time.monotonic() + timeout
         out: list[ChunkResult] = []
         while True:
-            left = SLICE_S if deadline is None else min(SLICE_S, deadline - time.monotonic())
-            for res in self._collect(max(0.0, left)):
-                self._order(res, out)
+            left = self.slice_s
+            if deadline is not None:
+                left = min(left, deadline - time.monotonic())
+            results = self._collect(max(0.0, left))
+            with self._lock:
+                for res in results:
+                    self._order(res, out)
             with self._cond:
                 woken, self._woken = self._woken, False
             if out or woken or self._closed:
@@ -155,13 +165,14 @@ class ClusterSession(Session):
         return ChunkResult(seq, [], crash=crash)
 
     def cancel(self, seqs: list[int] | None = None) -> None:
-        chosen = list(self._live) if seqs is None else [s for s in seqs if s in self._live]
-        handles = [h for h in (self._live.pop(s)[2] for s in chosen) if h is not None]
-        if self.ordered:
-            # Dropped chunks must not hold back the ones after them.
-            self._parked.update({s: ChunkResult(s, []) for s in chosen})
-        if handles:
-            self._stop(handles)
+        with self._lock:
+            chosen = list(self._live) if seqs is None else [s for s in seqs if s in self._live]
+            handles = [h for h in (self._live.pop(s)[2] for s in chosen) if h is not None]
+            if self.ordered:
+                # Dropped chunks must not hold back the ones after them.
+                self._parked.update({s: ChunkResult(s, []) for s in chosen})
+            if handles:
+                self._stop(handles)
 
     def wake(self) -> None:
         with self._cond:
@@ -173,13 +184,14 @@ class ClusterSession(Session):
             return
         self._closed = True
         self.wake()
-        handles = [entry[2] for entry in self._live.values() if entry[2] is not None]
-        self._live.clear()
-        if handles:
-            self._stop(handles)
-        for _, handle in self._specs.values():
-            self._drop_spec(handle)
-        self._specs.clear()
+        with self._lock:
+            handles = [entry[2] for entry in self._live.values() if entry[2] is not None]
+            self._live.clear()
+            if handles:
+                self._stop(handles)
+            for _, handle in self._specs.values():
+                self._drop_spec(handle)
+            self._specs.clear()
         self._forget(self._prefix)
 
     # -- what an engine provides ------------------------------------------------------------
@@ -198,7 +210,10 @@ class ClusterSession(Session):
 
     @abc.abstractmethod
     def _collect(self, timeout: float) -> list[ChunkResult]:
-        """Results of chunks that finished, waiting up to ``timeout`` for the first."""
+        """Results of chunks that finished, waiting up to ``timeout`` for the first.
+
+        Called by one thread at a time; take ``_lock`` around changes to ``_live``, and do not
+        hold it while blocking."""
 
     @abc.abstractmethod
     def _stop(self, handles: list[Any]) -> None:

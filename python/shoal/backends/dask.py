@@ -156,6 +156,10 @@ class DaskSession(ClusterSession):
                 self._cond.wait(timeout)
             done = list(self._done)
             self._done.clear()
+        with self._lock:
+            return self._handle(done)
+
+    def _handle(self, done: list[tuple[int, Any]]) -> list[ChunkResult]:
         out: list[ChunkResult] = []
         finished = []
         for seq, future in done:

@@ -68,6 +68,9 @@ class RaySession(ClusterSession):
     """One call on Ray: chunks are remote tasks, polled with ``ray.wait`` in short slices."""
 
     engine = "ray"
+    # ray.wait cannot be woken: short slices, so chunks submitted meanwhile (an Executor's)
+    # are waited for soon.
+    slice_s = 0.01
 
     def __init__(
         self,
@@ -110,7 +113,9 @@ class RaySession(ClusterSession):
 
     def _collect(self, timeout: float) -> list[ChunkResult]:
         ray = self._ray
-        by_ref = {entry[2]: seq for seq, entry in self._live.items()}
+        with self._lock:
+            by_ref = {entry[2]: seq for seq, entry in self._live.items()}
+            began = [self._began[s] for s in by_ref.values()]
         out: list[ChunkResult] = []
         if not by_ref:
             with self._cond:
@@ -119,13 +124,18 @@ class RaySession(ClusterSession):
             return out
         wait_s = timeout
         if self._timeout is not None:
-            first = min(self._began[s] for s in by_ref.values()) + self._timeout
+            first = min(began) + self._timeout
             wait_s = max(0.0, min(wait_s, first - time.monotonic()))
         refs = list(by_ref)
         ready, rest = ray.wait(refs, num_returns=1, timeout=wait_s)
         if ready and rest:
             more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
             ready += more
+        with self._lock:
+            return self._handle(ready, by_ref, out)
+
+    def _handle(self, ready: list[Any], by_ref: dict[Any, int], out: list[ChunkResult]) -> Any:
+        ray = self._ray
         for ref in ready:
             seq = by_ref.pop(ref)
             self._began.pop(seq, None)
@@ -140,7 +150,10 @@ class RaySession(ClusterSession):
         if self._timeout is not None:
             now = time.monotonic()
             for ref, seq in by_ref.items():
-                if now - self._began[seq] >= self._timeout:
+                began = self._began.get(seq)
+                if seq not in self._live:
+                    self._began.pop(seq, None)  # cancelled meanwhile
+                elif began is not None and now - began >= self._timeout:
                     ray.cancel(ref, force=True)  # kills its worker: the only way to stop it
                     self._began.pop(seq, None)
                     crash = Crash(None, "timed out", "timed_out", limit=self._timeout)
