@@ -105,7 +105,10 @@ def main() -> int:
         "W3 200 x 10ms": (spin, [per_second // 100] * 200),
         "W4 400 heavy-tailed ~5ms": (spin, workloads.heavy_tailed(400, 0.005, per_second)),
     }
-    print(f"shoal on clusters: {WORKERS} single-threaded workers, best of {args.repeat}")
+    print(
+        f"shoal on clusters: {WORKERS} single-threaded workers, best of {args.repeat}; "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     cols = ["workload"]
     table: dict[str, list[str]] = {label: [] for label in rows}
     table["first result (ms)"] = []
@@ -141,6 +144,7 @@ def main() -> int:
     for label, cells in table.items():
         print("  ".join(f"{c:>12}" for c in cells).join([f"{label:<26}  ", ""]))
     print("map rows: time as a ratio to the serial loop (lower is better)")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     return 0
 
 
