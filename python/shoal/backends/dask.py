@@ -22,6 +22,7 @@ import threading
 from collections import deque
 from typing import Any
 
+from .._errors import WorkerStartError
 from .._options import check_max_tasks, resolve_workers
 from .._spec import ChunkResult, Crash, Limits
 from ._cluster import NOT_ON_A_CLUSTER, ClusterBackend, ClusterPool, ClusterSession, refuse
@@ -347,18 +348,26 @@ class DaskBackend(ClusterBackend):
             options["memory_limit"] = self.memory_limit
         # A task on a worker that died fails at once (KilledWorker) instead of being run again
         # by Dask, so the driver can split its chunk and blame only the item that kills.
-        with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
-            self._cluster = distributed.LocalCluster(
-                n_workers=n,
-                threads_per_worker=1,
-                processes=True,
-                host="127.0.0.1",
-                # Dask serves HTTP (health, metrics; the dashboard if bokeh is installed) even
-                # with the dashboard "off": a free port on loopback, never a fixed 8787.
-                dashboard_address="127.0.0.1:0",
-                env=env,
-                **options,
-            )
+        try:
+            with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+                self._cluster = distributed.LocalCluster(
+                    n_workers=n,
+                    threads_per_worker=1,
+                    processes=True,
+                    host="127.0.0.1",
+                    # Dask serves HTTP (health, metrics; the dashboard if bokeh is installed)
+                    # even with the dashboard "off": a free port on loopback, never 8787.
+                    dashboard_address="127.0.0.1:0",
+                    env=env,
+                    **options,
+                )
+        except Exception as exc:
+            raise WorkerStartError(
+                f"could not start a local Dask cluster ({type(exc).__name__}: {exc}). Dask "
+                "starts its worker processes by spawning, which imports your script again: "
+                "put the code that calls shoal under `if __name__ == '__main__':`, or start a "
+                "cluster yourself and pass get_backend('dask', address=...)"
+            ) from exc
         _LOCAL.append(self)
         # Results come straight from the workers, all on this machine: one hop less.
         return distributed.Client(self._cluster, set_as_default=False, direct_to_workers=True)
