@@ -158,3 +158,11 @@ def forget(prefix: str) -> None:
 async def forget_soon(prefix: str) -> None:
     """:func:`forget` as a coroutine: Dask runs it on each worker without a reply."""
     forget(prefix)
+
+
+def run_remote_streaming(token: str, spec_blob: bytes, payload: bytes) -> Any:
+    """:func:`run_remote` as a generator: first this worker's pid, when the chunk starts, then
+    the outcome. Ray streams the first value back at once, so the driver can time a chunk from
+    its start (``timeout=``) rather than from when it was sent."""
+    yield os.getpid()
+    yield run_remote(token, spec_blob, payload)

@@ -11,8 +11,9 @@ Per call, the spec goes through the object store once (``ray.put``); each chunk 
 task running :func:`shoal.backends._remote.run_remote`. Ray's own retries are off
 (``max_retries=0``): a chunk whose worker died comes back as a crash, and the driver runs its
 items again one by one, so only the item that kills its worker is blamed and ``retries=``
-counts per item, as on every backend. ``timeout=`` runs one item per task and cancels a task
-past its limit with ``ray.cancel(force=True)``, which kills its worker.
+counts per item, as on every backend. ``timeout=`` runs one item per task, as a streaming task
+that first sends its worker's pid when it starts, and cancels it once past its limit from that
+moment with ``ray.cancel(force=True)``, which kills its worker.
 
 Requires ``pip install 'shoal[ray]'``.
 """
@@ -28,7 +29,7 @@ from typing import Any
 from .._options import check_max_tasks, resolve_workers
 from .._spec import ChunkResult, Crash, Limits
 from ._cluster import NOT_ON_A_CLUSTER, ClusterBackend, ClusterPool, ClusterSession, refuse
-from ._remote import run_remote
+from ._remote import run_remote, run_remote_streaming
 
 
 def _ray() -> Any:
@@ -50,17 +51,23 @@ _REFUSED = {
     "max_memory": NOT_ON_A_CLUSTER,
 }
 
-_remote_fns: dict[int | None, Any] = {}
+_remote_fns: dict[tuple[bool, int | None], Any] = {}
 _remote_lock = threading.Lock()
 
 
-def _task(ray: Any, max_calls: int | None) -> Any:
-    """The remote task (one per ``max_calls``, which Ray takes only at definition)."""
+def _task(ray: Any, max_calls: int | None, streaming: bool) -> Any:
+    """The remote task (one per ``max_calls`` and kind, which Ray takes only at definition)."""
     with _remote_lock:
-        fn = _remote_fns.get(max_calls)
+        fn = _remote_fns.get((streaming, max_calls))
         if fn is None:
-            extra = {"max_retries": 0} if max_calls is None else {"max_calls": max_calls}
-            fn = _remote_fns[max_calls] = ray.remote(**extra)(run_remote)
+            extra: dict[str, Any] = {"max_retries": 0}
+            if max_calls is not None:
+                extra["max_calls"] = max_calls
+            body: Any = run_remote
+            if streaming:
+                extra["num_returns"] = "streaming"
+                body = run_remote_streaming
+            fn = _remote_fns[(streaming, max_calls)] = ray.remote(**extra)(body)
         return fn
 
 
@@ -90,12 +97,12 @@ class RaySession(ClusterSession):
         if env:
             options["runtime_env"] = {"env_vars": env}
         # With max_calls, Ray ends a worker after that many calls of the task; one item per
-        # task (see chunk_size) makes calls and items the same.
-        self._fn = _task(ray, self._max_calls).options(**options)
-        self._began: dict[int, float] = {}
-        if self._timeout is not None:
-            # A task's clock starts when it is sent: send no more than can start at once.
-            self.max_in_flight = self.slots
+        # task (see chunk_size) makes calls and items the same. With a timeout, the task
+        # streams its worker's pid when it starts, and its clock starts then.
+        streaming = self._timeout is not None
+        self._fn = _task(ray, self._max_calls, streaming).options(**options)
+        #: seq -> (when it was seen to start, its worker's pid); timed tasks only.
+        self._began: dict[int, tuple[float, int]] = {}
 
     def chunk_size(self, spec_id: int, remaining: int | None) -> int:
         if self._max_calls is not None:
@@ -106,16 +113,13 @@ class RaySession(ClusterSession):
         return self._ray.put(blob)
 
     def _start(self, seq: int, spec_id: int, token: str, spec: Any, payload: bytes) -> Any:
-        ref = self._fn.remote(token, spec, payload)
-        # Fewer chunks than CPUs are in flight, so a task starts about when it is sent.
-        self._began[seq] = time.monotonic()
-        return ref
+        return self._fn.remote(token, spec, payload)
 
     def _collect(self, timeout: float) -> list[ChunkResult]:
         ray = self._ray
         with self._lock:
-            by_ref = {entry[2]: seq for seq, entry in self._live.items()}
-            began = [self._began[s] for s in by_ref.values()]
+            by_ref = {entry[2]: seq for seq, entry in self._live.items() if entry[2] is not None}
+            began = [self._began[s][0] for s in by_ref.values() if s in self._began]
         out: list[ChunkResult] = []
         if not by_ref:
             with self._cond:
@@ -123,44 +127,58 @@ class RaySession(ClusterSession):
                     self._cond.wait(timeout)
             return out
         wait_s = timeout
-        if self._timeout is not None:
-            first = min(began) + self._timeout
-            wait_s = max(0.0, min(wait_s, first - time.monotonic()))
+        if self._timeout is not None and began:
+            wait_s = max(0.0, min(wait_s, min(began) + self._timeout - time.monotonic()))
         refs = list(by_ref)
         ready, rest = ray.wait(refs, num_returns=1, timeout=wait_s)
         if ready and rest:
             more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
             ready += more
         with self._lock:
-            return self._handle(ready, by_ref, out)
-
-    def _handle(self, ready: list[Any], by_ref: dict[Any, int], out: list[ChunkResult]) -> Any:
-        ray = self._ray
-        for ref in ready:
-            seq = by_ref.pop(ref)
-            self._began.pop(seq, None)
-            try:
-                outcome = ray.get(ref)
-            except Exception as exc:
-                res = self._crashed(seq, _crash_of(exc))
-            else:
-                res = self._finished(seq, outcome)
-            if res is not None:
-                out.append(res)
-        if self._timeout is not None:
-            now = time.monotonic()
-            for ref, seq in by_ref.items():
-                began = self._began.get(seq)
-                if seq not in self._live:
-                    self._began.pop(seq, None)  # cancelled meanwhile
-                elif began is not None and now - began >= self._timeout:
-                    ray.cancel(ref, force=True)  # kills its worker: the only way to stop it
-                    self._began.pop(seq, None)
-                    crash = Crash(None, "timed out", "timed_out", limit=self._timeout)
-                    res = self._crashed(seq, crash)
-                    if res is not None:
-                        out.append(res)
+            for ref in ready:
+                self._take(ref, by_ref[ref], out)
+            if self._timeout is not None:
+                self._time_out(by_ref, out)
         return out
+
+    def _take(self, ref: Any, seq: int, out: list[ChunkResult]) -> None:
+        """Read what a ready task (or the next value of a streaming one) brought."""
+        if seq not in self._live:
+            return
+        pid = self._began.get(seq, (0.0, None))[1]
+        try:
+            if self._timeout is None:
+                outcome = self._ray.get(ref)
+            else:
+                value = self._ray.get(next(ref))
+                if seq not in self._began:  # the first value: the chunk started
+                    self._began[seq] = (time.monotonic(), value)
+                    return
+                outcome = value
+        except StopIteration:
+            res = self._crashed(seq, Crash(pid, "its task ended without a result"))
+        except Exception as exc:
+            res = self._crashed(seq, _crash_of(exc, pid))
+        else:
+            res = self._finished(seq, outcome)
+        self._began.pop(seq, None)
+        if res is not None:
+            out.append(res)
+
+    def _time_out(self, by_ref: dict[Any, int], out: list[ChunkResult]) -> None:
+        assert self._timeout is not None
+        now = time.monotonic()
+        for ref, seq in by_ref.items():
+            began = self._began.get(seq)
+            if seq not in self._live:
+                self._began.pop(seq, None)  # cancelled meanwhile
+            elif began is not None and now - began[0] >= self._timeout:
+                self._ray.cancel(ref, force=True)  # kills its worker: the only way to stop it
+                del self._began[seq]
+                crash = Crash(began[1], "timed out", "timed_out", limit=self._timeout)
+                res = self._crashed(seq, crash)
+                if res is not None:
+                    out.append(res)
 
     def _stop(self, handles: list[Any]) -> None:
         for ref in handles:
@@ -169,16 +187,15 @@ class RaySession(ClusterSession):
                 self._ray.cancel(ref, force=False)
 
 
-def _crash_of(exc: BaseException) -> Crash:
+def _crash_of(exc: BaseException, pid: int | None = None) -> Crash:
     """A Ray task error as shoal's crash (``run_remote`` itself never raises a task error)."""
     name = type(exc).__name__
     if name == "OutOfMemoryError":
-        return Crash(None, f"Ray's memory monitor killed its worker ({exc})")
+        return Crash(pid, f"Ray's memory monitor killed its worker ({name})")
     if name in ("WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError"):
-        return Crash(None, f"its Ray worker died ({name})")
-    return Crash(
-        None, f"the Ray task failed: {name}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    )
+        return Crash(pid, f"its Ray worker died ({name})")
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return Crash(pid, f"the Ray task failed: {name}: {first}")
 
 
 class RayPool(ClusterPool):
