@@ -7,13 +7,43 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-BACKENDS = ["processes", "threads", "serial"]
+from engines import REQUIRED, engine_backend
+
+#: Cluster engines run the contract suite too, each on a cluster the tests start themselves.
+ENGINES = ["dask", "ray"]
+BACKENDS = ["processes", "threads", "serial", *ENGINES]
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(
+    params=[pytest.param(b, marks=pytest.mark.engine) if b in ENGINES else b for b in BACKENDS]
+)
 def backend(request):
     """Every backend runs the same contract tests."""
+    if request.param in ENGINES:
+        return request.getfixturevalue(f"{request.param}_backend")
     return request.param
+
+
+@pytest.fixture(scope="session")
+def dask_backend():
+    """A Dask backend on a LocalCluster of 2 worker processes on 127.0.0.1."""
+    yield from engine_backend("dask", workers=2)
+
+
+@pytest.fixture(scope="session")
+def ray_backend():
+    """A Ray backend on a local Ray with 2 CPUs on 127.0.0.1."""
+    yield from engine_backend("ray", workers=2)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With SHOAL_REQUIRE_ENGINES=1 (CI), a skipped engine test is a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRED and report.skipped and item.get_closest_marker("engine") is not None:
+        report.outcome = "failed"
+        report.longrepr = f"engine test skipped with SHOAL_REQUIRE_ENGINES=1: {report.longrepr}"
 
 
 @pytest.fixture(autouse=True)

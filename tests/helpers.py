@@ -229,3 +229,39 @@ def logged_run(x, log_dir, seconds=0.05, crash=-1):
     if x == crash:
         os._exit(11)
     return x
+
+
+def note_pid_then_sleep(x, marker_dir, seconds=0.01):
+    """Leaves this worker's pid in ``marker_dir`` (for tests that kill workers), then sleeps."""
+    with open(os.path.join(marker_dir, str(os.getpid())), "a"):
+        pass
+    time.sleep(seconds)
+    return x
+
+
+def log_then_sleep(x, path, seconds=0.2):
+    """Appends ``x`` to ``path`` when it starts (shows what ran), then sleeps."""
+    with open(path, "a") as f:
+        f.write(f"{x}\n")
+    time.sleep(seconds)
+    return x
+
+
+def slow_first_time(x, marker_dir, bad=(1,), seconds=60.0):
+    """Item ``x`` in ``bad`` sleeps ``seconds`` on its first run only (marker files)."""
+    marker = os.path.join(marker_dir, f"slow-{x}")
+    if x in bad and not os.path.exists(marker):
+        with open(marker, "w"):
+            pass
+        time.sleep(seconds)
+    return x
+
+
+def worker_address_and_sum(x, seconds=0.02):
+    """Where this item ran (the Dask worker's address) and ``x`` plus the shared array's sum."""
+    import distributed
+
+    import shoal
+
+    time.sleep(seconds)
+    return distributed.get_worker().address, x + int(shoal.shared().sum())

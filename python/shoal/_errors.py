@@ -77,6 +77,11 @@ def _subject(index: int | None, function: str, arguments: str) -> tuple[str, str
     return where, (f" {function}({arguments})" if function else "")
 
 
+def _pid(pid: int | None) -> str:
+    # Cluster engines do not always say which process died.
+    return "" if pid is None else f" (pid {pid})"
+
+
 class WorkerCrashedError(ShoalError):
     """The worker process died while it was running this item.
 
@@ -96,7 +101,7 @@ class WorkerCrashedError(ShoalError):
         self, index: int | None, arguments: str, pid: int | None, exit: str, function: str = ""
     ) -> None:
         where, call = _subject(index, function, arguments)
-        super().__init__(f"worker (pid {pid}) died while running {where}:{call}: {exit}")
+        super().__init__(f"worker{_pid(pid)} died while running {where}:{call}: {exit}")
         self.index = index
         self.arguments = arguments
         self.pid = pid
@@ -126,8 +131,7 @@ class TaskTimeoutError(ShoalError, TimeoutError):
     ) -> None:
         where, call = _subject(index, function, arguments)
         super().__init__(
-            f"{where}{call} ran past its timeout of {timeout:g} s; "
-            f"its worker (pid {pid}) was killed"
+            f"{where}{call} ran past its timeout of {timeout:g} s; its worker{_pid(pid)} was killed"
         )
         self.index = index
         self.arguments = arguments

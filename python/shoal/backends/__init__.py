@@ -1,6 +1,8 @@
 """Backends: which engine runs the tasks, and how to choose one.
 
-``processes`` (default), ``threads`` and ``serial`` ship with shoal. Choose one per call
+``processes`` (default), ``threads`` and ``serial`` ship with shoal; ``dask`` and ``ray``
+run on those engines' clusters when installed (``pip install 'shoal[dask]'``,
+``'shoal[ray]'``). Choose one per call
 (``backend="threads"``), for a block (``with shoal.backend("threads"):``) or for the process
 (``shoal.set_backend("threads")``). Subclass :class:`Backend` to plug in another engine, and
 pass an instance wherever a name is accepted.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -36,6 +39,12 @@ _REGISTRY: dict[str, type[Backend]] = {
     ThreadBackend.name: ThreadBackend,
     SerialBackend.name: SerialBackend,
 }
+#: Backends on engines installed as extras: their module is imported on first use, so that
+#: ``import shoal`` never imports Dask or Ray.
+_LAZY: dict[str, tuple[str, str]] = {
+    "dask": ("shoal.backends.dask", "DaskBackend"),
+    "ray": ("shoal.backends.ray", "RayBackend"),
+}
 _default: Backend | None = None
 _default_lock = threading.Lock()
 _override: contextvars.ContextVar[Backend | None] = contextvars.ContextVar(
@@ -52,13 +61,16 @@ def register_backend(name: str, cls: type[Backend]) -> None:
 
 def available_backends() -> list[str]:
     """Names accepted by ``backend=``."""
-    return sorted(_REGISTRY)
+    return sorted(set(_REGISTRY) | set(_LAZY))
 
 
 _shared: dict[str, Backend] = {}
 
 
 def _create(name: str, options: dict[str, Any]) -> Backend:
+    if name not in _REGISTRY and name in _LAZY:
+        module, attr = _LAZY[name]
+        _REGISTRY[name] = getattr(importlib.import_module(module), attr)
     try:
         cls = _REGISTRY[name]
     except KeyError:
