@@ -447,4 +447,3 @@ def test_the_driver_raises_its_soft_descriptor_limit():
     assert out.returncode == 0, out.stderr
     now, want = out.stdout.split()
     assert now == want
-

@@ -76,7 +76,7 @@ def main(fd: int | None = None) -> None:
         fd = int(sys.argv[-1])
     _extend_sys_path()
     channel = _native.WorkerChannel(fd)
-    try:
+    try:  # noqa: SIM105 - contextlib would cost every worker's start-up an import
         _serve(channel)
     except (_native.EngineError, OSError):
         # The driver is gone (killed, or its socket reset mid-frame): nobody is left to tell,
