@@ -76,6 +76,17 @@ def main(fd: int | None = None) -> None:
         fd = int(sys.argv[-1])
     _extend_sys_path()
     channel = _native.WorkerChannel(fd)
+    try:  # noqa: SIM105 - contextlib would cost every worker's start-up an import
+        _serve(channel)
+    except (_native.EngineError, OSError):
+        # The driver is gone (killed, or its socket reset mid-frame): nobody is left to tell,
+        # and a traceback per worker on the terminal would only bury the driver's own error.
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+def _serve(channel: _native.WorkerChannel) -> None:
     channel.hello(os.getpid())
     setups: dict[int, Any] = {}
     segments = _shm.ResultSegments()  # reused: emptied after each result
@@ -127,8 +138,6 @@ def main(fd: int | None = None) -> None:
         elif kind == shutdown_kind:
             break
     channel.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
 
 
 def _missing(setup: int) -> BaseException:
