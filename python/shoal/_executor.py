@@ -167,6 +167,24 @@ def _function_key(fn: Callable[..., Any]) -> Any:
     return id(fn)
 
 
+def _submit_alone(
+    session: Any,
+    executor: Executor,
+    future: _Future,
+    spec_id: int,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    name: str,
+) -> None:
+    """``submit(..., resources={...})`` on a backend whose tasks take their own resources.
+
+    The session keeps the resources of this item, so a retry runs with them too.
+    """
+    resources = kwargs.pop("resources")
+    session.hold_resources((args, kwargs), resources)
+    executor._queue(session, future, spec_id, (args, kwargs), name, [])
+
+
 class Executor(cf.Executor):
     """A :class:`concurrent.futures.Executor` running on a shoal backend.
 
@@ -300,7 +318,11 @@ class Executor(cf.Executor):
             session = self._session
             spec_id, spec = self._spec_id(session, fn)
             future = _Future()
-            self._queue(session, future, spec_id, (args, kwargs), spec.name, [])
+            if "resources" in kwargs and getattr(self._pool, "takes_resources", False):
+                # A backend with per-task resources (slurm): this task is submitted alone.
+                _submit_alone(session, self, future, spec_id, args, kwargs, spec.name)
+            else:
+                self._queue(session, future, spec_id, (args, kwargs), spec.name, [])
             if self._pump is None:
                 self._pump = threading.Thread(
                     target=self._run_pump, name="shoal-executor", daemon=True

@@ -36,6 +36,10 @@ _REGISTRY: dict[str, type[Backend]] = {
     ThreadBackend.name: ThreadBackend,
     SerialBackend.name: SerialBackend,
 }
+#: Backends imported on first use (name -> "module:class"), so `import shoal` stays light.
+_LAZY: dict[str, str] = {
+    "slurm": "shoal.backends.slurm:SlurmBackend",
+}
 _default: Backend | None = None
 _default_lock = threading.Lock()
 _override: contextvars.ContextVar[Backend | None] = contextvars.ContextVar(
@@ -52,13 +56,18 @@ def register_backend(name: str, cls: type[Backend]) -> None:
 
 def available_backends() -> list[str]:
     """Names accepted by ``backend=``."""
-    return sorted(_REGISTRY)
+    return sorted({*_REGISTRY, *_LAZY})
 
 
 _shared: dict[str, Backend] = {}
 
 
 def _create(name: str, options: dict[str, Any]) -> Backend:
+    if name not in _REGISTRY and name in _LAZY:
+        import importlib
+
+        module, _, attr = _LAZY[name].partition(":")
+        _REGISTRY[name] = getattr(importlib.import_module(module), attr)
     try:
         cls = _REGISTRY[name]
     except KeyError:
