@@ -1,19 +1,84 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-BACKENDS = ["processes", "threads", "serial"]
+#: Every backend runs the contract suite (tests/test_contract.py). Engines marked `engine` need a
+#: running cluster, and run only that module: other modules test the processes engine's own
+#: features. On the local Slurm the whole contract suite takes about a minute.
+BACKENDS = ["processes", "threads", "serial", pytest.param("slurm", marks=pytest.mark.engine)]
+_ENGINES = {"slurm"}
+
+
+def slurm_unavailable() -> str | None:
+    """Why the local Slurm cannot be used (``None`` if it can)."""
+    if shutil.which("sbatch") is None or shutil.which("scontrol") is None:
+        return "Slurm is not installed (sbatch/scontrol not on PATH); run scripts/slurm_up.sh"
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"scontrol ping failed: {exc}"
+    if "is UP" not in ping.stdout:
+        return f"the Slurm controller is not up ({ping.stdout.strip() or ping.stderr.strip()})"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A slurm backend on the local Slurm (scripts/slurm_up.sh), or a visible skip."""
+    reason = slurm_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    import shoal
+
+    backend = shoal.get_backend("slurm", workers=2, run_dir=tmp_path_factory.mktemp("slurm"))
+    yield backend
+    backend.shutdown()
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     """Every backend runs the same contract tests."""
+    if request.param == "slurm":
+        return request.getfixturevalue("slurm")
     return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    # Cluster engines run the contract module only (see BACKENDS).
+    keep, drop = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_engine = callspec is not None and callspec.params.get("backend") in _ENGINES
+        if on_engine and item.module.__name__ != "test_contract":
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With SHOAL_REQUIRE_ENGINES=1 (CI), a skipped test marked ``engine`` fails instead."""
+    outcome = yield
+    report = outcome.get_result()
+    if (
+        report.skipped
+        and os.environ.get("SHOAL_REQUIRE_ENGINES") == "1"
+        and item.get_closest_marker("engine") is not None
+        and not hasattr(report, "wasxfail")
+    ):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"engine test skipped with SHOAL_REQUIRE_ENGINES=1: {reason}"
 
 
 @pytest.fixture(autouse=True)

@@ -181,8 +181,9 @@ def _submit_alone(
     The session keeps the resources of this item, so a retry runs with them too.
     """
     resources = kwargs.pop("resources")
-    session.hold_resources((args, kwargs), resources)
-    executor._queue(session, future, spec_id, (args, kwargs), name, [])
+    item = (args, kwargs)
+    session.hold_resources(item, resources)
+    executor._queue(session, future, spec_id, item, name, [])
 
 
 class Executor(cf.Executor):

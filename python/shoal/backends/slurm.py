@@ -131,7 +131,9 @@ class SlurmSession(Session):
         self._workers = pool.workers
         self._ordered = ordered
         self._limits = limits or Limits()
-        self.max_in_flight = 2 * pool.workers + 2
+        # Chunks held by a call: a round trip through Slurm takes a second or more, so with
+        # small chunks (an explicit chunksize) a narrow window would pay it many times.
+        self.max_in_flight = max(2 * pool.workers + 2, 64)
         base = backend.run_dir or os.path.join(os.getcwd(), ".shoal", "slurm")
         private_dir(base)
         stamp = time.strftime("%Y%m%d-%H%M%S")
