@@ -1,4 +1,4 @@
-"""Slurm row of the benchmark: shoal on Slurm against a bare ``sbatch --array`` of one item per task.
+"""Slurm row of the benchmark: shoal on Slurm against a bare ``sbatch --array``, one item a task.
 
 Workload: N items (default 1,000) of 10 ms each (``time.sleep``), with at most ``--workers``
 array tasks running at once in both cases. Both run on the same Slurm (start the local one with

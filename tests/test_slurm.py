@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+from conftest import slurm_unavailable
 
 import shoal
 from shoal.backends._slurm_cli import (
@@ -25,8 +26,7 @@ from shoal.backends._slurm_cli import (
     sbatch_options,
 )
 
-from conftest import slurm_unavailable
-from helpers import fail_on, segfault_on, sleep_on, sleep_then, square, wait_until
+from helpers import segfault_on, sleep_on, sleep_then, square, wait_until
 
 
 def _jobs(prefix: str) -> list[tuple[str, str]]:
@@ -295,9 +295,7 @@ def test_missing_sbatch_is_a_clear_error(monkeypatch, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize(
-    ("option", "value"), [("max_load", 0.5), ("max_memory", "1GB")]
-)
+@pytest.mark.parametrize(("option", "value"), [("max_load", 0.5), ("max_memory", "1GB")])
 def test_limits_slurm_cannot_honour_are_refused(tmp_path, option, value):
     backend = shoal.get_backend("slurm", workers=2, run_dir=tmp_path / "runs")
     with pytest.raises(ValueError, match=option):

@@ -255,7 +255,7 @@ def parse_time(value: Any) -> int:
     if days is not None:
         # D-HH, D-HH:MM, D-HH:MM:SS
         parts = [p for p in (a, b, c) if p is not None]
-        hours, minutes, seconds = (parts + [0, 0])[:3] if len(parts) > 1 else (parts[0], 0, 0)
+        hours, minutes, seconds = [*parts, 0, 0][:3] if len(parts) > 1 else (parts[0], 0, 0)
         return days * 86400 + hours * 3600 + minutes * 60 + seconds
     parts = [p for p in (a, b, c) if p is not None]
     if len(parts) == 1:  # Slurm reads a bare number as minutes

@@ -150,7 +150,9 @@ class _Runner:
             last -= 1  # items after a stop that never ran are not reported
         kept = [errors[i] for i in sorted(errors) if i < last]
         wire_crashes = [
-            (i, c.pid, c.exit, c.kind, c.limit, c.rss) for i, c in sorted(crashes.items()) if i < last
+            (i, c.pid, c.exit, c.kind, c.limit, c.rss)
+            for i, c in sorted(crashes.items())
+            if i < last
         ]
         meta = {"crashes": wire_crashes, "elapsed": time.perf_counter_ns() - began}
         return encode_outcome(values[:last], kept), meta

@@ -30,6 +30,7 @@ How a call runs:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -341,8 +342,8 @@ class SlurmSession(Session):
                 meta, outcome = unpack_result(f.read())
             values, errors = decode_outcome(outcome)
         except Exception as exc:
-            err = PicklingError(f"a result could not be read back from {path}: {exc!r}")
-            self._finish(seq, ChunkResult(seq, [None], [ItemError(0, err, "", "")]))
+            lost = PicklingError(f"a result could not be read back from {path}: {exc!r}")
+            self._finish(seq, ChunkResult(seq, [None], [ItemError(0, lost, "", "")]))
             return
         note = f"shoal: ran in Slurm array task {task.name}; its output is in {task.logs()}"
         for err in errors:
@@ -482,13 +483,10 @@ class SlurmSession(Session):
             return
         for folder, _, files in os.walk(self.run_dir):
             for name in files:
-                if not (name.endswith(".out") and name.startswith("t")) and not name.endswith(
-                    ".err"
-                ):
-                    try:
+                is_log = name.startswith("t") and name.endswith((".out", ".err"))
+                if not is_log:
+                    with contextlib.suppress(OSError):
                         os.remove(os.path.join(folder, name))
-                    except OSError:
-                        pass
 
 
 class SlurmPool(Pool):
@@ -601,13 +599,13 @@ class SlurmBackend(Backend):
         self.python = python or sys.executable
         self.threads_per_worker = check_max_tasks(threads_per_worker, "threads_per_worker")
         self.keep_files = bool(keep_files)
-        for name, value in (
+        for what, seconds in (
             ("poll_interval", poll_interval),
             ("queue_interval", queue_interval),
             ("batch_window", batch_window),
         ):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+            if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds <= 0:
+                raise ValueError(f"{what} must be a positive number of seconds, got {seconds!r}")
         self.poll_interval = float(poll_interval)
         self.queue_interval = float(queue_interval)
         self.batch_window = float(batch_window)
@@ -646,4 +644,3 @@ def _strings(value: Any, name: str) -> list[str]:
     if not all(isinstance(v, str) for v in value):
         raise TypeError(f"{name} must be a list of strings, got {value!r}")
     return list(value)
-
