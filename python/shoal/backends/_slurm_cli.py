@@ -330,9 +330,16 @@ def memory_bytes(value: Any) -> int | None:
     return None if value is None else parse_memory(value, "mem")
 
 
-def private_dir(path: str) -> str:
-    """Create ``path`` (and missing parents) readable by its owner only; return it absolute."""
+def private_dir(path: str, *, fresh: bool = False) -> str:
+    """Create ``path`` (and missing parents) with mode 0700; return it absolute.
+
+    ``fresh``: it must not exist yet (a call's own directory), and is made readable by its owner
+    only whatever the umask. An existing parent is left as it is.
+    """
     path = os.path.abspath(path)
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)  # exist_ok keeps an older mode; makedirs obeys the umask
+    if fresh:
+        os.mkdir(path, 0o700)
+        os.chmod(path, 0o700)  # mkdir obeys the umask
+    elif not os.path.isdir(path):
+        os.makedirs(path, mode=0o700, exist_ok=True)
     return path

@@ -138,9 +138,12 @@ class SlurmSession(Session):
         base = backend.run_dir or os.path.join(os.getcwd(), ".shoal", "slurm")
         private_dir(base)
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.run_dir = private_dir(os.path.join(base, f"{stamp}-{os.getpid()}-{next(_runs)}"))
+        self.run_dir = private_dir(
+            os.path.join(base, f"{stamp}-{os.getpid()}-{next(_runs)}-{os.urandom(2).hex()}"),
+            fresh=True,
+        )
         # Unique, so that `scancel --name` finds this call's jobs even if an id was lost.
-        self.job_name = f"shoal-{os.path.basename(self.run_dir)}-{os.urandom(3).hex()}"
+        self.job_name = f"shoal-{os.path.basename(self.run_dir)}"
         config = {
             "timeout": self._limits.timeout,
             "max_tasks_per_worker": self._limits.max_tasks_per_worker,
@@ -271,7 +274,7 @@ class SlurmSession(Session):
     def _submit_array(self, chunks: list[_Chunk], resources: Any) -> None:
         with self._lock:
             self._batches += 1
-            batch_dir = private_dir(os.path.join(self.run_dir, f"b{self._batches}"))
+            batch_dir = private_dir(os.path.join(self.run_dir, f"b{self._batches}"), fresh=True)
         n_tasks = min(len(chunks), self._workers)
         groups: list[list[_Chunk]] = [
             chunks[i * len(chunks) // n_tasks : (i + 1) * len(chunks) // n_tasks]
