@@ -26,7 +26,7 @@ from shoal.backends._slurm_cli import (
     sbatch_options,
 )
 
-from helpers import segfault_on, sleep_on, sleep_then, square, wait_until
+from helpers import hog_on, segfault_on, sleep_on, sleep_then, square, wait_until
 
 
 def _jobs(prefix: str) -> list[tuple[str, str]]:
@@ -275,6 +275,30 @@ def test_the_run_directory_is_private_and_removed_after_a_clean_call(private_slu
 
 
 @pytest.mark.engine
+def test_an_item_over_max_worker_memory_fails_alone(slurm):
+    got = shoal.map(
+        hog_on,
+        range(4),
+        kwargs={"bad": (1,), "megabytes": 300, "hold": 2.0},
+        max_worker_memory="150MB",
+        on_error="return",
+        backend=slurm,
+    )
+    assert isinstance(got[1], shoal.WorkerMemoryError)
+    assert [g for i, g in enumerate(got) if i != 1] == [0, 2, 3]
+
+
+@pytest.mark.engine
+def test_an_unknown_partition_is_a_clear_error(tmp_path):
+    reason = slurm_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    backend = shoal.get_backend("slurm", partition="no-such-partition", run_dir=tmp_path)
+    with pytest.raises(SlurmError, match=r"(?i)partition"):
+        shoal.map(square, range(3), backend=backend)
+
+
+@pytest.mark.engine
 def test_shared_and_initializer_reach_the_tasks(slurm):
     got = shoal.map(_with_shared, range(4), shared={"k": 10}, backend=slurm)
     assert got == [10, 11, 12, 13]
@@ -365,3 +389,40 @@ def test_slurm_states_map_to_shoal_failures(record, kind, text):
     if kind == "timed_out":
         assert crash.limit == 60
     assert crash_of({"JobState": "COMPLETED"}, "t", "", None) is None
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(240)
+def test_dask_jobqueue_slurmcluster_runs_on_the_local_slurm(tmp_path):
+    """The documented way to run Dask (and shoal's dask backend) inside Slurm."""
+    reason = slurm_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    dask_jobqueue = pytest.importorskip("dask_jobqueue")
+    from distributed import Client
+
+    name = f"shoal-djq-{os.getpid()}"
+    cluster = dask_jobqueue.SLURMCluster(
+        cores=1,
+        processes=1,
+        memory="1GB",
+        walltime="00:05:00",
+        job_name=name,
+        python=sys.executable,
+        # The test node declares no memory, so a --mem request could never be met.
+        job_directives_skip=["--mem"],
+        scheduler_options={"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"},
+        worker_extra_args=["--host", "127.0.0.1", "--no-dashboard"],
+        local_directory=str(tmp_path),
+        log_directory=str(tmp_path / "logs"),
+    )
+    try:
+        cluster.scale(jobs=1)
+        with Client(cluster) as client:
+            client.wait_for_workers(1, timeout=120)
+            assert client.submit(square, 4).result(timeout=60) == 16
+            if "dask" in shoal.available_backends():  # shoal's dask backend, where present
+                assert shoal.map(square, range(20), backend="dask") == [x * x for x in range(20)]
+    finally:
+        cluster.close()
+    assert wait_until(lambda: not _jobs(name), timeout=60), _jobs(name)

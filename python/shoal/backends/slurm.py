@@ -76,6 +76,8 @@ TIME_MARGIN = 120
 #: Seconds a COMPLETED task may take for its result files to show up (shared filesystems
 #: cache directory listings) before its chunks count as lost.
 RESULT_GRACE = 30.0
+#: Seconds squeue may keep failing before the call gives up.
+QUEUE_PATIENCE = 300.0
 
 _runs = itertools.count()
 
@@ -176,6 +178,7 @@ class SlurmSession(Session):
         self._closed = False
         self._failed = False
         self._last_poll = 0.0
+        self._queue_down_since: float | None = None
         pool._sessions.add(self)
 
     # -- specs and chunks ----------------------------------------------------------------
@@ -392,7 +395,17 @@ class SlurmSession(Session):
         waiting = {task.name: task for task in self._task_of.values()}
         if not waiting:
             return
-        alive = squeue_alive(self.job_name)
+        try:
+            alive = squeue_alive(self.job_name)
+        except SlurmError:
+            # A busy or restarting controller: keep waiting, but not forever.
+            now = time.monotonic()
+            if self._queue_down_since is None:
+                self._queue_down_since = now
+            if now - self._queue_down_since > QUEUE_PATIENCE:
+                raise
+            return
+        self._queue_down_since = None
         gone = [t for t in waiting.values() if (t.job_id, t.index) not in alive]
         if not gone:
             return
