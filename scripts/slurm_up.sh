@@ -104,9 +104,13 @@ mv "$conf.shoal-new" "$conf"
 alive "$DIR/slurmctld.pid" || slurmctld -i
 alive "$DIR/slurmd.pid" || slurmd -N localnode
 
-for _ in $(seq 1 120); do
+for i in $(seq 1 120); do
   if controller_up && node_ready; then
     exit 0
+  fi
+  if [ "$i" = 40 ] && controller_up; then
+    # A node left DOWN or DRAINED by an earlier run (e.g. slurmd killed mid-job): bring it back.
+    scontrol update nodename=localnode state=resume 2>/dev/null || true
   fi
   sleep 0.25
 done

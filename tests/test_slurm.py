@@ -426,3 +426,44 @@ def test_dask_jobqueue_slurmcluster_runs_on_the_local_slurm(tmp_path):
     finally:
         cluster.close()
     assert wait_until(lambda: not _jobs(name), timeout=60), _jobs(name)
+
+
+def test_a_skipped_engine_test_fails_when_engines_are_required(tmp_path):
+    """The conftest hook CI relies on: SHOAL_REQUIRE_ENGINES=1 turns an engine skip into a
+    failure, and leaves other skips alone."""
+    conftest = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conftest.py")
+    # Only the hook, not the whole conftest (its session fixtures check this machine's state).
+    (tmp_path / "conftest.py").write_text(
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('real', {conftest!r})\n"
+        "real = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(real)\n"
+        "pytest_runtest_makereport = real.pytest_runtest_makereport\n"
+    )
+    (tmp_path / "test_x.py").write_text(
+        "import pytest\n"
+        "@pytest.mark.engine\n"
+        "def test_needs_engine():\n"
+        "    pytest.skip('no engine here')\n"
+        "def test_plain_skip():\n"
+        "    pytest.skip('not an engine test')\n"
+    )
+
+    def run(require: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "SHOAL_REQUIRE_ENGINES": require}
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            cwd=tmp_path,
+        )
+
+    relaxed = run("0")
+    assert relaxed.returncode == 0, relaxed.stdout
+    assert "2 skipped" in relaxed.stdout
+    strict = run("1")
+    assert strict.returncode == 1, strict.stdout
+    assert "1 failed" in strict.stdout and "1 skipped" in strict.stdout
+    assert "no engine here" in strict.stdout
