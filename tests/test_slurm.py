@@ -26,7 +26,7 @@ from shoal.backends._slurm_cli import (
     sbatch_options,
 )
 
-from helpers import hog_on, segfault_on, sleep_on, sleep_then, square, wait_until
+from helpers import hog_on, pid_of, segfault_on, sleep_on, sleep_then, square, wait_until
 
 
 def _jobs(prefix: str) -> list[tuple[str, str]]:
@@ -224,6 +224,22 @@ shoal.map(sleep_then, range(6), kwargs={{"seconds": 60}}, chunksize=1, backend=b
     assert proc.returncode != 0
     assert b"KeyboardInterrupt" in err
     assert wait_until(lambda: not _jobs(prefix), timeout=60), _jobs(prefix)
+    assert wait_until(lambda: not _processes_mentioning(str(root)), timeout=30)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains ``text`` (an array task's batch dir)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
 
 
 @pytest.mark.engine
@@ -286,6 +302,30 @@ def test_an_item_over_max_worker_memory_fails_alone(slurm):
     )
     assert isinstance(got[1], shoal.WorkerMemoryError)
     assert [g for i, g in enumerate(got) if i != 1] == [0, 2, 3]
+
+
+@pytest.mark.engine
+def test_max_tasks_per_worker_replaces_the_tasks_worker_processes(slurm):
+    pids = shoal.map(pid_of, range(4), chunksize=4, max_tasks_per_worker=1, backend=slurm)
+    assert len(set(pids)) == 4
+
+
+def _job_of(_):
+    return os.environ["SLURM_JOB_ID"]
+
+
+@pytest.mark.engine
+def test_the_arrays_time_limit_is_derived_from_timeout(slurm):
+    # One item per task: 1 x 5 s + the 120 s margin, rounded up to whole minutes.
+    jobs = shoal.map(_job_of, range(2), timeout=5, backend=slurm)
+    record = subprocess.run(
+        ["scontrol", "--oneliner", "show", "job", jobs[0]],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    assert " TimeLimit=00:03:00 " in record, record
 
 
 @pytest.mark.engine

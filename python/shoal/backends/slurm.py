@@ -465,6 +465,8 @@ class SlurmSession(Session):
             for seq in targets:
                 if seq not in self._task_of:  # never sent
                     self._chunks.pop(seq, None)
+                    if self._ordered:
+                        self._deliver(ChunkResult(seq, []))  # a gap ordering must not wait for
                 else:
                     self._cancelled.add(seq)
             # A task all of whose unfinished chunks are cancelled has nothing left to do.
