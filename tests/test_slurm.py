@@ -460,9 +460,14 @@ def test_dask_jobqueue_slurmcluster_runs_on_the_local_slurm(tmp_path):
         cluster.scale(jobs=1)
         with Client(cluster) as client:
             client.wait_for_workers(1, timeout=120)
-            assert client.submit(square, 4).result(timeout=60) == 16
+
+            # Defined here, so pickled by value: the worker cannot import the tests' helpers.
+            def cube(x):
+                return x**3
+
+            assert client.submit(cube, 4).result(timeout=60) == 64
             if "dask" in shoal.available_backends():  # shoal's dask backend, where present
-                assert shoal.map(square, range(20), backend="dask") == [x * x for x in range(20)]
+                assert shoal.map(cube, range(20), backend="dask") == [x**3 for x in range(20)]
     finally:
         cluster.close()
     assert wait_until(lambda: not _jobs(name), timeout=60), _jobs(name)
