@@ -136,7 +136,7 @@ def job_records(job_id: int) -> dict[int, dict[str, str]]:
         out = _run(["scontrol", "--oneliner", "show", "job", str(job_id)])
     except SlurmError as exc:
         if "Invalid job id" in str(exc):
-            return {}
+            return sacct_records(job_id)
         raise
     records: dict[int, dict[str, str]] = {}
     for line in out.splitlines():
@@ -147,6 +147,40 @@ def job_records(job_id: int) -> dict[int, dict[str, str]]:
         tasks = [int(task)] if task.isdigit() else _expand_range(task.split("%")[0])
         for t in tasks:
             records[t] = fields
+    return records
+
+
+def sacct_records(job_id: int) -> dict[int, dict[str, str]]:
+    """Like :func:`job_records`, from ``sacct``, for a job the controller has forgotten.
+
+    Only where Slurm keeps accounting (slurmdbd); elsewhere ``{}``.
+    """
+    if shutil.which("sacct") is None:
+        return {}
+    try:
+        out = _run(
+            [
+                "sacct",
+                "--noheader",
+                "--parsable2",
+                "--jobs",
+                str(job_id),
+                "--format=JobID,State,ExitCode",
+            ]
+        )
+    except (SlurmError, OSError):
+        return {}
+    records: dict[int, dict[str, str]] = {}
+    for line in out.splitlines():
+        ident, _, rest = line.partition("|")
+        state, _, exit_code = rest.partition("|")
+        job, _, task = ident.partition("_")
+        if job == str(job_id) and task.isdigit():
+            # sacct writes "CANCELLED by 0"; scontrol's JobState is the first word.
+            records[int(task)] = {
+                "JobState": state.split()[0] if state else "",
+                "ExitCode": exit_code,
+            }
     return records
 
 

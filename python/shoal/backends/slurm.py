@@ -613,7 +613,9 @@ class SlurmBackend(Backend):
         self.gpus = gpus
         self.setup = _strings(setup, "setup")
         self.sbatch_args = _strings(sbatch_args, "sbatch_args")
-        self.run_dir = None if run_dir is None else os.path.abspath(os.fspath(run_dir))
+        self.run_dir = (
+            None if run_dir is None else os.path.abspath(os.path.expanduser(os.fspath(run_dir)))
+        )
         self.python = python or sys.executable
         self.threads_per_worker = check_max_tasks(threads_per_worker, "threads_per_worker")
         self.keep_files = bool(keep_files)
