@@ -338,14 +338,37 @@ def test_an_unknown_partition_is_a_clear_error(tmp_path):
         shoal.map(square, range(3), backend=backend)
 
 
+def _draws(x):
+    import random
+
+    import numpy as np
+
+    return (x, random.random(), float(np.random.random()))
+
+
+@pytest.mark.engine
+def test_seeded_streams_and_callbacks_match_a_serial_run(slurm):
+    reference = shoal.map(_draws, range(30), seed=1234, backend="serial")
+    seen = []
+    got = shoal.map(_draws, range(30), seed=1234, callback=seen.append, backend=slurm)
+    assert got == reference
+    assert sorted(seen) == sorted(reference)
+
+
 @pytest.mark.engine
 def test_shared_and_initializer_reach_the_tasks(slurm):
-    got = shoal.map(_with_shared, range(4), shared={"k": 10}, backend=slurm)
-    assert got == [10, 11, 12, 13]
+    got = shoal.map(
+        _with_shared, range(4), shared={"k": 10}, initializer=_init, initargs=(5,), backend=slurm
+    )
+    assert got == [15, 16, 17, 18]
+
+
+def _init(extra):
+    shoal.worker_state()["extra"] = extra
 
 
 def _with_shared(x):
-    return shoal.shared()["k"] + x
+    return shoal.shared()["k"] + shoal.worker_state()["extra"] + x
 
 
 # -- without a running Slurm ---------------------------------------------------------------
