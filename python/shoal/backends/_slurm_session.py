@@ -191,7 +191,7 @@ class SlurmSession(Session):
         these ``sbatch`` options (``{"cpus_per_task": 32, "mem": "64GB"}``)."""
         options = sbatch_options(resources, what="resources")
         with self._lock:
-            self._held[id(item)] = (item, (dict(resources), options))
+            self._held[id(item)] = (item, (dict(resources), options, id(item)))
 
     def _submit(self, spec_id: int, items: Any, start: int, resources: Any) -> int:
         if len(items) == 1 and resources is None:
@@ -309,6 +309,9 @@ class SlurmSession(Session):
         self._task_of.pop(seq, None)
         if chunk is None:
             return
+        if chunk.resources is not None and not res.errors and res.crash is None:
+            # Done for good (a failed one may be retried, with the same resources).
+            self._held.pop(chunk.resources[2], None)
         if seq in self._cancelled:
             self._cancelled.discard(seq)
             if self._ordered:
