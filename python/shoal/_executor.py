@@ -300,6 +300,10 @@ class Executor(cf.Executor):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
         """Schedule ``fn(*args, **kwargs)``; return a :class:`concurrent.futures.Future`.
 
+        On a backend whose tasks take resources of their own (``slurm``), a ``resources={...}``
+        keyword is not passed to ``fn``: it runs this task alone, as a job with those ``sbatch``
+        options (``{"cpus_per_task": 32, "mem": "64GB", "time": "12:00:00"}``).
+
         Raises
         ------
         RuntimeError
