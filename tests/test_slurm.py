@@ -474,6 +474,9 @@ def test_dask_jobqueue_slurmcluster_runs_on_the_local_slurm(tmp_path):
         python=sys.executable,
         # The test node declares no memory, so a --mem request could never be met.
         job_directives_skip=["--mem"],
+        # No nanny: it would start the worker through multiprocessing, whose named semaphores
+        # in /dev/shm outlive a worker killed by scancel (this node's /dev/shm is the tests').
+        nanny=False,
         scheduler_options={"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"},
         worker_extra_args=["--host", "127.0.0.1", "--no-dashboard"],
         local_directory=str(tmp_path),
