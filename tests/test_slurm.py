@@ -328,6 +328,28 @@ def test_the_arrays_time_limit_is_derived_from_timeout(slurm):
     assert " TimeLimit=00:03:00 " in record, record
 
 
+def _env_of(name):
+    return os.environ.get(name)
+
+
+@pytest.mark.engine
+def test_setup_lines_run_before_python_and_a_failing_one_fails_the_items(tmp_path):
+    reason = slurm_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    good = shoal.get_backend(
+        "slurm", workers=1, run_dir=tmp_path, setup=["export SHOAL_SETUP_CHECK=from-setup"]
+    )
+    assert shoal.map(_env_of, ["SHOAL_SETUP_CHECK"], backend=good) == ["from-setup"]
+    bad = shoal.get_backend("slurm", workers=1, run_dir=tmp_path, setup=["exit 3"])
+    got = shoal.map(square, range(2), on_error="return", backend=bad)
+    for exc in got:
+        # Slurm's record of the task, not shoal's own code, says what happened.
+        assert isinstance(exc, shoal.WorkerCrashedError)
+        assert "FAILED (exit status 3" in str(exc)
+        assert any(".err" in note for note in exc.__notes__)
+
+
 @pytest.mark.engine
 def test_an_unknown_partition_is_a_clear_error(tmp_path):
     reason = slurm_unavailable()
