@@ -61,6 +61,14 @@ def approx_size(obj: Any) -> int:
 
 
 def _crash_error(crash: Crash, index: int, arguments: str, spec: CallSpec) -> BaseException:
+    exc = _crash_exception(crash, index, arguments, spec)
+    note = getattr(crash, "note", "")  # a backend's pointer to the worker's output, if any
+    if note:
+        exc.add_note(note)
+    return exc
+
+
+def _crash_exception(crash: Crash, index: int, arguments: str, spec: CallSpec) -> BaseException:
     if crash.kind == "start_failed":
         return WorkerStartError(f"could not start worker processes: {crash.exit}")
     if crash.kind == "timed_out":
@@ -143,8 +151,10 @@ class Run:
         self.items = items
         self.remaining = total
         self.raise_first = on_error == "raise"
-        # A per-item timeout needs single-item tasks: the engine times tasks, not items.
-        self.chunksize = 1 if limits.timeout is not None else chunksize
+        # A per-item timeout needs single-item tasks: the engine times tasks, not items
+        # (unless the session times each item itself, as the slurm backend's tasks do).
+        per_task = limits.timeout is not None and not getattr(session, "times_items", False)
+        self.chunksize = 1 if per_task else chunksize
         self.deadline = deadline
         self.ordered = ordered
         self.errors_in_input_order = first_error_in_input_order or ordered

@@ -218,6 +218,25 @@ class _Registered:
         return held is not None and _same(held, fn)
 
 
+def _submit_alone(
+    session: Any,
+    executor: Executor,
+    future: _Future,
+    spec_id: int,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    name: str,
+) -> None:
+    """``submit(..., resources={...})`` on a backend whose tasks take their own resources.
+
+    The session keeps the resources of this item, so a retry runs with them too.
+    """
+    resources = kwargs.pop("resources")
+    item = (args, kwargs)
+    session.hold_resources(item, resources)
+    executor._queue(session, future, spec_id, item, name, [])
+
+
 class Executor(cf.Executor):
     """A :class:`concurrent.futures.Executor` running on a shoal backend.
 
@@ -387,6 +406,10 @@ class Executor(cf.Executor):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
         """Schedule ``fn(*args, **kwargs)``; return a :class:`concurrent.futures.Future`.
 
+        On a backend whose tasks take resources of their own (``slurm``), a ``resources={...}``
+        keyword is not passed to ``fn``: it runs this task alone, as a job with those ``sbatch``
+        options (``{"cpus_per_task": 32, "mem": "64GB", "time": "12:00:00"}``).
+
         Raises
         ------
         RuntimeError
@@ -406,7 +429,14 @@ class Executor(cf.Executor):
             session = self._session
             registered = self._registered(session, fn)
             future = _Future()
-            self._queue(session, future, registered.spec_id, (args, kwargs), registered.name, [])
+            if "resources" in kwargs and getattr(self._pool, "takes_resources", False):
+                # A backend with per-task resources (slurm): this task is submitted alone.
+                _submit_alone(
+                    session, self, future, registered.spec_id, args, kwargs, registered.name
+                )
+            else:
+                item = (args, kwargs)
+                self._queue(session, future, registered.spec_id, item, registered.name, [])
             if self._pump is None:
                 self._pump = threading.Thread(
                     target=self._run_pump, name="shoal-executor", daemon=True

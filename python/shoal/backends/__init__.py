@@ -39,11 +39,12 @@ _REGISTRY: dict[str, type[Backend]] = {
     ThreadBackend.name: ThreadBackend,
     SerialBackend.name: SerialBackend,
 }
-#: Backends on engines installed as extras: their module is imported on first use, so that
-#: ``import shoal`` never imports Dask or Ray.
-_LAZY: dict[str, tuple[str, str]] = {
-    "dask": ("shoal.backends.dask", "DaskBackend"),
-    "ray": ("shoal.backends.ray", "RayBackend"),
+#: Backends on engines installed as extras (name -> "module:class"): imported on first use, so
+#: that ``import shoal`` never imports Dask, Ray or the Slurm client code.
+_LAZY: dict[str, str] = {
+    "dask": "shoal.backends.dask:DaskBackend",
+    "ray": "shoal.backends.ray:RayBackend",
+    "slurm": "shoal.backends.slurm:SlurmBackend",
 }
 _default: Backend | None = None
 _default_lock = threading.Lock()
@@ -61,7 +62,7 @@ def register_backend(name: str, cls: type[Backend]) -> None:
 
 def available_backends() -> list[str]:
     """Names accepted by ``backend=``."""
-    return sorted(set(_REGISTRY) | set(_LAZY))
+    return sorted({*_REGISTRY, *_LAZY})
 
 
 _shared: dict[str, Backend] = {}
@@ -69,7 +70,7 @@ _shared: dict[str, Backend] = {}
 
 def _create(name: str, options: dict[str, Any]) -> Backend:
     if name not in _REGISTRY and name in _LAZY:
-        module, attr = _LAZY[name]
+        module, _, attr = _LAZY[name].partition(":")
         _REGISTRY[name] = getattr(importlib.import_module(module), attr)
     try:
         cls = _REGISTRY[name]
