@@ -129,3 +129,63 @@ def test_a_module_found_only_on_a_path_added_after_the_pool_started(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["[1]", "[3, 6]"]
+
+
+def _identity(x):
+    return x
+
+
+def _type_and_value(x):
+    return type(x).__name__, x
+
+
+def test_plain_lists_round_trip_exactly_through_workers():
+    import enum
+    import math
+
+    class Colour(enum.IntEnum):
+        RED = 1
+
+    values = [
+        0,
+        -1,
+        2**63 - 1,
+        -(2**63),
+        2**64,  # beyond 64 bits: pickled
+        1.5,
+        -0.0,
+        math.inf,
+        True,
+        False,
+        None,
+        "",
+        "héllo ✓",
+        "\ud800",  # a lone surrogate is not UTF-8: pickled
+        b"",
+        b"\x00\xff",
+        Colour.RED,  # a subclass of int keeps its type
+    ]
+    got = shoal.map(_type_and_value, values, workers=2, chunksize=len(values))
+    assert got == [(type(v).__name__, v) for v in values]
+    nan = shoal.map(_identity, [math.nan], workers=1)[0]
+    assert math.isnan(nan)
+    # Homogeneous lists take the packed-array layout both ways.
+    ints = list(range(-5, 5000))
+    floats = [i / 7 for i in range(3000)]
+    assert shoal.map(_identity, ints, workers=2) == ints
+    assert shoal.map(_identity, floats, workers=2) == floats
+    assert shoal.map(_identity, tuple(ints), workers=2) == ints
+
+
+def test_the_plain_encoding_refuses_what_it_cannot_hold():
+    from shoal import _native
+
+    assert _native.pack_plain(0, [1, 2**70]) is None
+    assert _native.pack_plain(0, [1, [2]]) is None
+    assert _native.pack_plain(0, [1.0, 2]) is not None  # mixed: the tagged layout
+    for values in ([], [1, -2], [0.5], [None, "a", b"b", True, 3, 4.0]):
+        packed = _native.pack_plain(7, values)
+        assert _native.unpack_plain(packed) == (7, values)
+        assert [type(v) for v in _native.unpack_plain(packed)[1]] == [type(v) for v in values]
+    with pytest.raises(Exception, match=r"truncated|wrong length"):
+        _native.unpack_plain(_native.pack_plain(0, [1, 2])[:-3])

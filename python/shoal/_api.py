@@ -129,7 +129,7 @@ class Prepared:
                 raise TypeError(f"kwargs keys must be strings, got {name!r}")
         if not iterables and iterkwargs is None:
             raise TypeError(f"shoal.{api}() needs at least one iterable of inputs (or iterkwargs=)")
-        self.range_source: range | None = None
+        self.range_source: range | list[Any] | tuple[Any, ...] | None = None
         sources = list(iterables)
         if iterkwargs is not None:
             if isinstance(iterkwargs, Mapping):
@@ -153,8 +153,9 @@ class Prepared:
             self.items, mode = iterators[0], MODE_STAR
         elif len(iterators) == 1:
             self.items, mode = iterators[0], MODE_SINGLE
-            if isinstance(iterables[0], range):
-                # Chunks of a range travel as ranges: a few bytes instead of a pickled list.
+            if type(iterables[0]) in (range, list, tuple):
+                # Chunks of a range travel as ranges (a few bytes instead of a list); those of
+                # a list or tuple are slices, cut in C rather than read item by item.
                 self.range_source = iterables[0]
         else:
             self.items, mode = zip(*iterators, strict=False), MODE_STAR

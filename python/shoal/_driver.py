@@ -115,8 +115,9 @@ class Run:
     ``limits.retry_on`` runs again up to ``limits.retries`` times; the final error lists the
     attempts.
 
-    With ``range_source`` (the input is one ``range``), chunks are sub-ranges rather than lists:
-    they pickle to a few bytes and the worker makes the integers itself.
+    With ``range_source`` (the input is one ``range``, list or tuple), chunks are slices of it:
+    sub-ranges pickle to a few bytes and the worker makes the integers itself; slices of a
+    list are cut in C instead of item by item.
 
     The session is closed when the generator ends or fails; on Ctrl-C, or when the generator is
     closed before its end, it is aborted (its running tasks are stopped where the engine can).
@@ -138,7 +139,7 @@ class Run:
         limits: Limits,
         progress: Any,
         callback: Callable[[Any], Any] | None,
-        range_source: range | None = None,
+        range_source: range | list[Any] | tuple[Any, ...] | None = None,
         store: Any = None,
     ) -> None:
         self.session = session
@@ -216,7 +217,7 @@ class Run:
         seq = session.submit(self.spec_id, chunk, start, exclusive)
         nbytes = session.last_submit_nbytes
         if nbytes is None:
-            if self.range_source is not None:
+            if type(chunk) is range:
                 nbytes = 64  # a sub-range travels as a few bytes
             else:
                 step = max(1, len(chunk) // 3)
@@ -241,6 +242,8 @@ class Run:
                 continue
             if self.range_source is not None:
                 chunk = self.range_source[self.next_index : self.next_index + size]
+                if type(chunk) is tuple:
+                    chunk = list(chunk)
             else:
                 chunk = []
                 try:

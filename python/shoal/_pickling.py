@@ -17,6 +17,7 @@ import os
 import pickle
 import sys
 
+from . import _native
 from . import _shm as shm
 from ._errors import PicklingError, RemoteError
 from ._spec import CallSpec, ItemError
@@ -187,6 +188,10 @@ def encode_outcome(
     A result that cannot be pickled, or whose pickle is over the channel's limit, becomes an
     error of its own item (naming it) instead of failing the whole chunk.
     """
+    if not errors:
+        packed = _native.pack_plain(0, values)  # plain results skip pickle both ways
+        if packed is not None and len(packed) <= MAX_MESSAGE_BYTES:
+            return packed
     wire = [(e.offset, _portable_exception(e.exc), e.traceback, e.arguments) for e in errors]
     try:
         blob = dumps((values, wire), segments)
@@ -225,6 +230,8 @@ def decode_outcome(
     payload: bytes, segments: Sequence[Any] = ()
 ) -> tuple[list[Any], list[ItemError]]:
     """Unpickle a chunk's outcome in the driver, mapping the ``segments`` that came with it."""
+    if payload.startswith(shm.PLAIN):
+        return _native.unpack_plain(payload)[1], []
     values, wire = shm.loads(payload, segments)
     if not wire:
         return values, []

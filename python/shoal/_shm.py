@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 THRESHOLD = int(os.environ.get("SHOAL_SHM_THRESHOLD", str(1 << 20)))
 #: Prefix of a payload whose buffers are in shared memory (never the start of a pickle).
 MAGIC = b"SHM\x00"
+#: Prefix of a list in the compact plain encoding (``shoal_core::plain``): ints, floats,
+#: strings, bytes, booleans and None, packed by Rust without pickle.
+PLAIN = b"PLN\x01"
 #: Most segments passed with one result frame (the protocol's limit); more go in-band.
 MAX_RESULT_SEGMENTS = 64
 
@@ -372,6 +375,10 @@ def loads(data: bytes, received: Sequence[Any] = ()) -> Any:
     """Unpickle a payload made by :func:`dumps`, mapping its segments: the driver's (by
     ``/proc`` path) or those ``received`` with a result (by position)."""
     if not data.startswith(MAGIC):
+        if data.startswith(PLAIN):
+            from . import _native
+
+            return _native.unpack_plain(data)  # (start index, values)
         return pickle.loads(data)
     refs, body = pickle.loads(memoryview(data)[len(MAGIC) :])
     buffers = []

@@ -13,12 +13,14 @@
 //! - [`cpu`]: how many CPUs this process may use.
 //! - [`content`]: content hashes of large buffers (to recognise data sent before).
 //! - [`progress`]: a progress bar redrawn by its own thread.
+//! - [`plain`]: a compact encoding for lists of plain values (ints, floats, strings, bytes).
 
 pub mod chunking;
 pub mod content;
 pub mod cpu;
 pub mod error;
 pub mod fdpass;
+pub mod plain;
 pub mod progress;
 pub mod protocol;
 pub mod scheduler;

@@ -16,12 +16,14 @@ use std::time::{Duration, Instant};
 use pyo3::buffer::PyBuffer;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyList, PyString};
 
 use shoal_core::chunking::{ChunkPolicy, ItemTimer};
 use shoal_core::fdpass;
+use shoal_core::plain;
 use shoal_core::progress::Progress;
 use shoal_core::protocol::{self, Kind};
 use shoal_core::scheduler::{SessionOptions, Status};
@@ -673,6 +675,153 @@ fn content_hash(py: Python<'_>, data: PyBuffer<u8>) -> PyResult<u128> {
     Ok(digest)
 }
 
+/// Encodes `values` (a list whose first item has input index `start`) in the compact plain
+/// encoding of `shoal_core::plain`, or returns `None` if some value is not a plain one (an int
+/// beyond 64 bits, a subclass, a container...): the caller then pickles the list.
+#[pyfunction]
+fn pack_plain<'py>(
+    py: Python<'py>,
+    start: u64,
+    values: &Bound<'py, PyList>,
+) -> PyResult<Option<Bound<'py, PyBytes>>> {
+    let Ok(count) = u32::try_from(values.len()) else {
+        return Ok(None);
+    };
+    if let Some(packed) = pack_array(start, count, values) {
+        return Ok(Some(PyBytes::new(py, &packed)));
+    }
+    let mut w = plain::Writer::new(start, count);
+    for v in values.iter() {
+        // Exact types only: a subclass (a bool is an int, an IntEnum...) must come back as
+        // itself, which only pickle can do.
+        if v.is_exact_instance_of::<PyInt>() {
+            match v.extract::<i64>() {
+                Ok(i) => w.int(i),
+                Err(_) => return Ok(None),
+            }
+        } else if v.is_exact_instance_of::<PyFloat>() {
+            w.float(v.extract::<f64>()?);
+        } else if v.is_none() {
+            w.none();
+        } else if v.is_exact_instance_of::<PyBool>() {
+            w.bool(v.is_truthy()?);
+        } else if let Ok(s) = v.cast_exact::<PyString>() {
+            match s.to_str() {
+                Ok(text) => w.str(text).map_err(to_py)?,
+                Err(_) => return Ok(None), // lone surrogates: not UTF-8
+            }
+        } else if let Ok(b) = v.cast_exact::<PyBytes>() {
+            w.bytes(b.as_bytes()).map_err(to_py)?;
+        } else {
+            return Ok(None);
+        }
+    }
+    Ok(Some(PyBytes::new(py, &w.finish())))
+}
+
+/// The packed array of a list of exact ints (each fitting 64 bits) or exact floats, or `None`.
+///
+/// The common case of a map over numbers, done with the C API directly: a type-pointer compare
+/// and a conversion per item, faster than pickling the list.
+fn pack_array(start: u64, count: u32, values: &Bound<'_, PyList>) -> Option<Vec<u8>> {
+    let list = values.as_ptr();
+    // SAFETY: the `values` reference holds the list (and the GIL) for this whole call; the
+    // items are borrowed references valid while the list is not mutated, and no Python code
+    // runs here that could mutate it. PyLong_Type/PyFloat_Type are static type objects.
+    unsafe {
+        let int_type = std::ptr::addr_of_mut!(ffi::PyLong_Type);
+        let float_type = std::ptr::addr_of_mut!(ffi::PyFloat_Type);
+        let first = ffi::PyList_GetItem(list, 0);
+        if first.is_null() {
+            ffi::PyErr_Clear(); // an empty list: the tagged layout is as small
+            return None;
+        }
+        let kind = ffi::Py_TYPE(first);
+        if kind == int_type {
+            let mut w = plain::Writer::ints(start, count);
+            for i in 0..count as ffi::Py_ssize_t {
+                let item = ffi::PyList_GetItem(list, i);
+                if ffi::Py_TYPE(item) != int_type {
+                    return None;
+                }
+                let mut overflow: std::os::raw::c_int = 0;
+                let v = ffi::PyLong_AsLongLongAndOverflow(item, &mut overflow);
+                if overflow != 0 {
+                    return None;
+                }
+                w.raw_i64(v);
+            }
+            Some(w.finish())
+        } else if kind == float_type {
+            let mut w = plain::Writer::floats(start, count);
+            for i in 0..count as ffi::Py_ssize_t {
+                let item = ffi::PyList_GetItem(list, i);
+                if ffi::Py_TYPE(item) != float_type {
+                    return None;
+                }
+                w.raw_f64(ffi::PyFloat_AsDouble(item));
+            }
+            Some(w.finish())
+        } else {
+            None
+        }
+    }
+}
+
+/// A new list of the ints or floats in a packed array.
+fn unpack_array<'py>(
+    py: Python<'py>,
+    layout: plain::Layout,
+    data: &[u8],
+) -> PyResult<Bound<'py, PyList>> {
+    let count = data.len() / 8;
+    // SAFETY: PyList_New returns a new list (or NULL with an exception set, turned into an
+    // error); each slot is filled exactly once with a new reference, which PyList_SetItem
+    // steals. A NULL from a constructor (out of memory) is an error; the partly filled list
+    // holds NULL slots, which list deallocation accepts.
+    unsafe {
+        let list = Bound::from_owned_ptr_or_err(py, ffi::PyList_New(count as ffi::Py_ssize_t))?;
+        for (i, raw) in data.chunks_exact(8).enumerate() {
+            let bytes: [u8; 8] = raw.try_into().expect("8-byte chunks");
+            let item = match layout {
+                plain::Layout::Floats => ffi::PyFloat_FromDouble(f64::from_le_bytes(bytes)),
+                _ => ffi::PyLong_FromLongLong(i64::from_le_bytes(bytes)),
+            };
+            if item.is_null() {
+                return Err(PyErr::fetch(py));
+            }
+            ffi::PyList_SetItem(list.as_ptr(), i as ffi::Py_ssize_t, item);
+        }
+        Ok(list.cast_into_unchecked())
+    }
+}
+
+/// Decodes what [`pack_plain`] made: `(start, values)`.
+#[pyfunction]
+fn unpack_plain<'py>(py: Python<'py>, data: &[u8]) -> PyResult<(u64, Bound<'py, PyList>)> {
+    let mut r = plain::Reader::new(data).map_err(to_py)?;
+    let layout = r.layout();
+    if layout != plain::Layout::Tagged {
+        return Ok((
+            r.start(),
+            unpack_array(py, layout, r.array().map_err(to_py)?)?,
+        ));
+    }
+    let list = PyList::empty(py);
+    for _ in 0..r.count() {
+        let item = match r.next_value().map_err(to_py)? {
+            plain::Value::None => py.None().into_bound(py),
+            plain::Value::Int(i) => i.into_pyobject(py)?.into_any(),
+            plain::Value::Float(f) => f.into_pyobject(py)?.into_any(),
+            plain::Value::Bool(b) => b.into_pyobject(py)?.to_owned().into_any(),
+            plain::Value::Str(s) => PyString::new(py, s).into_any(),
+            plain::Value::Bytes(b) => PyBytes::new(py, b).into_any(),
+        };
+        list.append(item)?;
+    }
+    Ok((r.start(), list))
+}
+
 /// Total memory of the machine in bytes (0 if unknown).
 #[pyfunction]
 fn total_memory() -> u64 {
@@ -698,6 +847,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(total_memory, m)?)?;
     m.add_function(wrap_pyfunction!(buffer_span, m)?)?;
     m.add_function(wrap_pyfunction!(content_hash, m)?)?;
+    m.add_function(wrap_pyfunction!(pack_plain, m)?)?;
+    m.add_function(wrap_pyfunction!(unpack_plain, m)?)?;
     m.add_function(wrap_pyfunction!(at_exit, m)?)?;
     m.add("EngineError", m.py().get_type::<EngineError>())?;
     m.add("KIND_SETUP", Kind::Setup as u8)?;

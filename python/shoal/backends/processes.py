@@ -77,15 +77,21 @@ class ProcessSession(Session):
 
     def submit(self, spec_id: int, items: list[Any], start: int, exclusive: bool = False) -> int:
         made_before = self._segments.made_bytes
-        try:
-            # The fast path, inlined: hot for futures. The start index lets the worker give
-            # each item its own random stream (seed=); large buffers go to shared memory.
-            payload = shm.dumps((start, items), self._segments)
-            if needs_by_value(payload):  # e.g. instances of a class defined in __main__
+        # Plain data (numbers, strings, bytes) is packed by Rust; a range chunk is already a
+        # few bytes; anything else is pickled.
+        packed = _native.pack_plain(start, items) if type(items) is list else None
+        if packed is not None:
+            payload = packed
+        else:
+            try:
+                # The fast path, inlined: hot for futures. The start index lets the worker give
+                # each item its own random stream (seed=); large buffers go to shared memory.
+                payload = shm.dumps((start, items), self._segments)
+                if needs_by_value(payload):  # e.g. instances of a class defined in __main__
+                    payload = dumps_items(items, start, self._segments)
+            except Exception:
+                # cloudpickle, or an error naming the item
                 payload = dumps_items(items, start, self._segments)
-        except Exception:
-            # cloudpickle, or an error naming the item
-            payload = dumps_items(items, start, self._segments)
         if len(payload) > MAX_MESSAGE_BYTES:
             raise PicklingError(
                 f"the arguments of items {start}..{start + len(items) - 1} pickle to "
