@@ -6,10 +6,12 @@
 # Downloads the sdists of the installed versions into a temporary folder, then runs
 # sciris' tests/test_parallel.py with sciris.parallelize replaced by
 # shoal.compat.sciris.parallelize, and scinexus' tests/test_parallel.py with ShoalParallel set
-# as the default backend (tests/upstream_conftest/*.py do the replacing).
-# Not part of `make test`: it needs PyPI, which CI may not reach.
+# as the default backend (scripts/upstream/conftest_*.py do the replacing).
+# Not part of `make test`: it needs PyPI, which CI may not reach. scinexus' tests of its own loky
+# backend need `pip install loky` (they do not touch shoal); extra arguments go to pytest.
 set -euo pipefail
 PY=${1:-.venv/bin/python}
+shift || true
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -17,7 +19,7 @@ for pkg in sciris scinexus; do
     version=$("$PY" -c "import importlib.metadata as m; print(m.version('$pkg'))")
     "$PY" -m pip download --quiet --no-binary :all: --no-deps -d "$WORK" "$pkg==$version"
     tar xzf "$WORK/$pkg-$version.tar.gz" -C "$WORK"
-    cp "$ROOT/tests/upstream_conftest/$pkg.py" "$WORK/$pkg-$version/tests/conftest_shoal.py"
+    cp "$ROOT/scripts/upstream/conftest_$pkg.py" "$WORK/$pkg-$version/tests/conftest_shoal.py"
 done
 status=0
 echo "== sciris tests/test_parallel.py with sc.parallelize = shoal.compat.sciris.parallelize"
@@ -25,5 +27,5 @@ echo "== sciris tests/test_parallel.py with sc.parallelize = shoal.compat.sciris
     -q -p no:cacheprovider -o addopts="" -o timeout=300 "$@") || status=1
 echo "== scinexus tests/test_parallel.py with ShoalParallel() as the default backend"
 (cd "$WORK"/scinexus-*/tests && timeout 900 "$PY" -m pytest -p conftest_shoal test_parallel.py \
-    -q -p no:cacheprovider -o addopts="" -o timeout=300 -m "not slow or slow" "$@") || status=1
+    -q -p no:cacheprovider -o addopts="" -o timeout=300 "$@") || status=1
 exit $status

@@ -201,7 +201,10 @@ class _SharedDict:
         self.authkey = authkey
 
     def connect(self) -> Any:
-        return DictProxy(self.token, "pickle", authkey=self.authkey)
+        # The manager object is only consulted for its registry (iterating the dict makes an
+        # iterator proxy); constructing it connects to nothing.
+        client = SyncManager(address=self.token.address, authkey=self.authkey)
+        return DictProxy(self.token, "pickle", manager=client, authkey=self.authkey)
 
 
 class _Job:
@@ -485,10 +488,11 @@ def _run(
         # Each job gets its own numpy seed, derived from one draw from the caller's generator:
         # reproducible when the caller seeds numpy, different in each call (as in sciris).
         options["seed"] = _draw_seed()
-        if balance.get("maxcpu"):
+        # sciris measures both as fractions of 100%: a limit of 1 or more never holds back.
+        if balance.get("maxcpu") and balance["maxcpu"] < 1:
             options["max_load"] = balance["maxcpu"]
-        if balance.get("maxmem"):
-            options["max_memory"] = balance["maxmem"]
+        if balance.get("maxmem") and balance["maxmem"] < 1:
+            options["max_memory"] = float(balance["maxmem"])
         interval = balance.get("interval")
         if interval and ("max_load" in options or "max_memory" in options):
             with shoal.backend("processes", load_check_interval=interval) as be:
