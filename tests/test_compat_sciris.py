@@ -12,9 +12,10 @@ import os
 import warnings
 
 import pytest
-from compat_helpers import CustomError, die_on, raise_custom_on, record_call, stop_on_failure, where
 
 import shoal
+
+from compat_helpers import CustomError, die_on, raise_custom_on, record_call, stop_on_failure, where
 
 np = pytest.importorskip("numpy")
 sc_par = pytest.importorskip("shoal.compat.sciris")

@@ -51,7 +51,7 @@ class ShoalBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc
     supports_timeout = True
     supports_return_generator = True
     supports_inner_max_num_threads = True
-    supports_sharedmem = False
+    supports_sharedmem = False  # so joblib runs require="sharedmem" calls on threads itself
     uses_threads = False
     default_n_jobs = -1
 
@@ -86,11 +86,6 @@ class ShoalBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc
         **backend_kwargs: Any,
     ) -> int:
         """Start the executor for one ``Parallel`` call; return its number of workers."""
-        if require == "sharedmem":
-            raise ValueError(
-                "the shoal backend runs tasks in other processes and cannot share memory "
-                "(require='sharedmem'); use backend='threading' for that call"
-            )
         n = self.effective_n_jobs(n_jobs)
         self.parallel = parallel
         # joblib's memmapping pool options (max_nbytes, mmap_mode, temp_folder, context,

@@ -119,12 +119,14 @@ class ShoalParallel(snx_parallel.Parallel):
         _check_count(max_workers, "max_workers")
         chunksize = kwargs.get("chunksize")
         _check_count(chunksize, "chunksize")
-        if api == "imap" and max_workers is not None:
-            cpus = multiprocessing.cpu_count()
-            if max_workers > cpus:  # scinexus refuses this in imap (and clamps in as_completed)
+        cpus = multiprocessing.cpu_count()
+        if max_workers is not None and max_workers > cpus:
+            # scinexus refuses this in imap and clamps it in as_completed.
+            if api == "imap":
                 raise ValueError(
                     f"max_workers ({max_workers}) must be less than or equal to CPU count ({cpus})"
                 )
+            max_workers = cpus
         workers = self.workers if max_workers is None else int(max_workers)
         options = {"chunksize": chunksize, **self.shoal_options}
         call = _Call(f, shoal.cpu_count() if workers is None else workers)
