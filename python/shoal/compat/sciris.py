@@ -4,7 +4,8 @@ Replace ``sc.parallelize(...)`` with ``shoal.compat.sciris.parallelize(...)`` an
 arguments. Data flow: the arguments are validated here with sciris' rules and messages, each job
 becomes one item ``(index, iterval, iterdict)``, and :class:`_Job` (sent to each worker once per
 call) turns an item into ``func(*iterval, *args, **kwargs, **iterdict)`` in the worker, runs the
-callback there as sciris does, and hands ``(result, stop)`` back to :func:`shoal.map`.
+callback there as sciris does, and hands ``(result,)`` back to :func:`shoal.map` (boxed, so that
+a worker's death, which shoal puts in the job's place, cannot be mistaken for a result).
 
 Where sciris' pool hangs or breaks (a worker that dies), shoal fails that job alone: with
 ``die=False`` a :class:`shoal.WorkerCrashedError` takes its place in the results.
@@ -24,6 +25,7 @@ import numbers
 import os
 import shutil
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from multiprocessing.managers import DictProxy, SyncManager
@@ -240,7 +242,7 @@ class _Job:
     def __call__(self, item: tuple[int, tuple[Any, ...] | None, dict[str, Any] | None]) -> Any:
         # A callback may stop the run: jobs that start after that are skipped, as in sciris.
         if self.stop_file is not None and os.path.exists(self.stop_file):
-            return None, False
+            return (None,)
         index, iterval, iterdict = item
         args, kwargs = self.args, self.kwargs
         if self.copy_args:
@@ -268,7 +270,7 @@ class _Job:
                 raise
             result = exc  # as sciris documents: the exception is the job's result
         if self.callback is None:
-            return result, False
+            return (result,)
         data = {
             "index": index,
             "njobs": self.njobs,
@@ -282,7 +284,7 @@ class _Job:
         if data["stop"] and self.stop_file is not None:
             with open(self.stop_file, "w"):
                 pass
-        return result, bool(data["stop"])
+        return (result,)
 
 
 def _items(
@@ -419,9 +421,8 @@ def parallelize(
             if method == "custom":
                 shared = globaldict
             elif method in _PROCESS_METHODS:
-                manager = stack.enter_context(_manager())
-                proxy = manager.dict(globaldict)
-                shared = _SharedDict(proxy, bytes(multiprocessing.current_process().authkey))
+                # The proxy keeps the served dict alive until the call returns.
+                _proxy, shared = _shared_dict(globaldict)
             else:
                 shared = dict(globaldict)
         stop_file = None
@@ -463,14 +464,32 @@ def parallelize(
     return results
 
 
-@contextlib.contextmanager
-def _manager() -> Iterator[SyncManager]:
-    manager = SyncManager(authkey=bytes(multiprocessing.current_process().authkey))
-    manager.start()
-    try:
-        yield manager
-    finally:
-        manager.shutdown()
+#: This process's dict server: ``(address, authkey)``, started on first use.
+_server: tuple[Any, bytes] | None = None
+_server_lock = threading.Lock()
+
+
+def _shared_dict(contents: dict[Any, Any]) -> tuple[Any, _SharedDict]:
+    """A dict served to the workers from this process; return its proxy and its handle.
+
+    sciris serves ``globaldict`` from a manager process. Here a manager's server runs in a
+    thread of this process instead: forking this process (engine and pump threads) could
+    inherit a lock held by another thread, and spawning would re-run the user's script.
+    The dict lives as long as the returned proxy.
+    """
+    global _server
+    with _server_lock:
+        if _server is None:
+            authkey = os.urandom(32)
+            server = SyncManager(address=("127.0.0.1", 0), authkey=authkey).get_server()
+            server.stop_event = threading.Event()  # type: ignore[attr-defined]  # serve_forever sets it
+            threading.Thread(target=server.accepter, name="shoal-globaldict", daemon=True).start()
+            _server = (server.address, authkey)
+    address, authkey = _server
+    client = SyncManager(address=address, authkey=authkey)
+    client.connect()
+    proxy = client.dict(contents)
+    return proxy, _SharedDict(proxy, authkey)
 
 
 def _run(
