@@ -18,6 +18,7 @@ where scinexus' own backends raise it; a worker that died fails its input alone,
 from __future__ import annotations
 
 import multiprocessing
+import numbers
 import os
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
@@ -70,8 +71,6 @@ def _check_count(value: Any, name: str) -> None:
     """scinexus' rule and message for ``max_workers`` and ``chunksize``."""
     if value is None:
         return
-    import numbers
-
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int or None, got {value!r}")
     if value < 1:
@@ -128,7 +127,9 @@ class ShoalParallel(snx_parallel.Parallel):
                 )
             max_workers = cpus
         workers = self.workers if max_workers is None else int(max_workers)
-        options = {"chunksize": chunksize, **self.shoal_options}
+        options = dict(self.shoal_options)
+        if chunksize is not None or "chunksize" not in options:
+            options["chunksize"] = chunksize  # the call's own chunksize wins
         call = _Call(f, shoal.cpu_count() if workers is None else workers)
         is_app = _is_app(f)
         # An app's failed input becomes a NotCompleted naming that input, so keep the inputs.
