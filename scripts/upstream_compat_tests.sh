@@ -11,6 +11,7 @@
 # backend need `pip install loky` (they do not touch shoal); extra arguments go to pytest.
 set -euo pipefail
 PY=${1:-.venv/bin/python}
+PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"  # absolute, without leaving the venv
 shift || true
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d)
