@@ -96,8 +96,12 @@ class ShoalParallel(snx_parallel.Parallel):
     its input alone: a ``NotCompleted`` of type ERROR when the function is a scinexus app,
     otherwise :class:`shoal.WorkerCrashedError` raised at that input; scinexus' own process
     backends raise ``BrokenProcessPool`` for all remaining inputs instead. Lambdas and closures
-    work. The driver is the master (rank 0, :meth:`get_size` 1); a worker reports
-    ``is_master_process()`` false and its pid as its rank.
+    work. The driver is the master (rank 0, :meth:`get_size` 1); a worker process reports
+    ``is_master_process()`` false and its pid as its rank (with ``backend="threads"`` or
+    ``"serial"`` the tasks run in the driver and report what the driver reports).
+
+    Apps must be defined in an importable module: an app class defined in ``__main__`` is
+    sent by value, and scinexus refuses to rebuild it in the worker (as with loky).
     """
 
     def __init__(self, workers: int | float | None = None, **shoal_options: Any) -> None:
