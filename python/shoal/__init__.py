@@ -19,8 +19,10 @@ if TYPE_CHECKING:
     from typing import Any
 
     from ._api import as_completed, imap, map, starmap
+    from ._batched import batched
     from ._context import InitializerError, shared, worker_state
     from ._errors import (
+        DependencyError,
         PicklingError,
         RemoteError,
         RemoteTraceback,
@@ -54,6 +56,8 @@ _LAZY = {
     "imap": "._api",
     "map": "._api",
     "starmap": "._api",
+    "batched": "._batched",
+    "DependencyError": "._errors",
     "PicklingError": "._errors",
     "RemoteError": "._errors",
     "RemoteTraceback": "._errors",
@@ -96,6 +100,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Backend",
+    "DependencyError",
     "Executor",
     "InitializerError",
     "PicklingError",
@@ -113,6 +118,7 @@ __all__ = [
     "as_completed",
     "available_backends",
     "backend",
+    "batched",
     "cpu_count",
     "get_backend",
     "imap",

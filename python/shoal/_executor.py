@@ -8,13 +8,18 @@ results arrive, in batches.
 Each distinct function is pickled once and sent to each worker once. To keep ``submit`` cheap,
 the sequence number of a task is known before it is queued (sessions number tasks 0, 1, 2...),
 so its future is registered before the result can possibly arrive.
+
+A future among a task's arguments makes it a *dependant*: it waits in the driver until its
+futures are done (see :mod:`shoal._dependencies`, which ``submit`` enters only then).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import threading
 import types
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -22,6 +27,7 @@ from typing import Any
 
 from . import _driver
 from ._api import Prepared, deadline_after, make_context
+from ._dependencies import Dependencies, Waiting, find_futures
 from ._driver import _crash_error, _describe_crash
 from ._errors import ShoalError, annotate, note_attempts
 from ._options import (
@@ -95,6 +101,12 @@ class _Future(cf.Future):  # type: ignore[type-arg]
     lock. So a waiter either sees the result, or exists before the pump looks and is notified.
     """
 
+    #: This task's number in its executor: 0, 1, 2... in submission order (see
+    #: :meth:`Executor.dependency_graph`).
+    task_id: int
+    #: The executor's marker (``Executor._origin``): which executor numbered this task.
+    _origin: object
+
     def __init__(self) -> None:
         self._state = _PENDING
         self._result = None
@@ -134,12 +146,29 @@ class _Future(cf.Future):  # type: ignore[type-arg]
             if self._exception is not None:
                 raise self._exception
             return self._result
-        return super().result(timeout)
+        try:
+            return super().result(timeout)
+        except cf.CancelledError:
+            raise self._why_cancelled() from None
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if self._state == _FINISHED:
             return self._exception
-        return super().exception(timeout)
+        try:
+            return super().exception(timeout)
+        except cf.CancelledError:
+            raise self._why_cancelled() from None
+
+    def _why_cancelled(self) -> cf.CancelledError:
+        """The error for a cancelled future, with the reason when shoal cancelled it."""
+        reason = self.__dict__.get("_cancel_reason")
+        return cf.CancelledError() if reason is None else cf.CancelledError(reason)
+
+    def _cancel_with(self, reason: str) -> None:
+        """Cancel a future that has not run, saying why (shown by ``result()``)."""
+        self._owner = None
+        self._cancel_reason = reason
+        cf.Future.cancel(self)
 
     def _settle(self, value: Any = None, exc: BaseException | None = None) -> None:
         self._owner = None
@@ -218,6 +247,24 @@ class _Registered:
         return held is not None and _same(held, fn)
 
 
+def _stuck_message(reasons: list[str]) -> str:
+    shown = "; ".join(reasons[:5])
+    more = f"; and {len(reasons) - 5} more" if len(reasons) > 5 else ""
+    return (
+        f"shoal.Executor.shutdown cancelled {len(reasons)} task(s) that wait on futures that "
+        f"can never complete: {shown}{more}"
+    )
+
+
+def _caller_level() -> int:
+    """``stacklevel`` of a warning from :meth:`Executor.shutdown` that points at user code,
+    through ``__exit__`` when the executor is a context manager."""
+    import sys
+
+    frame = sys._getframe(2)
+    return 3 if frame.f_code.co_name == "__exit__" and frame.f_globals is globals() else 2
+
+
 class Executor(cf.Executor):
     """A :class:`concurrent.futures.Executor` running on a shoal backend.
 
@@ -293,6 +340,15 @@ class Executor(cf.Executor):
         self._by_spec: dict[int, _Registered] = {}
         self._futures: dict[int, tuple[_Future, int, Any, str, list[str]]] = {}
         self._next_seq = 0
+        #: ``task_id`` of the next future; also its index for ``seed=`` (submission order,
+        #: whatever order dependants start in).
+        self._next_task = 0
+        #: Marks this executor's futures (``future._origin``), to tell them from others'.
+        self._origin = object()
+        self._deps: Dependencies | None = None  # made at the first dependant
+        #: Why dependants were cancelled at shutdown, for ``shutdown(wait=True)`` to warn.
+        self._stuck: list[str] = []
+        self._joining = False
         self._last: _Registered | None = None
         self._pump: threading.Thread | None = None
         self._shutdown = False
@@ -374,6 +430,11 @@ class Executor(cf.Executor):
         """Remove ``future``'s task if no worker has it yet; ``False`` if it has started."""
         with self._lock:
             seq, session = future._seq, self._session
+            if seq < 0:  # a dependant still waiting for its arguments
+                if self._deps is None or not self._deps.cancel(self, future):
+                    return False
+                future._owner = None
+                return True
             entry = self._futures.get(seq)
             if session is None or entry is None or entry[0] is not future:
                 return False
@@ -398,6 +459,10 @@ class Executor(cf.Executor):
         """
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, not {type(fn).__name__}")
+        if args or kwargs:
+            deps = find_futures(args, kwargs)
+            if deps is not None:
+                return self._submit_dependant(fn, args, kwargs, deps)
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
@@ -406,13 +471,66 @@ class Executor(cf.Executor):
             session = self._session
             registered = self._registered(session, fn)
             future = _Future()
+            future.task_id, future._origin = self._next_task, self._origin
             self._queue(session, future, registered.spec_id, (args, kwargs), registered.name, [])
+            self._next_task += 1
             if self._pump is None:
-                self._pump = threading.Thread(
-                    target=self._run_pump, name="shoal-executor", daemon=True
-                )
-                self._pump.start()
+                self._start_pump()
         return future
+
+    def _start_pump(self) -> None:
+        self._pump = threading.Thread(target=self._run_pump, name="shoal-executor", daemon=True)
+        self._pump.start()
+
+    def _submit_dependant(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        deps: list[cf.Future[Any]],
+    ) -> cf.Future[Any]:
+        """``submit`` of a task with futures among its arguments: it waits in the driver, and
+        is queued once they are all done (see :mod:`shoal._dependencies`)."""
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if self._session is None:
+                self._session = self._pool.open_session(ordered=False, limits=self._limits)
+            # Registered now, so that a function that cannot be pickled fails this call as it
+            # does for any task, and held (outstanding) while the task waits.
+            registered = self._registered(self._session, fn)
+            registered.outstanding += 1
+            future = _Future()
+            future.task_id, future._origin = self._next_task, self._origin
+            future._owner = self  # so that cancel() reaches _drop_queued while it waits
+            self._next_task += 1
+            if self._deps is None:
+                self._deps = Dependencies()
+            node = Waiting(self, future, registered.spec_id, registered.name, args, kwargs, deps)
+            self._deps.add(self, node, deps)
+            if self._pump is None:
+                self._start_pump()
+        # Outside the lock: a dependency already done calls back at once, in this thread.
+        for dep in deps:
+            dep.add_done_callback(node.dependency_done)
+        return future
+
+    def dependency_graph(self) -> dict[int, list[int]]:
+        """Which tasks each submitted task waits on.
+
+        Returns
+        -------
+        dict
+            Maps the ``task_id`` of every future this executor's :meth:`submit` returned (0,
+            1, 2, ... in submission order) to the ids of the futures among its arguments, in
+            order of appearance. A future that is not this executor's (another executor's, or
+            one the caller sets) gets a negative id (-1, -2, ...), and a key of its own with
+            no dependencies. Only ids are kept: the graph holds no task data.
+        """
+        with self._lock:
+            if self._deps is None:
+                return {i: [] for i in range(self._next_task)}
+            return self._deps.graph(self._next_task)
 
     def _queue(
         self,
@@ -432,7 +550,8 @@ class Executor(cf.Executor):
         seq = self._next_seq
         self._futures[seq] = (future, spec_id, item, name, attempts)
         try:
-            got = session.submit(spec_id, [item], seq, exclusive)
+            # The item's index (for seed=) is the task's, whatever the queue order or retry.
+            got = session.submit(spec_id, [item], future.task_id, exclusive)
         except BaseException:
             del self._futures[seq]
             raise
@@ -502,23 +621,43 @@ class Executor(cf.Executor):
                 # Hold no finished result while waiting for the next: the caller may have
                 # dropped its future already.
                 results = []
+                stuck = None
                 with self._lock:
                     if self._shutdown and not self._futures:
-                        break
+                        if self._deps is None or not self._deps.waiting:
+                            break
+                        stuck = self._deps.take_stuck(self)
+                if stuck:
+                    self._cancel_stuck(stuck)
             if self._exiting:
                 raise ShoalError("the interpreter is exiting")
         except Exception as exc:  # the pool was killed (Ctrl-C) or broke: fail what is left
             with self._lock:
                 pending, self._futures = list(self._futures.values()), {}
+                waiting = self._deps.take_all(self) if self._deps is not None else []
+            err_text = f"the executor's workers were stopped before this task ended: {exc}"
+            for future in waiting:
+                future._settle(exc=ShoalError(err_text))
             for future, *_ in pending:
-                err = ShoalError(
-                    f"the executor's workers were stopped before this task ended: {exc}"
-                )
-                future._settle(exc=err)
+                future._settle(exc=ShoalError(err_text))
         session.close()
         # At interpreter exit nothing waits for running tasks: the workers are killed.
         self._pool.shutdown(wait=not self._exiting, kill=self._exiting)
         self._closed.set()
+
+    def _cancel_stuck(self, stuck: list[tuple[_Future, str]]) -> None:
+        """Cancel dependants that can never start (pump, at shutdown), and say why: to the
+        caller of ``shutdown(wait=True)`` if there is one, else as a warning from here."""
+        for future, reason in stuck:
+            future._cancel_with(f"cancelled at the executor's shutdown: {reason}")
+        with self._lock:
+            report = not self._joining
+            if not report:
+                self._stuck.extend(reason for _, reason in stuck)
+        if report:
+            # Warnings turned into errors would have nobody to reach in this thread.
+            with contextlib.suppress(Exception):
+                warnings.warn(_stuck_message([r for _, r in stuck]), RuntimeWarning, stacklevel=1)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; free the workers once pending futures are done.
@@ -530,11 +669,24 @@ class Executor(cf.Executor):
         cancel_futures : bool
             Cancel the futures whose tasks have not started (they never will); tasks that are
             running finish and their futures get their results.
+
+        Notes
+        -----
+        Dependants (tasks with futures among their arguments) still waiting when no task of
+        this executor is left are cancelled if a future they wait on is pending and nothing
+        works on it: a future nobody sets, a task still queued in another executor, or such a
+        dependant itself. ``result()`` of each says why, and a :class:`RuntimeWarning` lists
+        them. Outside futures that are running (``Future.running()``) or queued in another
+        shoal executor are waited for.
         """
         cancelled = []
         with self._lock:
             self._shutdown = True
+            if wait and self._pump is not threading.current_thread():
+                self._joining = True
             session, pump = self._session, self._pump
+            if cancel_futures and self._deps is not None:
+                cancelled.extend(self._deps.take_all(self))  # dependants first: see take_all
             if cancel_futures and session is not None:
                 # Only tasks no worker has yet are dropped; running ones finish with results.
                 for seq in session.cancel():
@@ -552,6 +704,10 @@ class Executor(cf.Executor):
             self._closed.set()
         elif wait and pump is not threading.current_thread():
             pump.join()
+            with self._lock:
+                stuck, self._stuck = self._stuck, []
+            if stuck:
+                warnings.warn(_stuck_message(stuck), RuntimeWarning, stacklevel=_caller_level())
 
     # -- lazy maps -------------------------------------------------------------------------
 
