@@ -101,6 +101,27 @@ def test_a_failed_dependency_fails_its_dependants_without_running_them(backend, 
     assert not (tmp_path / "ran").exists()
 
 
+@pytest.mark.parametrize("end", ["fails", "is cancelled"])
+def test_a_long_chain_fails_whole_without_recursing(backend, end):
+    # Each failure settles the next dependant from a callback: done by recursion, a chain of
+    # a few thousand would hit the recursion limit and leave the rest waiting.
+    root = cf.Future()
+    with shoal.Executor(1, backend=backend) as ex:
+        chain = [ex.submit(add, root, 1)]
+        for _ in range(2000):
+            chain.append(ex.submit(add, chain[-1], 1))
+        if end == "fails":
+            root.set_exception(KeyError("root"))
+        else:
+            assert chain[0].cancel()
+            chain = chain[1:]
+        errors = [f.exception(timeout=30) for f in chain]
+    assert all(isinstance(e, shoal.DependencyError) for e in errors)
+    cause = KeyError if end == "fails" else cf.CancelledError
+    assert all(type(e.__cause__) is cause for e in errors)
+    assert str(errors[-1]).count("was not run") == 2  # the message names the first failure
+
+
 def test_dependency_error_is_a_shoal_error_and_pickles():
     err = shoal.DependencyError(4, "f", "task 2", "failed with ValueError: x")
     assert isinstance(err, shoal.ShoalError)

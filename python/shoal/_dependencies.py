@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import itertools
+import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -110,8 +111,9 @@ def _failure(dep: cf.Future[Any]) -> tuple[str, BaseException] | None:
         return None
     if isinstance(exc, DependencyError):
         # A chain: name the first failure, and keep its error as the cause.
-        first = exc.reason if exc.reason.startswith(_EITHER) else f"{exc.dependency} {exc.reason}"
-        return f"{_EITHER}{first}", exc.__cause__ or exc
+        if exc.reason.startswith(_EITHER):
+            return exc.reason, exc.__cause__ or exc
+        return f"{_EITHER}{exc.dependency} {exc.reason}", exc.__cause__ or exc
     return f"failed with {type(exc).__name__}: {exc}", exc
 
 
@@ -192,9 +194,32 @@ class Waiting:
             shut = ex._shutdown
             session = ex._session
         if error is not None:
-            future._settle(exc=error)
+            _settle_in_turn(future, error)
             if shut and session is not None:
                 session.wake()  # the pump may be waiting for this node to leave
+
+
+_draining = threading.local()
+
+
+def _settle_in_turn(future: Any, error: BaseException) -> None:
+    """Fail ``future``; its own dependants fail in turn, in a loop rather than by recursion.
+
+    Settling a future runs its callbacks, which fail its dependants, whose callbacks... A chain
+    of a few hundred dependants would exceed the recursion limit (and concurrent.futures would
+    only log the error, leaving the rest of the chain waiting for ever).
+    """
+    queue: list[tuple[Any, BaseException]] | None = getattr(_draining, "queue", None)
+    if queue is not None:  # called back from a settle below, in this thread: its turn comes
+        queue.append((future, error))
+        return
+    queue = _draining.queue = [(future, error)]
+    try:
+        while queue:
+            future, error = queue.pop()
+            future._settle(exc=error)
+    finally:
+        _draining.queue = None
 
 
 def _dependency_error(

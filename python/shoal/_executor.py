@@ -448,6 +448,15 @@ class Executor(cf.Executor):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
         """Schedule ``fn(*args, **kwargs)``; return a :class:`concurrent.futures.Future`.
 
+        The future's ``task_id`` is its submission order in this executor (0, 1, 2, ...).
+
+        Any :class:`concurrent.futures.Future` among the arguments (at the top level, or in
+        lists, tuples and dict values) is a dependency: the task waits, in the driver, until
+        all are done, and receives their results in their place. If one failed or was
+        cancelled, the task is not run and its future fails with
+        :class:`shoal.DependencyError`, whose ``__cause__`` is the original error. See
+        :meth:`dependency_graph` and :meth:`shutdown`.
+
         Raises
         ------
         RuntimeError
@@ -455,7 +464,8 @@ class Executor(cf.Executor):
         TypeError
             If ``fn`` is not callable.
         shoal.PicklingError
-            If ``fn`` or an argument cannot be sent to the workers.
+            If ``fn`` or an argument cannot be sent to the workers (for a task that waits for
+            futures, an argument that cannot be sent fails its future instead).
         """
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, not {type(fn).__name__}")
