@@ -220,6 +220,18 @@ def test_leaving_a_with_block_does_not_hang_on_an_outside_future(backend):
 
 
 @pytest.mark.timeout(60)
+def test_shutdown_without_waiting_still_cancels_them_and_warns(backend):
+    never = cf.Future()
+    with pytest.warns(RuntimeWarning, match="can never complete"):
+        ex = shoal.Executor(1, backend=backend)
+        stuck = ex.submit(add, never, 1)
+        ex.shutdown(wait=False)
+        assert wait_until(stuck.cancelled, 30)  # by the executor's own thread, meanwhile
+    with pytest.raises(cf.CancelledError, match="pending with nothing running"):
+        stuck.result()
+
+
+@pytest.mark.timeout(60)
 def test_shutdown_waits_for_an_outside_future_that_is_running(backend):
     release = threading.Event()
     with cf.ThreadPoolExecutor(1) as threads:

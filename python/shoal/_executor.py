@@ -658,16 +658,16 @@ class Executor(cf.Executor):
     def _cancel_stuck(self, stuck: list[tuple[_Future, str]]) -> None:
         """Cancel dependants that can never start (pump, at shutdown), and say why: to the
         caller of ``shutdown(wait=True)`` if there is one, else as a warning from here."""
-        for future, reason in stuck:
-            future._cancel_with(f"cancelled at the executor's shutdown: {reason}")
         with self._lock:
             report = not self._joining
             if not report:
                 self._stuck.extend(reason for _, reason in stuck)
-        if report:
+        if report:  # before cancelling: whoever sees a future cancelled has had the warning
             # Warnings turned into errors would have nobody to reach in this thread.
             with contextlib.suppress(Exception):
                 warnings.warn(_stuck_message([r for _, r in stuck]), RuntimeWarning, stacklevel=1)
+        for future, reason in stuck:
+            future._cancel_with(f"cancelled at the executor's shutdown: {reason}")
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; free the workers once pending futures are done.
