@@ -242,7 +242,7 @@ def describe(ex: Executor, dep: cf.Future[Any]) -> str:
     from ._executor import _Future
 
     if isinstance(dep, _Future):
-        if dep.__dict__.get("_origin") is ex._origin:
+        if dep._owner is ex:
             return f"task {dep.task_id}"
         return f"task {dep.task_id} of another Executor"
     return repr(dep)
@@ -270,7 +270,7 @@ class Dependencies:
     def dependency_id(self, ex: Executor, dep: cf.Future[Any]) -> int:
         """The graph id of ``dep``: its ``task_id`` if it is one of ``ex``'s futures, else a
         negative id, the same for the same future."""
-        if dep.__dict__.get("_origin") is ex._origin:
+        if dep.__dict__.get("_owner") is ex:  # one of ex's own futures
             return int(dep.task_id)  # type: ignore[attr-defined]
         got = self._outside.get(dep)
         if got is None:
@@ -373,7 +373,7 @@ def _moves(dep: cf.Future[Any], moving: dict[int, bool]) -> bool:
         if node is not None:
             return moving.get(id(node), True)
         # Queued in a session (this executor's or another live one's): its pump settles it.
-        return dep.__dict__.get("_owner") is not None and dep._seq >= 0
+        return dep._seq >= 0
     return dep.running()  # a concurrent.futures executor has started it
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from . import _driver
 from ._api import Prepared, deadline_after, make_context
-from ._dependencies import Dependencies, Waiting, find_futures
+from ._dependencies import _LEAVES, Dependencies, Waiting, find_futures
 from ._driver import _crash_error, _describe_crash
 from ._errors import ShoalError, annotate, note_attempts
 from ._options import (
@@ -101,19 +101,17 @@ class _Future(cf.Future):  # type: ignore[type-arg]
     lock. So a waiter either sees the result, or exists before the pump looks and is notified.
     """
 
-    #: This task's number in its executor: 0, 1, 2... in submission order (see
-    #: :meth:`Executor.dependency_graph`).
-    task_id: int
-    #: The executor's marker (``Executor._origin``): which executor numbered this task.
-    _origin: object
-
-    def __init__(self) -> None:
+    def __init__(self, task_id: int, owner: Executor) -> None:
         self._state = _PENDING
         self._result = None
         self._exception = None
-        #: The executor whose queue holds this future's task (until it is settled), and the
-        #: task's sequence number there: what :meth:`cancel` needs.
-        self._owner: Executor | None = None
+        #: This task's number in its executor: 0, 1, 2... in submission order (see
+        #: :meth:`Executor.dependency_graph`).
+        self.task_id = task_id
+        #: The executor that numbered the task (kept once settled: it tells this executor's
+        #: futures from others' when they are dependencies), and the task's sequence number
+        #: in its session (-1 until it is queued): what :meth:`cancel` needs.
+        self._owner = owner
         self._seq = -1
 
     def cancel(self) -> bool:
@@ -166,12 +164,10 @@ class _Future(cf.Future):  # type: ignore[type-arg]
 
     def _cancel_with(self, reason: str) -> None:
         """Cancel a future that has not run, saying why (shown by ``result()``)."""
-        self._owner = None
         self._cancel_reason = reason
         cf.Future.cancel(self)
 
     def _settle(self, value: Any = None, exc: BaseException | None = None) -> None:
-        self._owner = None
         with _lazy_lock:
             cond: threading.Condition | None = self.__dict__.get("_condition")
             if cond is None:
@@ -343,8 +339,6 @@ class Executor(cf.Executor):
         #: ``task_id`` of the next future; also its index for ``seed=`` (submission order,
         #: whatever order dependants start in).
         self._next_task = 0
-        #: Marks this executor's futures (``future._origin``), to tell them from others'.
-        self._origin = object()
         self._deps: Dependencies | None = None  # made at the first dependant
         #: Why dependants were cancelled at shutdown, for ``shutdown(wait=True)`` to warn.
         self._stuck: list[str] = []
@@ -431,10 +425,7 @@ class Executor(cf.Executor):
         with self._lock:
             seq, session = future._seq, self._session
             if seq < 0:  # a dependant still waiting for its arguments
-                if self._deps is None or not self._deps.cancel(self, future):
-                    return False
-                future._owner = None
-                return True
+                return self._deps is not None and self._deps.cancel(self, future)
             entry = self._futures.get(seq)
             if session is None or entry is None or entry[0] is not future:
                 return False
@@ -442,7 +433,6 @@ class Executor(cf.Executor):
                 return False
             del self._futures[seq]
             self._task_done(entry[1])
-        future._owner = None
         return True
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
@@ -469,19 +459,29 @@ class Executor(cf.Executor):
         """
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, not {type(fn).__name__}")
-        if args or kwargs:
+        # Inlined, cheap test for the usual plain arguments; anything else is scanned for
+        # futures, which make the task wait for them (a dependant).
+        deps = None
+        if kwargs:
             deps = find_futures(args, kwargs)
-            if deps is not None:
-                return self._submit_dependant(fn, args, kwargs, deps)
+        else:
+            for arg in args:
+                if type(arg) not in _LEAVES:
+                    deps = find_futures(args, kwargs)
+                    break
+        if deps is not None:
+            return self._submit_dependant(fn, args, kwargs, deps)
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if self._session is None:
                 self._session = self._pool.open_session(ordered=False, limits=self._limits)
             session = self._session
-            registered = self._registered(session, fn)
-            future = _Future()
-            future.task_id, future._origin = self._next_task, self._origin
+            last = self._last  # the common case, inlined: one function, many submits
+            registered = (
+                last if last is not None and last.fn is fn else self._registered(session, fn)
+            )
+            future = _Future(self._next_task, self)
             self._queue(session, future, registered.spec_id, (args, kwargs), registered.name, [])
             self._next_task += 1
             if self._pump is None:
@@ -510,9 +510,7 @@ class Executor(cf.Executor):
             # does for any task, and held (outstanding) while the task waits.
             registered = self._registered(self._session, fn)
             registered.outstanding += 1
-            future = _Future()
-            future.task_id, future._origin = self._next_task, self._origin
-            future._owner = self  # so that cancel() reaches _drop_queued while it waits
+            future = _Future(self._next_task, self)  # _seq -1: cancel() finds it waiting
             self._next_task += 1
             if self._deps is None:
                 self._deps = Dependencies()
@@ -568,7 +566,7 @@ class Executor(cf.Executor):
         if got != seq:  # pragma: no cover - guards the numbering assumption above
             raise RuntimeError(f"session numbered a task {got}, expected {seq}")
         self._next_seq += 1
-        future._owner, future._seq = self, seq
+        future._seq = seq
         self._by_spec[spec_id].outstanding += 1
 
     def _retry(self, entry: Any, failure: str) -> bool:
@@ -705,7 +703,6 @@ class Executor(cf.Executor):
                         self._task_done(entry[1])
                         cancelled.append(entry[0])
         for future in cancelled:
-            future._owner = None
             cf.Future.cancel(future)
         if session is not None:
             session.wake()
