@@ -177,7 +177,10 @@ class Waiting:
         ex = self.executor
         if ex is None:
             return
-        failure = _failure(dep)
+        try:
+            failure = _failure(dep)
+        except Exception as exc:  # an odd Future subclass: fail rather than wait for ever
+            failure = f"could not be read ({type(exc).__name__}: {exc})", exc
         error: BaseException | None = None
         with ex._lock:
             if self.finished or ex._deps is None:
@@ -295,8 +298,8 @@ class Dependencies:
     def start(self, ex: Executor, node: Waiting) -> BaseException | None:
         """Queue a node whose dependencies all succeeded (lock held); an error that prevents
         it (an argument that cannot be pickled) is returned, for its future."""
-        future, spec_id = node.future, node.spec_id
-        item = (_resolve(node.args), _resolve(node.kwargs))
+        future, spec_id, name = node.future, node.spec_id, node.name
+        args, kwargs = node.args, node.kwargs
         self.waiting.pop(node.task_id, None)
         node.finish()
         error: BaseException | None = None
@@ -304,7 +307,8 @@ class Dependencies:
         try:
             if session is None:  # pragma: no cover - the pump keeps it open while nodes wait
                 raise RuntimeError("the executor's session is closed")
-            ex._queue(session, future, spec_id, item, node.name, [])
+            item = (_resolve(args), _resolve(kwargs))
+            ex._queue(session, future, spec_id, item, name, [])
         except Exception as exc:
             error = exc
         ex._task_done(spec_id)  # the hold taken at submit; a queued task holds its own

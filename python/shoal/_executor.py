@@ -288,6 +288,9 @@ class Executor(cf.Executor):
 
     Notes
     -----
+    A future among the arguments of :meth:`submit` makes the task wait for it and receive its
+    result (see :meth:`submit`, :meth:`dependency_graph`, and ``docs/executor.md``).
+
     As in :mod:`concurrent.futures`, ``Future.cancel()`` succeeds only for a task no worker has
     taken yet (it then never runs) and returns ``False`` once the task is running. The
     executor holds a task's function, arguments and result only until its future is settled.
