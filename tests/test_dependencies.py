@@ -14,7 +14,17 @@ import pytest
 
 import shoal
 
-from helpers import Holder, add, describe, fail_on, make_payload, mark_after, square, wait_until
+from helpers import (
+    Holder,
+    add,
+    describe,
+    fail_on,
+    make_payload,
+    mark_after,
+    sleep_then,
+    square,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -244,6 +254,26 @@ def test_shutdown_waits_for_an_outside_future_that_is_running(backend):
             warnings.simplefilter("error")
             ex.shutdown(wait=True)
         assert dependant.result(timeout=1) == 21
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_follows_dependants_of_another_executor(backend):
+    never = cf.Future()
+    first = shoal.Executor(1, backend="threads")
+    running = first.submit(sleep_then, 1, 0.3)
+    moving = first.submit(add, running, 1)  # waits in `first` for a task that is running
+    stuck = first.submit(add, never, 1)  # waits in `first` for a future nobody sets
+    ex = shoal.Executor(1, backend=backend)
+    fine = ex.submit(add, moving, 1)
+    blocked = ex.submit(add, stuck, 1)
+    with pytest.warns(RuntimeWarning, match="can never complete") as record:
+        ex.shutdown(wait=True)
+    assert fine.result(timeout=1) == 3  # waited for, through the other executor's dependant
+    assert blocked.cancelled()
+    assert "task 2 of another Executor, which can never start either" in str(record[0].message)
+    with pytest.warns(RuntimeWarning, match="can never complete"):
+        first.shutdown(wait=True)
+    assert stuck.cancelled()
 
 
 def test_shutdown_cancel_futures_cancels_waiting_dependants(backend, tmp_path):
