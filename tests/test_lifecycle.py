@@ -12,7 +12,7 @@ import pytest
 
 import shoal
 
-from helpers import Holder, make_payload, mark_after, wait_until
+from helpers import Holder, add, make_payload, mark_after, sleep_then, square, wait_until
 
 
 def _done(marker_dir):
@@ -117,3 +117,18 @@ def test_executor_drops_results_of_settled_futures(backend):
         assert wait_until(lambda: gc.collect() >= 0 and watch() is None, 5), (
             "the executor still holds a settled future's result"
         )
+
+
+@pytest.mark.parametrize("backend", ["threads", "serial"])
+def test_a_new_function_never_takes_the_id_of_one_still_queued(backend):
+    # square is registered first, sleep_then second; once square is released, add is
+    # registered. Spec ids were len(specs) + 1, so add took sleep_then's id and the queued
+    # sleep_then tasks ran add instead.
+    with shoal.Executor(1, backend=backend) as ex:
+        first = ex.submit(square, 2)
+        queued = [ex.submit(sleep_then, i, 0.2) for i in range(3)]
+        assert first.result(timeout=30) == 4
+        time.sleep(0.1)  # square is released meanwhile (if not, the test proves nothing)
+        other = ex.submit(add, 1, 2)
+        assert [f.result(timeout=30) for f in queued] == [0, 1, 2]
+        assert other.result(timeout=30) == 3

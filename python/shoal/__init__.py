@@ -19,8 +19,10 @@ if TYPE_CHECKING:
     from typing import Any
 
     from ._api import as_completed, imap, map, starmap
+    from ._batched import batched
     from ._context import InitializerError, shared, worker_state
     from ._errors import (
+        DependencyError,
         PicklingError,
         RemoteError,
         RemoteTraceback,
@@ -55,6 +57,8 @@ _LAZY = {
     "imap": "._api",
     "map": "._api",
     "starmap": "._api",
+    "batched": "._batched",
+    "DependencyError": "._errors",
     "PicklingError": "._errors",
     "RemoteError": "._errors",
     "RemoteTraceback": "._errors",
@@ -100,6 +104,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Backend",
+    "DependencyError",
     "Executor",
     "InitializerError",
     "PicklingError",
@@ -120,6 +125,7 @@ __all__ = [
     "as_completed",
     "available_backends",
     "backend",
+    "batched",
     "cpu_count",
     "get_backend",
     "imap",

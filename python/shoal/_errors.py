@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 __all__ = [
+    "DependencyError",
     "PicklingError",
     "RemoteError",
     "RemoteTraceback",
@@ -183,6 +184,38 @@ class WorkerMemoryError(ShoalError, MemoryError):
 
 class WorkerStartError(ShoalError):
     """No worker process could be started (bad interpreter, import error in the worker...)."""
+
+
+class DependencyError(ShoalError):
+    """A task was not run because a future it takes as an argument failed or was cancelled.
+
+    ``__cause__`` is the original error: the exception of the task that failed (also when it
+    is several dependencies up the chain), or a :class:`concurrent.futures.CancelledError` for
+    one that was cancelled.
+
+    Attributes
+    ----------
+    task_id : int or None
+        ``task_id`` of the task that was not run.
+    function : str
+        Its function's name.
+    dependency : str
+        Which future it waited on (``"task 3"``, or the repr of an outside future).
+    reason : str
+        What happened to that future (``"failed with ValueError: ..."``, ``"was cancelled"``,
+        or ``"was not run either: ..."`` down to the first failure of a chain).
+    """
+
+    def __init__(self, task_id: int | None, function: str, dependency: str, reason: str) -> None:
+        name = f" ({function})" if function else ""
+        super().__init__(f"task {task_id}{name} was not run: its argument {dependency} {reason}")
+        self.task_id = task_id
+        self.function = function
+        self.dependency = dependency
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (DependencyError, (self.task_id, self.function, self.dependency, self.reason))
 
 
 def note_attempts(exc: BaseException, attempts: list[str]) -> BaseException:

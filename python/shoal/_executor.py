@@ -8,13 +8,18 @@ results arrive, in batches.
 Each distinct function is pickled once and sent to each worker once. To keep ``submit`` cheap,
 the sequence number of a task is known before it is queued (sessions number tasks 0, 1, 2...),
 so its future is registered before the result can possibly arrive.
+
+A future among a task's arguments makes it a *dependant*: it waits in the driver until its
+futures are done (see :mod:`shoal._dependencies`, which ``submit`` enters only then).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import threading
 import types
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -22,6 +27,7 @@ from typing import Any
 
 from . import _driver
 from ._api import Prepared, deadline_after, make_context
+from ._dependencies import _LEAVES, Dependencies, Waiting, find_futures
 from ._driver import _crash_error, _describe_crash
 from ._errors import ShoalError, annotate, note_attempts
 from ._options import (
@@ -95,13 +101,17 @@ class _Future(cf.Future):  # type: ignore[type-arg]
     lock. So a waiter either sees the result, or exists before the pump looks and is notified.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, task_id: int, owner: Executor) -> None:
         self._state = _PENDING
         self._result = None
         self._exception = None
-        #: The executor whose queue holds this future's task (until it is settled), and the
-        #: task's sequence number there: what :meth:`cancel` needs.
-        self._owner: Executor | None = None
+        #: This task's number in its executor: 0, 1, 2... in submission order (see
+        #: :meth:`Executor.dependency_graph`).
+        self.task_id = task_id
+        #: The executor that numbered the task (kept once settled: it tells this executor's
+        #: futures from others' when they are dependencies), and the task's sequence number
+        #: in its session (-1 until it is queued): what :meth:`cancel` needs.
+        self._owner = owner
         self._seq = -1
 
     def cancel(self) -> bool:
@@ -134,15 +144,30 @@ class _Future(cf.Future):  # type: ignore[type-arg]
             if self._exception is not None:
                 raise self._exception
             return self._result
-        return super().result(timeout)
+        try:
+            return super().result(timeout)
+        except cf.CancelledError:
+            raise self._why_cancelled() from None
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if self._state == _FINISHED:
             return self._exception
-        return super().exception(timeout)
+        try:
+            return super().exception(timeout)
+        except cf.CancelledError:
+            raise self._why_cancelled() from None
+
+    def _why_cancelled(self) -> cf.CancelledError:
+        """The error for a cancelled future, with the reason when shoal cancelled it."""
+        reason = self.__dict__.get("_cancel_reason")
+        return cf.CancelledError() if reason is None else cf.CancelledError(reason)
+
+    def _cancel_with(self, reason: str) -> None:
+        """Cancel a future that has not run, saying why (shown by ``result()``)."""
+        self._cancel_reason = reason
+        cf.Future.cancel(self)
 
     def _settle(self, value: Any = None, exc: BaseException | None = None) -> None:
-        self._owner = None
         with _lazy_lock:
             cond: threading.Condition | None = self.__dict__.get("_condition")
             if cond is None:
@@ -237,6 +262,24 @@ def _submit_alone(
     executor._queue(session, future, spec_id, item, name, [])
 
 
+def _stuck_message(reasons: list[str]) -> str:
+    shown = "; ".join(reasons[:5])
+    more = f"; and {len(reasons) - 5} more" if len(reasons) > 5 else ""
+    return (
+        f"shoal.Executor.shutdown cancelled {len(reasons)} task(s) that wait on futures that "
+        f"can never complete: {shown}{more}"
+    )
+
+
+def _caller_level() -> int:
+    """``stacklevel`` of a warning from :meth:`Executor.shutdown` that points at user code,
+    through ``__exit__`` when the executor is a context manager."""
+    import sys
+
+    frame = sys._getframe(2)
+    return 3 if frame.f_code.co_name == "__exit__" and frame.f_globals is globals() else 2
+
+
 class Executor(cf.Executor):
     """A :class:`concurrent.futures.Executor` running on a shoal backend.
 
@@ -264,6 +307,9 @@ class Executor(cf.Executor):
 
     Notes
     -----
+    A future among the arguments of :meth:`submit` makes the task wait for it and receive its
+    result (see :meth:`submit`, :meth:`dependency_graph`, and ``docs/executor.md``).
+
     As in :mod:`concurrent.futures`, ``Future.cancel()`` succeeds only for a task no worker has
     taken yet (it then never runs) and returns ``False`` once the task is running. The
     executor holds a task's function, arguments and result only until its future is settled.
@@ -312,6 +358,13 @@ class Executor(cf.Executor):
         self._by_spec: dict[int, _Registered] = {}
         self._futures: dict[int, tuple[_Future, int, Any, str, list[str]]] = {}
         self._next_seq = 0
+        #: ``task_id`` of the next future; also its index for ``seed=`` (submission order,
+        #: whatever order dependants start in).
+        self._next_task = 0
+        self._deps: Dependencies | None = None  # made at the first dependant
+        #: Why dependants were cancelled at shutdown, for ``shutdown(wait=True)`` to warn.
+        self._stuck: list[str] = []
+        self._joining = False
         self._last: _Registered | None = None
         self._pump: threading.Thread | None = None
         self._shutdown = False
@@ -393,6 +446,8 @@ class Executor(cf.Executor):
         """Remove ``future``'s task if no worker has it yet; ``False`` if it has started."""
         with self._lock:
             seq, session = future._seq, self._session
+            if seq < 0:  # a dependant still waiting for its arguments
+                return self._deps is not None and self._deps.cancel(self, future)
             entry = self._futures.get(seq)
             if session is None or entry is None or entry[0] is not future:
                 return False
@@ -400,11 +455,19 @@ class Executor(cf.Executor):
                 return False
             del self._futures[seq]
             self._task_done(entry[1])
-        future._owner = None
         return True
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
         """Schedule ``fn(*args, **kwargs)``; return a :class:`concurrent.futures.Future`.
+
+        The future's ``task_id`` is its submission order in this executor (0, 1, 2, ...).
+
+        Any :class:`concurrent.futures.Future` among the arguments (at the top level, or in
+        lists, tuples and dict values) is a dependency: the task waits, in the driver, until
+        all are done, and receives their results in their place. If one failed or was
+        cancelled, the task is not run and its future fails with
+        :class:`shoal.DependencyError`, whose ``__cause__`` is the original error. See
+        :meth:`dependency_graph` and :meth:`shutdown`.
 
         On a backend whose tasks take resources of their own (``slurm``), a ``resources={...}``
         keyword is not passed to ``fn``: it runs this task alone, as a job with those ``sbatch``
@@ -417,18 +480,34 @@ class Executor(cf.Executor):
         TypeError
             If ``fn`` is not callable.
         shoal.PicklingError
-            If ``fn`` or an argument cannot be sent to the workers.
+            If ``fn`` or an argument cannot be sent to the workers (for a task that waits for
+            futures, an argument that cannot be sent fails its future instead).
         """
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, not {type(fn).__name__}")
+        # Inlined, cheap test for the usual plain arguments; anything else is scanned for
+        # futures, which make the task wait for them (a dependant).
+        deps = None
+        if kwargs:
+            deps = find_futures(args, kwargs)
+        else:
+            for arg in args:
+                if type(arg) not in _LEAVES:
+                    deps = find_futures(args, kwargs)
+                    break
+        if deps is not None:
+            return self._submit_dependant(fn, args, kwargs, deps)
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if self._session is None:
                 self._session = self._pool.open_session(ordered=False, limits=self._limits)
             session = self._session
-            registered = self._registered(session, fn)
-            future = _Future()
+            last = self._last  # the common case, inlined: one function, many submits
+            registered = (
+                last if last is not None and last.fn is fn else self._registered(session, fn)
+            )
+            future = _Future(self._next_task, self)
             if "resources" in kwargs and getattr(self._pool, "takes_resources", False):
                 # A backend with per-task resources (slurm): this task is submitted alone.
                 _submit_alone(
@@ -437,12 +516,62 @@ class Executor(cf.Executor):
             else:
                 item = (args, kwargs)
                 self._queue(session, future, registered.spec_id, item, registered.name, [])
+            self._next_task += 1
             if self._pump is None:
-                self._pump = threading.Thread(
-                    target=self._run_pump, name="shoal-executor", daemon=True
-                )
-                self._pump.start()
+                self._start_pump()
         return future
+
+    def _start_pump(self) -> None:
+        self._pump = threading.Thread(target=self._run_pump, name="shoal-executor", daemon=True)
+        self._pump.start()
+
+    def _submit_dependant(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        deps: list[cf.Future[Any]],
+    ) -> cf.Future[Any]:
+        """``submit`` of a task with futures among its arguments: it waits in the driver, and
+        is queued once they are all done (see :mod:`shoal._dependencies`)."""
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if self._session is None:
+                self._session = self._pool.open_session(ordered=False, limits=self._limits)
+            # Registered now, so that a function that cannot be pickled fails this call as it
+            # does for any task, and held (outstanding) while the task waits.
+            registered = self._registered(self._session, fn)
+            registered.outstanding += 1
+            future = _Future(self._next_task, self)  # _seq -1: cancel() finds it waiting
+            self._next_task += 1
+            if self._deps is None:
+                self._deps = Dependencies()
+            node = Waiting(self, future, registered.spec_id, registered.name, args, kwargs, deps)
+            self._deps.add(self, node, deps)
+            if self._pump is None:
+                self._start_pump()
+        # Outside the lock: a dependency already done calls back at once, in this thread.
+        for dep in deps:
+            dep.add_done_callback(node.dependency_done)
+        return future
+
+    def dependency_graph(self) -> dict[int, list[int]]:
+        """Which tasks each submitted task waits on.
+
+        Returns
+        -------
+        dict
+            Maps the ``task_id`` of every future this executor's :meth:`submit` returned (0,
+            1, 2, ... in submission order) to the ids of the futures among its arguments, in
+            order of appearance. A future that is not this executor's (another executor's, or
+            one the caller sets) gets a negative id (-1, -2, ...), and a key of its own with
+            no dependencies. Only ids are kept: the graph holds no task data.
+        """
+        with self._lock:
+            if self._deps is None:
+                return {i: [] for i in range(self._next_task)}
+            return self._deps.graph(self._next_task)
 
     def _queue(
         self,
@@ -462,14 +591,15 @@ class Executor(cf.Executor):
         seq = self._next_seq
         self._futures[seq] = (future, spec_id, item, name, attempts)
         try:
-            got = session.submit(spec_id, [item], seq, exclusive)
+            # The item's index (for seed=) is the task's, whatever the queue order or retry.
+            got = session.submit(spec_id, [item], future.task_id, exclusive)
         except BaseException:
             del self._futures[seq]
             raise
         if got != seq:  # pragma: no cover - guards the numbering assumption above
             raise RuntimeError(f"session numbered a task {got}, expected {seq}")
         self._next_seq += 1
-        future._owner, future._seq = self, seq
+        future._seq = seq
         self._by_spec[spec_id].outstanding += 1
 
     def _retry(self, entry: Any, failure: str) -> bool:
@@ -532,23 +662,43 @@ class Executor(cf.Executor):
                 # Hold no finished result while waiting for the next: the caller may have
                 # dropped its future already.
                 results = []
+                stuck = None
                 with self._lock:
                     if self._shutdown and not self._futures:
-                        break
+                        if self._deps is None or not self._deps.waiting:
+                            break
+                        stuck = self._deps.take_stuck(self)
+                if stuck:
+                    self._cancel_stuck(stuck)
             if self._exiting:
                 raise ShoalError("the interpreter is exiting")
         except Exception as exc:  # the pool was killed (Ctrl-C) or broke: fail what is left
             with self._lock:
                 pending, self._futures = list(self._futures.values()), {}
+                waiting = self._deps.take_all(self) if self._deps is not None else []
+            err_text = f"the executor's workers were stopped before this task ended: {exc}"
+            for future in waiting:
+                future._settle(exc=ShoalError(err_text))
             for future, *_ in pending:
-                err = ShoalError(
-                    f"the executor's workers were stopped before this task ended: {exc}"
-                )
-                future._settle(exc=err)
+                future._settle(exc=ShoalError(err_text))
         session.close()
         # At interpreter exit nothing waits for running tasks: the workers are killed.
         self._pool.shutdown(wait=not self._exiting, kill=self._exiting)
         self._closed.set()
+
+    def _cancel_stuck(self, stuck: list[tuple[_Future, str]]) -> None:
+        """Cancel dependants that can never start (pump, at shutdown), and say why: to the
+        caller of ``shutdown(wait=True)`` if there is one, else as a warning from here."""
+        with self._lock:
+            report = not self._joining
+            if not report:
+                self._stuck.extend(reason for _, reason in stuck)
+        if report:  # before cancelling: whoever sees a future cancelled has had the warning
+            # Warnings turned into errors would have nobody to reach in this thread.
+            with contextlib.suppress(Exception):
+                warnings.warn(_stuck_message([r for _, r in stuck]), RuntimeWarning, stacklevel=1)
+        for future, reason in stuck:
+            future._cancel_with(f"cancelled at the executor's shutdown: {reason}")
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; free the workers once pending futures are done.
@@ -560,11 +710,24 @@ class Executor(cf.Executor):
         cancel_futures : bool
             Cancel the futures whose tasks have not started (they never will); tasks that are
             running finish and their futures get their results.
+
+        Notes
+        -----
+        Dependants (tasks with futures among their arguments) still waiting when no task of
+        this executor is left are cancelled if a future they wait on is pending and nothing
+        works on it: a future nobody sets, a task still queued in another executor, or such a
+        dependant itself. ``result()`` of each says why, and a :class:`RuntimeWarning` lists
+        them. Outside futures that are running (``Future.running()``) or queued in another
+        shoal executor are waited for.
         """
         cancelled = []
         with self._lock:
             self._shutdown = True
+            if wait and self._pump is not threading.current_thread():
+                self._joining = True
             session, pump = self._session, self._pump
+            if cancel_futures and self._deps is not None:
+                cancelled.extend(self._deps.take_all(self))  # dependants first: see take_all
             if cancel_futures and session is not None:
                 # Only tasks no worker has yet are dropped; running ones finish with results.
                 for seq in session.cancel():
@@ -573,7 +736,6 @@ class Executor(cf.Executor):
                         self._task_done(entry[1])
                         cancelled.append(entry[0])
         for future in cancelled:
-            future._owner = None
             cf.Future.cancel(future)
         if session is not None:
             session.wake()
@@ -582,6 +744,10 @@ class Executor(cf.Executor):
             self._closed.set()
         elif wait and pump is not threading.current_thread():
             pump.join()
+            with self._lock:
+                stuck, self._stuck = self._stuck, []
+            if stuck:
+                warnings.warn(_stuck_message(stuck), RuntimeWarning, stacklevel=_caller_level())
 
     # -- lazy maps -------------------------------------------------------------------------
 

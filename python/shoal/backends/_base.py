@@ -226,6 +226,7 @@ class LocalSession(Session):
         self.max_in_flight = 2 * workers + 2
         self._specs: dict[int, CallSpec] = {}
         self._sizers: dict[int, Any] = {}
+        self._spec_ids = 0  # never reused: an id freed by unregister may still be queued
         self._workers = workers
         self._next_seq = 0
         self._next_out = 0
@@ -237,7 +238,8 @@ class LocalSession(Session):
         self._woken = False
 
     def register(self, spec: CallSpec) -> int:
-        spec_id = len(self._specs) + 1
+        self._spec_ids += 1
+        spec_id = self._spec_ids
         self._specs[spec_id] = spec
         self._sizers[spec_id] = _native.ChunkSizer(self._workers)
         return spec_id

@@ -78,6 +78,8 @@ class ThreadPool(Pool):
                     return
             session, seq, spec_id, items, start = job
             session._run(seq, spec_id, items, start)
+            # An idle thread must not keep the last task's arguments (or session) alive.
+            del job, session, items
 
     def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
         with self._lock:
