@@ -1,8 +1,9 @@
 """Plot a benchmark run: every tool's time as a ratio to the serial loop, per workload.
 
-Usage: ``python bench/plot.py RESULTS.json OUT.png`` where RESULTS.json was written by
-``bench/run.py --json``. ``make bench`` runs both. The dashed lines are the serial loop (1.0)
-and the hardware floor measured in the same run (the best ratio the machine allowed then).
+Usage: ``python bench/plot.py RESULTS.json OUT.png [--table]``, where RESULTS.json was written
+by ``bench/run.py --json``; ``--table`` also prints the ratios as a Markdown table. ``make bench``
+runs both. The dashed line is the serial loop (1.0), the dotted one the hardware floor measured
+in the same run (the best ratio the machine allowed then).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def plot(results: dict[str, Any], out: str) -> None:
                     rotation=90,
                 )
     ax.set_yscale("log")
+    tallest = max((r for column in table.values() for r in column if r), default=1.0)
+    ax.set_ylim(top=tallest * 4)  # room for the value labels
     ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8, label="serial loop")
     floor = results.get("hardware_floor")
     if floor:
@@ -64,19 +67,36 @@ def plot(results: dict[str, Any], out: str) -> None:
     ax.set_xticks(range(len(labels)), [label.replace(" ", "\n", 1) for label in labels])
     ax.set_ylabel("time / serial loop (log; lower is better)")
     ax.set_title(f"shoal and its peers, {results.get('workers', '?')} workers")
-    ax.legend(fontsize=7, ncols=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def table_markdown(results: dict[str, Any]) -> str:
+    """The same ratios as a Markdown table (for docs/performance.md)."""
+    labels, table = ratios(results)
+    lines = [
+        "| workload | " + " | ".join(table) + " |",
+        "| --- |" + " ---: |" * len(table),
+    ]
+    for i, label in enumerate(labels):
+        cells = [f"{column[i]:.2f}" if column[i] is not None else "-" for column in table.values()]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("results", help="JSON written by bench/run.py --json")
     parser.add_argument("out", help="PNG to write")
+    parser.add_argument("--table", action="store_true", help="also print a Markdown table")
     args = parser.parse_args()
     with open(args.results) as f:
-        plot(json.load(f), args.out)
+        results = json.load(f)
+    plot(results, args.out)
     print(f"wrote {args.out}")
+    if args.table:
+        print(table_markdown(results))
     return 0
 
 
