@@ -4,6 +4,10 @@
 module of a fresh script would (``__name__ == "__main__"``, so the ``if __name__ ==
 "__main__":`` guard of multiprocessing recipes runs too), with a few names that the pages use
 without defining them (``simulate``, ``params``...) from ``tests/doc_globals.py``.
+
+A block of another tool's code that needs a package the tests do not install (mpi4py, McUtils,
+executorlib) is written ```{.python .notest title="..."}```: Material renders it as Python, and
+pytest-markdown-docs, which only collects blocks whose language is plainly ``python``, skips it.
 """
 
 from __future__ import annotations
