@@ -32,6 +32,14 @@ def ratios(results: dict[str, Any]) -> tuple[list[str], dict[str, list[float | N
     return labels, table
 
 
+def _tick(label: str) -> str:
+    """``"W2 20k x 100us"`` as ``"W2"`` over its description, wrapped to fit under its bars."""
+    import textwrap
+
+    row, _, what = label.partition(" ")
+    return "\n".join([row, *textwrap.wrap(what, 12)])
+
+
 def plot(results: dict[str, Any], out: str) -> None:
     import matplotlib
 
@@ -64,7 +72,7 @@ def plot(results: dict[str, Any], out: str) -> None:
     floor = results.get("hardware_floor")
     if floor:
         ax.axhline(floor, color="grey", linestyle=":", linewidth=1.0, label=f"floor {floor:.2f}")
-    ax.set_xticks(range(len(labels)), [label.replace(" ", "\n", 1) for label in labels])
+    ax.set_xticks(range(len(labels)), [_tick(label) for label in labels], fontsize=8)
     ax.set_ylabel("time / serial loop (log; lower is better)")
     ax.set_title(f"shoal and its peers, {results.get('workers', '?')} workers")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
