@@ -12,7 +12,6 @@ pytest-markdown-docs, which only collects blocks whose language is plainly ``pyt
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import io
 import pathlib
@@ -43,7 +42,7 @@ class ScriptRunner(DefaultRunner):
     """Run a block as ``__main__``, the way ``python script.py`` runs it."""
 
     def runtest(self, test: Any, args: dict[str, Any], **kwargs: Any) -> None:
-        code = compile(test.source, str(test.source_path), "exec", flags=ast.PyCF_ONLY_AST)
+        code = compile(test.source, str(test.source_path), "exec", dont_inherit=True)
         module = types.ModuleType("__main__")
         module.__dict__.update(args)
         module.__name__ = "__main__"
@@ -54,6 +53,6 @@ class ScriptRunner(DefaultRunner):
         # What the examples print is for readers: keep it out of the test log.
         try:
             with contextlib.redirect_stdout(io.StringIO()):
-                exec(compile(code, str(test.source_path), "exec"), module.__dict__)
+                exec(code, module.__dict__)
         finally:
             sys.modules["__main__"] = previous

@@ -47,7 +47,7 @@ def load_model(path: str) -> None:
 def task(x: int) -> int:
     """A task that reads what the initializer loaded, and the call's shared object."""
     model = shoal.worker_state()["model"]
-    return model["scale"] * shoal.shared()[x]
+    return int(model["scale"] * shoal.shared()[x])
 
 
 def job(x: int) -> int:
