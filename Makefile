@@ -1,14 +1,15 @@
 # Two commands on a fresh machine (Rust, CPython >= 3.11 and pip are all that is needed):
 #   make demo   - create .venv, build and install shoal, run the demo
 #   make test   - same set-up, then every check: fmt, clippy, ruff, mypy (strict), stubtest,
-#                 cargo test, pytest
+#                 cargo test, pytest, the examples of README.md and docs/, the docs site
+#   make docs   - build the docs site into site/ (mkdocs --strict: any warning fails)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.deps-installed
-LINTED := python tests bench examples
+LINTED := python tests bench examples conftest.py docs/_hooks.py
 
-.PHONY: demo test bench bench-store build lint fmt clean
+.PHONY: demo test bench bench-store build lint fmt clean docs doctest
 
 $(STAMP): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,10 +34,19 @@ test: build lint
 	$(PY) -m mypy.stubtest shoal._native --allowlist stubtest-allowlist.txt
 	cargo test -p shoal-core
 	$(PY) -m pytest
+	$(MAKE) doctest docs
+
+# Every ```python block of the README and of docs/ runs as a test (globals: conftest.py).
+doctest: build
+	$(PY) -m pytest --markdown-docs -m markdown-docs -p no:cacheprovider README.md docs
+
+docs: build
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 bench: build
 	$(PY) -m pip install --quiet -r bench/requirements.txt
-	$(PY) bench/run.py
+	$(PY) bench/run.py --json bench/results.json
+	$(PY) bench/plot.py bench/results.json bench/results.png
 
 bench-store: build
 	scripts/install-bench-deps.sh
@@ -48,4 +58,4 @@ fmt: $(STAMP)
 	$(VENV)/bin/ruff check --fix $(LINTED)
 
 clean:
-	rm -rf $(VENV) target
+	rm -rf $(VENV) target site
