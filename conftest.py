@@ -6,16 +6,21 @@ module of a fresh script would (``__name__ == "__main__"``, so the ``if __name__
 without defining them (``simulate``, ``params``...) from ``tests/doc_globals.py``.
 
 A block of another tool's code that needs a package the tests do not install (mpi4py, McUtils,
-executorlib) is written ```{.python .notest title="..."}```: Material renders it as Python, and
-pytest-markdown-docs, which only collects blocks whose language is plainly ``python``, skips it.
+executorlib), or one that connects to a cluster of the reader's own (a scheduler address, a
+Slurm partition), is written ```{.python .notest title="..."}```: Material renders it as
+Python, and pytest-markdown-docs, which only collects blocks whose language is plainly
+``python``, skips it. The backends those blocks use are tested against real local engines in
+``tests/``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 import pathlib
 import sys
+import tempfile
 import types
 from typing import Any
 
@@ -50,9 +55,14 @@ class ScriptRunner(DefaultRunner):
         # Pickling by reference (multiprocessing, concurrent.futures) finds the block's
         # functions in sys.modules["__main__"]; forked children inherit it.
         sys.modules["__main__"] = module
-        # What the examples print is for readers: keep it out of the test log.
+        # What the examples print is for readers: keep it out of the test log. Files they
+        # write (stores, outputs) go to a scratch directory, not the checkout.
+        cwd = os.getcwd()
         try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                exec(code, module.__dict__)
+            with tempfile.TemporaryDirectory() as scratch:
+                os.chdir(scratch)
+                with contextlib.redirect_stdout(io.StringIO()):
+                    exec(code, module.__dict__)
         finally:
+            os.chdir(cwd)
             sys.modules["__main__"] = previous

@@ -132,3 +132,16 @@ def test_a_new_function_never_takes_the_id_of_one_still_queued(backend):
         other = ex.submit(add, 1, 2)
         assert [f.result(timeout=30) for f in queued] == [0, 1, 2]
         assert other.result(timeout=30) == 3
+
+
+def test_an_idle_serial_executor_does_not_spin():
+    import resource
+
+    with shoal.Executor(backend="serial") as ex:
+        assert ex.submit(abs, -1).result() == 1
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        time.sleep(1.0)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        busy = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+        assert busy < 0.5, f"the idle executor's pump used {busy:.2f} s of CPU in 1 s"
+        assert ex.submit(abs, -2).result(timeout=5) == 2

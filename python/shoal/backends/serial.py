@@ -25,11 +25,17 @@ class SerialSession(LocalSession):
 
     def _enqueue(self, seq: int, spec_id: int, items: list[Any], start: int) -> None:
         self._pending.append((seq, spec_id, items, start))
+        # An Executor's pump may be blocked in wait() with nothing to run: let it come back.
+        self.wake()
 
     def wait(self, timeout: float | None) -> list[ChunkResult]:
         while self._pending and not self._ready:
             self._run(*self._pending.popleft())
-        return super().wait(0)
+        if self._ready or self._pending:
+            return super().wait(0)
+        # Nothing to run: block like any session (until a submit or wake), instead of
+        # returning at once to a caller that would spin on it.
+        return super().wait(timeout)
 
     def cancel(self, seqs: list[int] | None = None) -> list[int]:
         dropped = super().cancel(seqs)
