@@ -15,7 +15,6 @@ import threading
 import time
 
 import pytest
-from conftest import slurm_unavailable
 
 import shoal
 from shoal.backends._slurm_cli import (
@@ -26,6 +25,7 @@ from shoal.backends._slurm_cli import (
     sbatch_options,
 )
 
+from conftest import slurm_unavailable
 from helpers import hog_on, pid_of, segfault_on, sleep_on, sleep_then, square, wait_until
 
 
