@@ -9,7 +9,9 @@ Per call, the spec is scattered to every worker once (``scatter(..., broadcast=T
 chunk is one Dask task that runs :func:`shoal.backends._remote.run_remote`. Chunks are sized by
 shoal's adaptive policy, so 20,000 tiny items are a few dozen tasks. Retries, errors and crash
 isolation are the driver's, as on every backend: a chunk whose worker died comes back as a
-crash (Dask's ``KilledWorker``), and the driver runs its items again one by one.
+crash (Dask's ``KilledWorker``), and the driver runs its items again one by one. ``timeout=``
+runs one item per task under a watchdog (:func:`run_timed`) that ends the worker process past
+the limit, since a task in a worker thread cannot be stopped; the nanny starts a new worker.
 
 Requires ``pip install 'shoal[dask]'``.
 """
