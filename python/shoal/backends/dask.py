@@ -9,7 +9,9 @@ Per call, the spec is scattered to every worker once (``scatter(..., broadcast=T
 chunk is one Dask task that runs :func:`shoal.backends._remote.run_remote`. Chunks are sized by
 shoal's adaptive policy, so 20,000 tiny items are a few dozen tasks. Retries, errors and crash
 isolation are the driver's, as on every backend: a chunk whose worker died comes back as a
-crash (Dask's ``KilledWorker``), and the driver runs its items again one by one.
+crash (Dask's ``KilledWorker``), and the driver runs its items again one by one. ``timeout=``
+runs one item per task under a watchdog (:func:`run_timed`) that ends the worker process past
+the limit, since a task in a worker thread cannot be stopped; the nanny starts a new worker.
 
 Requires ``pip install 'shoal[dask]'``.
 """
@@ -18,7 +20,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
+import os
 import threading
+import time
 from collections import deque
 from typing import Any
 
@@ -44,10 +49,6 @@ def _distributed() -> Any:
 MAX_RESENDS = 3
 
 _REFUSED = {
-    "timeout": (
-        "Dask cannot stop a task that runs in a worker thread; use backend='ray' or "
-        "'processes', or a time limit inside the function"
-    ),
     "max_tasks_per_worker": (
         "Dask does not replace a worker after a number of tasks; restart workers with "
         "client.restart() between calls instead"
@@ -68,9 +69,18 @@ class DaskSession(ClusterSession):
 
     engine = "dask"
 
-    def __init__(self, client: Any, *, ordered: bool, slots: int, target_chunk_s: float) -> None:
+    def __init__(
+        self,
+        client: Any,
+        *,
+        ordered: bool,
+        slots: int,
+        target_chunk_s: float,
+        timeout: float | None = None,
+    ) -> None:
         super().__init__(ordered=ordered, slots=slots, target_chunk_s=target_chunk_s)
         self._client = client
+        self._timeout = timeout
         # When a worker dies, Dask fails (or, on clusters that allow it, runs again) every task
         # it held, queued ones too. One chunk per worker thread means nothing is queued on a
         # worker, so an innocent chunk is never blamed with the one that killed its worker.
@@ -127,9 +137,13 @@ class DaskSession(ClusterSession):
                 # Scattered data dies with the last worker holding it: send it again.
                 spec[0].release()
                 spec[0] = self._put_spec(spec[1])[0]
-            future = self._client.submit(
-                run_remote, token, spec[0], payload, key=f"{token}-{seq}-{tries}", pure=False
-            )
+            key = f"{token}-{seq}-{tries}"
+            if self._timeout is None:
+                future = self._client.submit(run_remote, token, spec[0], payload, key=key)
+            else:
+                future = self._client.submit(
+                    run_timed, token, spec[0], payload, self._timeout, key, key=key
+                )
             future.add_done_callback(lambda fut, seq=seq: self._on_done(seq, fut))
             self._live[seq] = (entry[0], entry[1], future)
             room -= 1
@@ -197,6 +211,18 @@ class DaskSession(ClusterSession):
         if (exc is None or "Cancelled" in type(exc).__name__) and self._resend(seq):
             self._short = True
             return
+        if self._timeout is not None and exc is not None and type(exc).__name__ == "KilledWorker":
+            verdict = self._timed_out(seq, exc)
+            if verdict == "resend" and self._resend(seq):
+                self._short = True
+                return
+            if isinstance(verdict, Crash):
+                self._sent.pop(seq, None)
+                self._short = True
+                res = self._crashed(seq, verdict)
+                if res is not None:
+                    out.append(res)
+                return
         self._sent.pop(seq, None)
         self._short = True
         crash = Crash(None, "its task was cancelled by the scheduler") if exc is None else None
@@ -209,6 +235,26 @@ class DaskSession(ClusterSession):
             del self._sent[seq]
         self._cancel(handles)
 
+    def _timed_out(self, seq: int, exc: BaseException) -> Crash | str | None:
+        """Whether a chunk's worker was killed by a timeout: this chunk's (a crash of kind
+        ``timed_out``), another chunk's on the same worker (``"resend"``), or none."""
+        entry = self._live.get(seq)
+        future = entry[2] if entry is not None else None
+        key = getattr(future, "key", None)
+        last = getattr(exc, "last_worker", None)
+        address = getattr(last, "address", last)
+        try:
+            events = self._client.get_events(TIMEOUT_TOPIC)
+        except Exception:
+            return None
+        for _, event in reversed(events):
+            if event.get("key") == key:
+                return Crash(event.get("pid"), "timed out", "timed_out", limit=event["limit"])
+        for _, event in reversed(events):
+            if address is not None and event.get("worker") == address:
+                return "resend"  # killed with a worker that another chunk's timeout ended
+        return None
+
     def _cancel(self, handles: list[Any]) -> None:
         # A closed client: nothing runs any more anyway.
         with contextlib.suppress(Exception):
@@ -217,6 +263,38 @@ class DaskSession(ClusterSession):
     def _forget(self, prefix: str) -> None:
         with contextlib.suppress(Exception):
             self._client.run(forget_soon, prefix, wait=False)
+
+
+#: Where a worker records that it is ending itself for a timed-out item (scheduler events).
+TIMEOUT_TOPIC = "shoal-timeout"
+
+
+def run_timed(token: str, spec: bytes, payload: bytes, limit: float, key: str) -> Any:
+    """:func:`run_remote` with a time limit, in a Dask worker.
+
+    A task in a worker thread cannot be stopped, so past ``limit`` seconds its whole worker
+    process ends (its nanny starts a new one), after recording why in the scheduler's events,
+    where the driver finds it and reports :class:`~shoal.TaskTimeoutError`.
+    """
+    import distributed
+
+    done = threading.Event()
+    worker = distributed.get_worker()  # known in the task's thread only
+
+    def watchdog() -> None:
+        if done.wait(limit):
+            return
+        with contextlib.suppress(Exception):
+            event = {"key": key, "pid": os.getpid(), "limit": limit, "worker": worker.address}
+            worker.log_event(TIMEOUT_TOPIC, event)
+        time.sleep(0.3)  # the event reaches the scheduler before the worker's death does
+        os._exit(70)
+
+    threading.Thread(target=watchdog, name="shoal-timeout", daemon=True).start()
+    try:
+        return run_remote(token, spec, payload)
+    finally:
+        done.set()
 
 
 def _result_or_exception(future: Any) -> Any:
@@ -242,10 +320,14 @@ class DaskPool(ClusterPool):
     backend: DaskBackend
 
     def open_session(self, *, ordered: bool, limits: Limits | None = None) -> DaskSession:
-        refuse("dask", limits, (), _REFUSED)
+        refuse("dask", limits, ("timeout",), _REFUSED)
         client = self.backend.client()
         return DaskSession(
-            client, ordered=ordered, slots=self.workers, target_chunk_s=self.backend.target_chunk_s
+            client,
+            ordered=ordered,
+            slots=self.workers,
+            target_chunk_s=self.backend.target_chunk_s,
+            timeout=None if limits is None else limits.timeout,
         )
 
 
@@ -368,6 +450,7 @@ class DaskBackend(ClusterBackend):
                 "put the code that calls shoal under `if __name__ == '__main__':`, or start a "
                 "cluster yourself and pass get_backend('dask', address=...)"
             ) from exc
+        _keep_restarting(self._cluster)
         _LOCAL.append(self)
         # Results come straight from the workers, all on this machine: one hop less.
         return distributed.Client(self._cluster, set_as_default=False, direct_to_workers=True)
@@ -394,6 +477,20 @@ class DaskBackend(ClusterBackend):
             client.close(timeout=5)
         if cluster is not None:
             cluster.close(timeout=5)
+
+
+def _keep_restarting(cluster: Any) -> None:
+    """Keep every worker of a cluster shoal started, however often it dies.
+
+    A ``LocalCluster`` closes the nanny of a worker that left the scheduler if no worker of that
+    name is back ``lost-worker-timeout`` later. A worker that dies twice within that time (two
+    items timed out on it) is then mid-restart at the check, and the cluster loses it for good.
+    Here workers only leave by dying, and their nannies bring them back: skip that check.
+    """
+    from distributed.deploy.cluster import Cluster
+
+    with contextlib.suppress(Exception):
+        cluster._update_worker_status = functools.partial(Cluster._update_worker_status, cluster)
 
 
 _LOCAL: list[DaskBackend] = []
