@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ._base import Backend, LocalSession, Pool, Session
+from .mpi import MpiBackend
 from .processes import ProcessBackend
 from .serial import SerialBackend
 from .threads import ThreadBackend
@@ -35,6 +36,7 @@ _REGISTRY: dict[str, type[Backend]] = {
     ProcessBackend.name: ProcessBackend,
     ThreadBackend.name: ThreadBackend,
     SerialBackend.name: SerialBackend,
+    MpiBackend.name: MpiBackend,
 }
 _default: Backend | None = None
 _default_lock = threading.Lock()

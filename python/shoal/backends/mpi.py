@@ -1,0 +1,393 @@
+"""The ``mpi`` backend: the shoal API on MPI ranks.
+
+Two ways to get ranks:
+
+- **launch mode**: ``mpiexec -n N python -m shoal.mpi script.py``. Rank 0 runs the script; the
+  other ranks are relays (:mod:`shoal.mpi._relay`), each with local worker processes run by
+  shoal's Rust engine. ``mpi`` is then the default backend.
+- **spawn mode**: from a plain ``python``, ``backend="mpi"`` spawns ``workers`` ranks with
+  ``MPI_Comm_spawn``, each a relay with one worker.
+
+This module is the rank-0 side: a :class:`_Link` to the relays (one receiver thread that polls
+for their replies) and a :class:`MpiSession` that queues chunks and hands each to the relay with
+the most free worker slots. Chunks and specs are pickled here exactly as for the processes
+backend and cross to the relay as bytes; outcomes come back as the relay's workers made them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from .. import _native
+from .._errors import PicklingError, ShoalError
+from .._pickling import MAX_MESSAGE_BYTES, decode_outcome, dumps_items, dumps_spec
+from .._spec import NO_LIMITS, CallSpec, ChunkResult, Crash, ItemError, Limits
+from ._base import Backend, Pool, Session
+
+
+class RemoteCrash(Crash):
+    """A :class:`Crash` on a serving rank; :meth:`locate` marks the error the driver makes."""
+
+    def __init__(self, crash: Crash, rank: int, host: str) -> None:
+        super().__init__(crash.pid, crash.exit, crash.kind, crash.limit, crash.rss)
+        self.rank = rank
+        self.host = host
+
+    def locate(self, exc: BaseException) -> None:
+        from ..mpi import place
+
+        place(exc, self.rank, self.host)
+
+
+class _RelayInfo:
+    __slots__ = ("host", "pid", "rank", "workers")
+
+    def __init__(self, rank: int, host: str, workers: int, pid: int) -> None:
+        self.rank = rank
+        self.host = host
+        self.workers = workers
+        self.pid = pid
+
+
+class _Link:
+    """Rank 0's connection to its relays: sends, and a thread that routes their replies."""
+
+    def __init__(self, comm: Any, relay_ranks: list[int], *, hello_timeout: float = 60.0) -> None:
+        from ..mpi._wire import TAG_REPLY, Backoff
+
+        self.comm = comm
+        self.relays: dict[int, _RelayInfo] = {}
+        self.sessions: dict[int, MpiSession] = {}
+        self._sid = itertools.count(1)
+        self._send_lock = threading.Lock()
+        self._stopped = False
+        self.spmd_replies: deque[tuple[int, Any]] = deque()
+        self.spmd_cond = threading.Condition()
+        backoff = Backoff()
+        deadline = time.monotonic() + hello_timeout
+        waiting = set(relay_ranks)
+        while waiting:
+            if comm.iprobe(source=-1, tag=TAG_REPLY):  # -1: MPI.ANY_SOURCE
+                message = comm.recv(source=-1, tag=TAG_REPLY)
+                if message[0] == "hello":
+                    _, rank, host, workers, pid = message
+                    self.relays[rank] = _RelayInfo(rank, host, workers, pid)
+                    waiting.discard(rank)
+                continue
+            if time.monotonic() > deadline:
+                raise ShoalError(f"MPI ranks {sorted(waiting)} did not report for service")
+            backoff.sleep()
+        self.workers = sum(r.workers for r in self.relays.values())
+        self._thread = threading.Thread(target=self._receive, name="shoal-mpi-recv", daemon=True)
+        self._thread.start()
+
+    def send(self, rank: int, message: tuple[Any, ...]) -> None:
+        from ..mpi._wire import TAG_CONTROL
+
+        with self._send_lock:
+            self.comm.send(message, dest=rank, tag=TAG_CONTROL)
+
+    def send_all(self, message: tuple[Any, ...]) -> None:
+        for rank in self.relays:
+            self.send(rank, message)
+
+    def new_sid(self) -> int:
+        return next(self._sid)
+
+    def _receive(self) -> None:
+        from mpi4py import MPI
+
+        from ..mpi._wire import TAG_REPLY, Backoff
+
+        status = MPI.Status()
+        backoff = Backoff()
+        while not self._stopped:
+            try:
+                if not self.comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_REPLY, status=status):
+                    backoff.sleep()
+                    continue
+                backoff.reset()
+                source = status.Get_source()
+                message = self.comm.recv(source=source, tag=TAG_REPLY)
+            except Exception:  # MPI finalised under us at exit
+                return
+            kind = message[0]
+            if kind == "spmd":
+                with self.spmd_cond:
+                    self.spmd_replies.append((source, message))
+                    self.spmd_cond.notify_all()
+                continue
+            session = self.sessions.get(message[1])
+            if session is None:
+                continue
+            if kind == "done":
+                session._deliver(source, message[2])
+            elif kind == "broken":
+                session._broken(source, message[2])
+
+    def stop(self, *, disconnect: bool = False) -> None:
+        """Tell every relay to exit; with ``disconnect``, drop the spawn intercommunicator."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for rank in self.relays:
+            try:
+                self.send(rank, ("stop",))
+            except Exception:
+                pass
+        self._thread.join(1.0)
+        if disconnect:
+            try:
+                self.comm.Disconnect()
+            except Exception:
+                pass
+
+
+class MpiSession(Session):
+    """One call's chunks on the relays; see the module docs."""
+
+    def __init__(self, link: _Link, *, ordered: bool, limits: Limits | None) -> None:
+        lim = limits or NO_LIMITS
+        self.link = link
+        self.ordered = ordered
+        self.sid = link.new_sid()
+        self.max_in_flight = 2 * link.workers + 2
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._queue: deque[tuple[int, int, int, bytes, bool]] = deque()
+        # A relay takes up to twice its workers in chunks: its own engine pipelines them.
+        self._room = {r.rank: 2 * r.workers + 1 for r in link.relays.values()}
+        self._load = dict.fromkeys(link.relays, 0)
+        self._where: dict[int, int] = {}
+        self._sizes: dict[int, int] = {}
+        self._raw: deque[tuple[int, tuple[Any, ...]]] = deque()
+        self._parked: dict[int, ChunkResult] = {}
+        self._next_out = 0
+        self._seq = itertools.count()
+        self._keys = itertools.count(1)
+        self._sizers: dict[int, Any] = {}
+        self._woken = False
+        self._closed = False
+        self._failure: str | None = None
+        link.sessions[self.sid] = self
+        link.send_all(
+            (
+                "open",
+                self.sid,
+                lim.timeout,
+                lim.max_tasks_per_worker,
+                lim.max_worker_memory,
+                lim.max_load,
+                lim.max_memory,
+            )
+        )
+
+    # -- the contract ----------------------------------------------------------------------
+
+    def register(self, spec: CallSpec) -> int:
+        blob = dumps_spec(spec)  # no shared memory: the relays may be on other hosts
+        key = next(self._keys)
+        self._sizers[key] = _native.ChunkSizer(self.link.workers)
+        self.link.send_all(("setup", self.sid, key, blob))
+        return key
+
+    def unregister(self, spec_id: int) -> None:
+        self._sizers.pop(spec_id, None)
+        if not self._closed:
+            self.link.send_all(("drop", self.sid, spec_id))
+
+    def chunk_size(self, spec_id: int, remaining: int | None) -> int:
+        return int(self._sizers[spec_id].size(remaining))
+
+    def submit(self, spec_id: int, items: list[Any], start: int, exclusive: bool = False) -> int:
+        payload = dumps_items(items, start)
+        if len(payload) > MAX_MESSAGE_BYTES:
+            raise PicklingError(
+                f"the arguments of items {start}..{start + len(items) - 1} pickle to "
+                f"{len(payload)} bytes, over the channel limit of {MAX_MESSAGE_BYTES} bytes"
+            )
+        with self._lock:
+            seq = next(self._seq)
+            self._sizes[seq] = spec_id
+            self._queue.append((seq, spec_id, len(items), payload, exclusive))
+            self._dispatch()
+        return seq
+
+    def _dispatch(self) -> None:
+        # Called with the lock held: hand queued chunks to the relays with free slots.
+        while self._queue and not self._closed:
+            rank = max(self._load, key=lambda r: self._room[r] - self._load[r])
+            if self._load[rank] >= self._room[rank]:
+                return
+            seq, key, n, payload, exclusive = self._queue.popleft()
+            self._load[rank] += 1
+            self._where[seq] = rank
+            self.link.send(rank, ("task", self.sid, key, seq, n, payload, exclusive))
+
+    def _deliver(self, rank: int, outcomes: list[tuple[Any, ...]]) -> None:
+        with self._cond:
+            for outcome in outcomes:
+                if self._where.pop(outcome[0], None) is None:
+                    continue  # cancelled meanwhile
+                self._load[rank] -= 1
+                self._raw.append((rank, outcome))
+            self._dispatch()
+            self._cond.notify_all()
+
+    def _broken(self, rank: int, message: str) -> None:
+        with self._cond:
+            self._failure = f"rank {rank}: {message}"
+            self._cond.notify_all()
+
+    def wait(self, timeout: float | None) -> list[ChunkResult]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._raw and not self._woken and self._failure is None:
+                left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+                if left <= 0:
+                    break
+                self._cond.wait(left)  # short slices keep Ctrl-C responsive
+            if self._failure is not None and not self._raw:
+                raise ShoalError(f"an MPI rank could not run this call: {self._failure}")
+            self._woken = False
+            raw, self._raw = list(self._raw), deque()
+        out = [self._decode(rank, outcome) for rank, outcome in raw]
+        if not self.ordered:
+            return out
+        for res in out:
+            self._parked[res.seq] = res
+        ready = []
+        while self._next_out in self._parked:
+            ready.append(self._parked.pop(self._next_out))
+            self._next_out += 1
+        return ready
+
+    def _decode(self, rank: int, outcome: tuple[Any, ...]) -> ChunkResult:
+        from ..mpi import place
+        from .processes import _crash
+
+        seq, kind, payload, elapsed, pid, message = outcome
+        host = self.link.relays[rank].host
+        key = self._sizes.pop(seq, None)
+        if kind != _native.OUTCOME_DONE:
+            return ChunkResult(seq, [], crash=RemoteCrash(_crash(kind, pid, message), rank, host))
+        try:
+            values, errors = decode_outcome(payload)
+        except Exception as exc:
+            err = PicklingError(f"a result could not be unpickled on rank 0: {exc!r}")
+            values, errors = [None], [ItemError(0, err, "", "")]
+        for err in errors:
+            place(err.exc, rank, host)
+        sizer = self._sizers.get(key) if key is not None else None
+        if sizer is not None and values:
+            sizer.record(len(values), elapsed)
+        return ChunkResult(seq, values, errors, elapsed_ns=elapsed)
+
+    def cancel(self, seqs: list[int] | None = None) -> None:
+        with self._lock:
+            if seqs is None:
+                self._queue.clear()
+                dispatched = dict(self._where)
+            else:
+                drop = set(seqs)
+                self._queue = deque(job for job in self._queue if job[0] not in drop)
+                dispatched = {s: r for s, r in self._where.items() if s in drop}
+            by_rank: dict[int, list[int]] = {}
+            for seq, rank in dispatched.items():
+                by_rank.setdefault(rank, []).append(seq)
+        for rank, dropped in by_rank.items():
+            self.link.send(rank, ("cancel", self.sid, None if seqs is None else dropped))
+
+    def wake(self) -> None:
+        with self._cond:
+            self._woken = True
+            self._cond.notify_all()
+
+    def close(self, *, abort: bool = False) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.clear()
+            self._cond.notify_all()
+        self.link.sessions.pop(self.sid, None)
+        if not self.link._stopped:
+            self.link.send_all(("close", self.sid, abort))
+
+
+class MpiPool(Pool):
+    """The relays of one link (launch mode: every other rank; spawn mode: the spawned ones)."""
+
+    def __init__(self, link: _Link, *, owns_link: bool) -> None:
+        self.link = link
+        self.workers = link.workers
+        self._owns_link = owns_link
+
+    @property
+    def relays(self) -> list[tuple[int, str, int]]:
+        """``(rank, host, workers)`` of each serving rank."""
+        return [(r.rank, r.host, r.workers) for r in self.link.relays.values()]
+
+    def open_session(self, *, ordered: bool, limits: Limits | None = None) -> MpiSession:
+        if self.link._stopped:
+            raise ShoalError("this MPI pool was shut down")
+        return MpiSession(self.link, ordered=ordered, limits=limits)
+
+    def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
+        if self._owns_link:
+            self.link.stop(disconnect=True)
+
+
+def _spawn_link(workers: int) -> _Link:
+    from ..mpi import MPIUnavailableError, hostname, library_name, require_mpi
+
+    mpi = require_mpi()
+    try:
+        intercomm = mpi.COMM_SELF.Spawn(
+            sys.executable, args=["-m", "shoal.mpi", "--serve", str(os.getpid()), hostname()],
+            maxprocs=workers,
+        )
+    except Exception as exc:
+        raise MPIUnavailableError(
+            f"could not spawn {workers} MPI ranks with MPI_Comm_spawn "
+            f"({library_name(mpi)}): {exc}. Start the job with "
+            f"`mpiexec -n N python -m shoal.mpi script.py` instead"
+        ) from exc
+    return _Link(intercomm, list(range(intercomm.Get_remote_size())))
+
+
+class MpiBackend(Backend):
+    """Run tasks on MPI ranks (see the module docs).
+
+    Parameters
+    ----------
+    workers : int, float or None
+        Spawn mode: worker processes, one per spawned rank. Launch mode: ignored; every serving
+        rank runs as many workers as its CPUs (:func:`shoal.cpu_count`).
+    """
+
+    name = "mpi"
+
+    def __init__(self, workers: int | float | None = None) -> None:
+        super().__init__(workers)
+        from ..mpi import require_mpi
+
+        require_mpi()  # fail at choice time, with the install hint, if MPI is missing
+
+    def create_pool(self, workers: int) -> MpiPool:
+        from .. import mpi
+
+        if mpi._launch is not None:
+            return MpiPool(mpi._launch, owns_link=False)
+        if mpi.in_mpi_job():
+            raise ShoalError(
+                "backend='mpi' inside an MPI job needs launch mode: run the script as "
+                "`mpiexec -n N python -m shoal.mpi script.py` (or use shoal.spmd.run)"
+            )
+        return MpiPool(_spawn_link(workers), owns_link=True)

@@ -1,0 +1,54 @@
+"""What rank 0 (the driver) and a serving rank (a relay) say to each other.
+
+Every message is a tuple whose first element names it. They travel on a communicator of their
+own (a duplicate of the world, or the spawn intercommunicator), so user code that also uses
+``MPI.COMM_WORLD`` never receives them.
+
+driver -> relay (tag :data:`TAG_CONTROL`)::
+
+    ("open", sid, timeout, max_tasks_per_worker, max_worker_memory, max_load, max_memory)
+    ("setup", sid, spec_key, spec_bytes)          once per call and relay
+    ("drop", sid, spec_key)
+    ("task", sid, spec_key, seq, n_items, payload, exclusive)
+    ("cancel", sid, seqs)                         seqs: list, or None for all
+    ("close", sid, abort)
+    ("spmd", call_bytes)                          run fn on this rank (shoal.spmd)
+    ("stop",)
+
+relay -> driver (tag :data:`TAG_REPLY`)::
+
+    ("hello", rank, host, workers, pid)
+    ("done", sid, [(seq, kind, payload, elapsed_ns, pid, message), ...])
+    ("broken", sid, message)                      the relay's engine failed for this session
+    ("spmd", ok, payload)                         the relay's return value or exception
+"""
+
+from __future__ import annotations
+
+import time
+
+TAG_CONTROL = 0x5A01
+TAG_REPLY = 0x5A02
+
+
+class Backoff:
+    """Sleeps between non-blocking probes: short right after traffic, longer when idle.
+
+    Open MPI's blocking receives spin a core at 100 %; a relay or the driver's receiver would
+    then steal a CPU from the workers on its node. Polling with a growing sleep costs a few
+    microseconds of CPU per probe and at most ``longest`` seconds of latency when idle.
+    """
+
+    __slots__ = ("delay", "longest", "shortest")
+
+    def __init__(self, shortest: float = 5e-5, longest: float = 0.01) -> None:
+        self.shortest = shortest
+        self.longest = longest
+        self.delay = shortest
+
+    def reset(self) -> None:
+        self.delay = self.shortest
+
+    def sleep(self) -> None:
+        time.sleep(self.delay)
+        self.delay = min(self.longest, self.delay * 1.5)
