@@ -7,7 +7,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-BACKENDS = ["processes", "threads", "serial"]
+# SHOAL_TEST_BACKENDS=mpi runs the contract suite on the mpi backend (tests/test_mpi.py does,
+# under mpiexec in launch mode).
+BACKENDS = os.environ.get("SHOAL_TEST_BACKENDS", "processes,threads,serial").split(",")
 
 
 @pytest.fixture(params=BACKENDS)
@@ -33,3 +35,18 @@ def _no_shared_memory_left_behind():
     yield
     left = _dev_shm() - before
     assert not left, f"files left in /dev/shm by the test run: {sorted(left)}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With SHOAL_REQUIRE_ENGINES=1 (CI), an engine test that skips fails instead: a missing
+    MPI must not pass unnoticed."""
+    outcome = yield
+    report = outcome.get_result()
+    if (
+        os.environ.get("SHOAL_REQUIRE_ENGINES") == "1"
+        and report.skipped
+        and item.get_closest_marker("engine") is not None
+    ):
+        report.outcome = "failed"
+        report.longrepr = f"engine test skipped with SHOAL_REQUIRE_ENGINES=1: {report.longrepr}"

@@ -191,7 +191,12 @@ class MpiSession(Session):
     # -- the contract ----------------------------------------------------------------------
 
     def register(self, spec: CallSpec) -> int:
-        blob = dumps_spec(spec)  # no shared memory: the relays may be on other hosts
+        import pickle
+
+        from ..mpi._wire import WithPath
+
+        # No shared memory: the relays may be on other hosts. The path travels with the spec.
+        blob = pickle.dumps(WithPath(list(sys.path), dumps_spec(spec)), 5)
         key = next(self._keys)
         self._sizers[key] = _native.ChunkSizer(self.link.workers)
         self.link.send_all(("setup", self.sid, key, blob))

@@ -52,3 +52,32 @@ class Backoff:
     def sleep(self) -> None:
         time.sleep(self.delay)
         self.delay = min(self.longest, self.delay * 1.5)
+
+
+def load_with_path(path: list[str], blob: bytes) -> object:
+    """Unpickle ``blob`` after putting rank 0's ``sys.path`` entries on this process's path.
+
+    A call spec crosses to a relay's workers wrapped in this, so that functions pickled by
+    reference (``module.function``) import there as they do on rank 0, whatever the script
+    added to ``sys.path`` after the job started.
+    """
+    import pickle
+    import sys
+
+    for entry in reversed(path):
+        if entry and entry not in sys.path:
+            sys.path.insert(0, entry)
+    return pickle.loads(blob)
+
+
+class WithPath:
+    """Pickles as :func:`load_with_path` of rank 0's path and an inner pickle."""
+
+    __slots__ = ("blob", "path")
+
+    def __init__(self, path: list[str], blob: bytes) -> None:
+        self.path = path
+        self.blob = blob
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (load_with_path, (self.path, self.blob))

@@ -1,0 +1,274 @@
+"""The mpi backend against a real Open MPI (the PyPI wheel): launch mode, the contract suite run
+on MPI ranks, fault isolation, and the ends of a job (Ctrl-C, rank 0 killed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from mpi_helpers import env, kill_group, launch, mpiexec, needs_mpi, processes_named, write
+
+pytestmark = needs_mpi
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_launch_mode_runs_the_script_on_rank_0_with_mpi_as_default(tmp_path):
+    script = write(
+        tmp_path,
+        """
+        import json, os, sys
+        import shoal
+
+        def square(x):
+            return x * x
+
+        def where(x):
+            return os.getpid(), int(os.environ.get("OMPI_COMM_WORLD_RANK", "-1"))
+
+        if __name__ == "__main__":
+            rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
+            pool = shoal.get_backend().pool()
+            places = shoal.map(where, range(300), chunksize=1)
+            with shoal.Executor() as ex:
+                future = ex.submit(square, 9)
+                got = future.result()
+            print(json.dumps({
+                "argv": sys.argv,
+                "backend": shoal.get_backend().name,
+                "rank": rank,
+                "map": shoal.map(square, range(500)) == [x * x for x in range(500)],
+                "starmap": shoal.starmap(pow, [(2, 5), (3, 2)]),
+                "imap": list(shoal.imap(square, iter(range(5)))),
+                "executor": got,
+                "relays": pool.relays,
+                "ranks_used": sorted({r for _, r in places}),
+                "workers_used": len({p for p, _ in places}),
+            }))
+        """,
+    )
+    res = launch(script, "--flag", "x y")
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["argv"] == [str(script), "--flag", "x y"]
+    assert got["backend"] == "mpi"
+    assert got["rank"] == 0
+    assert got["map"] is True
+    assert got["starmap"] == [32, 9]
+    assert got["imap"] == [0, 1, 4, 9, 16]
+    assert got["executor"] == 81
+    assert sorted(r[0] for r in got["relays"]) == [1, 2]
+    assert got["ranks_used"] == [1, 2]  # tasks ran on the serving ranks, never on rank 0
+    assert got["workers_used"] >= 2
+
+
+def test_contract_suite_passes_on_the_mpi_backend():
+    # The backend contract suite itself, run by pytest on rank 0 of a launched job.
+    res = mpiexec(
+        [sys.executable, "-m", "shoal.mpi", "-m", "pytest", "tests/test_contract.py", "-q"]
+        + ["-p", "no:cacheprovider", "--color=no"],
+        timeout=240,
+        cwd=ROOT,
+        SHOAL_TEST_BACKENDS="mpi",
+    )
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert "[mpi]" not in res.stdout or " passed" in res.stdout
+    summary = res.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "failed" not in summary, summary
+
+
+def test_crash_timeout_and_error_fail_only_their_item_and_name_rank_and_host(tmp_path):
+    script = write(
+        tmp_path,
+        """
+        import ctypes, json, os, socket, time
+        import shoal
+
+        def task(x):
+            if x == 3:
+                ctypes.string_at(0)  # segfault
+            if x == 5:
+                os._exit(7)
+            if x == 7:
+                time.sleep(60)
+            if x == 9:
+                raise KeyError(x)
+            return x
+
+        out = shoal.map(task, range(12), on_error="return", timeout=2.0)
+        print(json.dumps([
+            [type(v).__name__, getattr(v, "rank", None), getattr(v, "host", None),
+             getattr(v, "__notes__", [])] if isinstance(v, BaseException) else v
+            for v in out
+        ] + [socket.gethostname()]))
+        """,
+    )
+    res = launch(script, timeout=90)
+    assert res.returncode == 0, res.stderr
+    *out, host = json.loads(res.stdout.strip().splitlines()[-1])
+    failed = {3: "WorkerCrashedError", 5: "WorkerCrashedError", 7: "TaskTimeoutError", 9: "KeyError"}
+    for i, value in enumerate(out):
+        if i not in failed:
+            assert value == i
+            continue
+        name, rank, where, notes = value
+        assert name == failed[i]
+        assert rank in (1, 2) and where == host
+        assert f"shoal: on rank {rank} (host {host})" in notes
+        assert any(f"item {i}" in note for note in notes)
+
+
+def test_an_unhandled_error_prints_one_traceback_and_sets_the_exit_status(tmp_path):
+    script = write(
+        tmp_path,
+        """
+        import shoal
+
+        def boom(x):
+            if x == 4:
+                raise ValueError("bad input four")
+            return x
+
+        shoal.map(boom, range(10))
+        """,
+    )
+    res = launch(script)
+    assert res.returncode != 0
+    assert res.stderr.count("Traceback (most recent call last)") == 2  # remote cause + local
+    assert res.stderr.count("ValueError: bad input four") == 2
+    assert "shoal: on rank" in res.stderr and "raised by item 4" in res.stderr
+
+
+def test_exit_status_of_rank_0_is_the_jobs(tmp_path):
+    script = write(tmp_path, "import shoal, sys\nshoal.map(abs, [1])\nsys.exit(3)\n")
+    assert launch(script).returncode == 3
+    assert launch(write(tmp_path, "print('fine')\n", "ok.py")).returncode == 0
+
+
+def test_missing_script_is_a_clear_error(tmp_path):
+    res = launch(tmp_path / "nope.py")
+    assert res.returncode == 2
+    assert res.stderr.count("cannot open script") == 1  # printed once, by rank 0
+
+
+def test_a_single_rank_warns_and_uses_local_processes(tmp_path):
+    script = write(
+        tmp_path,
+        """
+        import shoal
+        print(shoal.get_backend().name, sum(shoal.map(abs, range(-50, 50))))
+        """,
+    )
+    res = launch(script, n=1)
+    assert res.returncode == 0, res.stderr
+    assert "single MPI rank" in res.stderr
+    assert res.stdout.split() == ["processes", "2500"]
+
+
+def test_missing_mpi4py_says_how_to_install(tmp_path):
+    # A site directory that shadows mpi4py with a module that fails to import.
+    shadow = tmp_path / "shadow"
+    (shadow / "mpi4py").mkdir(parents=True)
+    (shadow / "mpi4py" / "__init__.py").write_text("raise ImportError('no mpi4py here')\n")
+    code = (
+        "import shoal\n"
+        "try:\n    shoal.map(abs, [1], backend='mpi')\n"
+        "except ImportError as exc:\n    print(type(exc).__name__, exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env(), "PYTHONPATH": str(shadow)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "MPIUnavailableError" in out.stdout and "pip install shoal[mpi]" in out.stdout
+
+
+def _start_job(tmp_path, marker):
+    # mpiexec stops forwarding output once it is interrupted: rank 0 reports to a file.
+    script = write(
+        tmp_path,
+        f"""
+        import time
+        import shoal
+
+        def slow(x):
+            time.sleep(30)
+            return x
+
+        try:
+            shoal.map(slow, range(8), chunksize=1)
+        except KeyboardInterrupt:
+            with open({str(tmp_path / "seen")!r}, "w") as f:
+                f.write("rank 0 saw KeyboardInterrupt")
+            raise
+        """,
+    )
+    proc = subprocess.Popen(
+        [str(env()["PATH"].split(os.pathsep)[0] + "/mpiexec"), "-n", "3", sys.executable]
+        + ["-m", "shoal.mpi", str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(SHOAL_TEST_JOB=marker),
+        start_new_session=True,
+    )
+    # Wait until the slow tasks run on the relays' workers.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if len(processes_named(marker)) >= 3 + 1 + 2:  # mpiexec, 3 ranks, >= 2 workers
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)
+    return proc
+
+
+def _gone_within(marker: str, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not processes_named(marker):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_ctrl_c_on_mpiexec_ends_every_rank_and_worker(tmp_path):
+    marker = uuid.uuid4().hex
+    proc = _start_job(tmp_path, marker)
+    try:
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal: mpiexec's process group
+        out, err = proc.communicate(timeout=30)
+        assert _gone_within(marker, 3.0), processes_named(marker)
+        assert time.monotonic() - t0 < 5.0  # the issue's 2 s, plus slack for a loaded machine
+        assert (tmp_path / "seen").read_text() == "rank 0 saw KeyboardInterrupt", (out, err)
+        assert proc.returncode != 0
+    finally:
+        kill_group(proc)
+
+
+def test_rank_0_killed_ends_every_rank_and_worker(tmp_path):
+    marker = uuid.uuid4().hex
+    proc = _start_job(tmp_path, marker)
+    try:
+        rank0 = [
+            pid
+            for pid in processes_named(marker)
+            if b"shoal.mpi" in open(f"/proc/{pid}/cmdline", "rb").read()
+            and open(f"/proc/{pid}/environ", "rb").read().count(b"OMPI_COMM_WORLD_RANK=0\0")
+        ]
+        assert len(rank0) == 1
+        os.kill(rank0[0], signal.SIGKILL)
+        assert _gone_within(marker, 10.0), processes_named(marker)
+        proc.communicate(timeout=30)
+        assert proc.returncode != 0
+    finally:
+        kill_group(proc)
