@@ -133,6 +133,12 @@ class Coordinator:
                 self.conns[rank] = sock
                 self.write_locks[rank] = threading.Lock()
                 self.next_coll[rank] = 0
+                everyone = len(self.conns) == self.size
+            if everyone:
+                # Ranks start together, so each holds its own worker: no rank can run later
+                # in the process of one that already finished.
+                for other in range(self.size):
+                    self._reply(other, ("start",))
             while True:
                 head, parts = _frames.recv(sock)
                 self._handle(rank, head, parts)
@@ -239,6 +245,7 @@ class RankMain:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(self.address)
         _frames.send(sock, ("hello", rank))
+        _frames.recv(sock)  # "start": every rank is connected
         current = LocalComm(sock, rank, self.size)
         try:
             return rank, self.fn(*self.args, **self.kwargs)
