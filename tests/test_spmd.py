@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import operator
 import os
+import signal
 import sys
 import threading
 
@@ -15,7 +17,7 @@ import shoal
 import shoal.spmd
 from shoal.spmd import SpmdError
 
-from mpi_helpers import mpiexec, needs_mpi, write
+from mpi_helpers import mpi_missing, mpiexec, write
 
 
 def step(data, scale):
@@ -57,7 +59,7 @@ def check_every_collective(results, size):
         assert r["scatter"] == [rank] * rank
         assert r["gather"] == ([0, 2, 4, 6][:size] if rank == 2 else None)
         assert r["allgather"] == list(range(size))
-        assert r["reduce"] == (24 if rank == 0 else None)
+        assert r["reduce"] == (math.factorial(size) if rank == 0 else None)
         assert r["allreduce_max"] == size - 1
         assert r["allreduce_lambda"] == list(range(size))
         assert r.get("recv") == {1: "to one", 2: "to two"}.get(rank)
@@ -110,7 +112,7 @@ def test_an_exception_on_one_rank_stops_the_others_and_names_the_rank():
 def die_on(bad):
     comm = shoal.spmd.comm()
     if comm.rank == bad:
-        os._exit(9)
+        os.kill(os.getpid(), signal.SIGKILL)
     return comm.allgather(comm.rank)
 
 
@@ -148,7 +150,7 @@ def test_unmatched_recv_or_collectives_in_another_order_time_out(fn):
 
 def bad_scatter():
     comm = shoal.spmd.comm()
-    return comm.scatter([1, 2, 3] if comm.is_main else None)
+    return comm.scatter(list(range(comm.size + 1)) if comm.is_main else None)
 
 
 def test_scatter_with_the_wrong_number_of_parts_is_a_value_error():
@@ -184,3 +186,95 @@ def test_bad_backend_and_timeout():
         shoal.spmd.run(os.getpid, ranks=2, backend="threads")
     with pytest.raises(ValueError, match="timeout"):
         shoal.spmd.run(os.getpid, ranks=2, timeout=0)
+
+
+# -- under mpiexec ---------------------------------------------------------------------------
+
+SPMD_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {tests!r})
+import numpy as np
+import shoal, shoal.spmd
+from test_spmd import every_collective, check_every_collective, raise_on, step, recv_forever
+from test_spmd import bad_scatter
+
+world = shoal.spmd.comm()  # outside run, inside an MPI job: the world
+size = world.size
+out = {{"world": [world.rank, size]}}
+results = shoal.spmd.run(every_collective, "t")
+check_every_collective(results, size)
+out["collectives"] = True
+data = np.arange(1000.0)
+out["step"] = shoal.spmd.run(step, data, 2.0) == [(r, data.sum() * 2.0) for r in range(size)]
+for name, fn, kwargs in [
+    ("raise", raise_on, {{"bad": 1}}),
+    ("timeout", recv_forever, {{"timeout": 1.0}}),
+    ("scatter", bad_scatter, {{}}),
+    ("ranks", os.getpid, {{"ranks": size + 1}}),
+]:
+    try:
+        shoal.spmd.run(fn, **kwargs)
+        out[name] = None
+    except Exception as exc:
+        out[name] = [type(exc).__name__, str(exc), getattr(exc, "__notes__", [])]
+out["after"] = shoal.spmd.run(raise_on, -1)
+print("RESULT", world.rank, json.dumps(out), flush=True)
+"""
+
+
+def _check_mpi_results(stdout, ranks):
+    results = {}
+    for line in stdout.splitlines():
+        if line.startswith("RESULT "):
+            _, rank, text = line.split(" ", 2)
+            results[int(rank)] = json.loads(text)
+    assert sorted(results) == ranks, stdout
+    for rank, out in results.items():
+        assert out["world"] == [rank, 3]
+        assert out["collectives"] is True and out["step"] is True
+        name, message, notes = out["raise"]
+        assert name == "KeyError" and "rank 1 failed" in message  # the same type on every rank
+        assert "shoal.spmd: raised on rank 1 of 3" in notes
+        assert out["timeout"][0] == "TaskTimeoutError"
+        assert out["scatter"][0] == "ValueError" and "gave 4 parts for 3 ranks" in out["scatter"][1]
+        assert out["ranks"][0] == "ValueError" and "must be None or 3" in out["ranks"][1]
+        assert out["after"] == [0, 1, 2]
+
+
+@pytest.mark.engine
+@pytest.mark.skipif(bool(mpi_missing()), reason=str(mpi_missing()))
+@pytest.mark.parametrize("launcher", ["plain", "shoal.mpi"])
+def test_spmd_under_mpiexec_runs_on_every_rank(tmp_path, launcher):
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = write(tmp_path, SPMD_SCRIPT.format(tests=tests))
+    prefix = [] if launcher == "plain" else ["-m", "shoal.mpi"]
+    res = mpiexec([sys.executable, *prefix, str(script)], n=3, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    # Plain mpiexec: every rank runs the script; launch mode: rank 0 only.
+    _check_mpi_results(res.stdout, [0, 1, 2] if launcher == "plain" else [0])
+
+
+@pytest.mark.engine
+@pytest.mark.skipif(bool(mpi_missing()), reason=str(mpi_missing()))
+def test_spmd_unhandled_error_prints_once_and_a_dead_rank_ends_the_job(tmp_path):
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = write(
+        tmp_path,
+        f"""
+        import sys
+        sys.path.insert(0, {tests!r})
+        import shoal.spmd
+        from test_spmd import raise_on, die_on
+        if sys.argv[1] == "raise":
+            shoal.spmd.run(raise_on, 2)
+        else:
+            shoal.spmd.run(die_on, 1)
+        """,
+    )
+    res = mpiexec([sys.executable, str(script), "raise"], n=3, timeout=60)
+    assert res.returncode != 0
+    assert res.stderr.count("KeyError: 'rank 2 failed'") == 2  # the cause and the error, once
+    assert res.stderr.count("The above exception was the direct cause") == 1
+    res = mpiexec([sys.executable, str(script), "die"], n=3, timeout=60)
+    assert res.returncode != 0
+    assert "process rank 1 " in res.stdout + res.stderr, res.stderr

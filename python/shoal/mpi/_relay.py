@@ -181,7 +181,7 @@ class Relay:
         elif kind == "spmd":
             from ..spmd._mpi import serve_call
 
-            self.reply(("spmd", *serve_call(message[1])))
+            serve_call(message[1])  # rank 0 gathers the results; errors reach every rank
         elif kind == "stop":
             return False
         return True
