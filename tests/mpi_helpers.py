@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -24,6 +25,9 @@ MPI_ENV = {
     "PRTE_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
     "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
     "OMPI_MCA_rmaps_base_oversubscribe": "1",
+    # Open MPI's singleton + MPI_Comm_spawn leaves one shared-memory backing file behind (so does
+    # mpi4py's MPIPoolExecutor): keep those out of /dev/shm, which the suite checks is left clean.
+    "OMPI_MCA_btl_sm_backing_directory": tempfile.mkdtemp(prefix="shoal-test-mpi-sm-"),
 }
 
 

@@ -10,8 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-
-import pytest
+from pathlib import Path
 
 from mpi_helpers import env, kill_group, launch, mpiexec, needs_mpi, processes_named, write
 
@@ -72,8 +71,18 @@ def test_launch_mode_runs_the_script_on_rank_0_with_mpi_as_default(tmp_path):
 def test_contract_suite_passes_on_the_mpi_backend():
     # The backend contract suite itself, run by pytest on rank 0 of a launched job.
     res = mpiexec(
-        [sys.executable, "-m", "shoal.mpi", "-m", "pytest", "tests/test_contract.py", "-q"]
-        + ["-p", "no:cacheprovider", "--color=no"],
+        [
+            sys.executable,
+            "-m",
+            "shoal.mpi",
+            "-m",
+            "pytest",
+            "tests/test_contract.py",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--color=no",
+        ],
         timeout=240,
         cwd=ROOT,
         SHOAL_TEST_BACKENDS="mpi",
@@ -113,7 +122,8 @@ def test_crash_timeout_and_error_fail_only_their_item_and_name_rank_and_host(tmp
     res = launch(script, timeout=90)
     assert res.returncode == 0, res.stderr
     *out, host = json.loads(res.stdout.strip().splitlines()[-1])
-    failed = {3: "WorkerCrashedError", 5: "WorkerCrashedError", 7: "TaskTimeoutError", 9: "KeyError"}
+    crashed, timed_out = "WorkerCrashedError", "TaskTimeoutError"
+    failed = {3: crashed, 5: crashed, 7: timed_out, 9: "KeyError"}
     for i, value in enumerate(out):
         if i not in failed:
             assert value == i
@@ -213,8 +223,15 @@ def _start_job(tmp_path, marker):
         """,
     )
     proc = subprocess.Popen(
-        [str(env()["PATH"].split(os.pathsep)[0] + "/mpiexec"), "-n", "3", sys.executable]
-        + ["-m", "shoal.mpi", str(script)],
+        [
+            str(env()["PATH"].split(os.pathsep)[0] + "/mpiexec"),
+            "-n",
+            "3",
+            sys.executable,
+            "-m",
+            "shoal.mpi",
+            str(script),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -262,8 +279,8 @@ def test_rank_0_killed_ends_every_rank_and_worker(tmp_path):
         rank0 = [
             pid
             for pid in processes_named(marker)
-            if b"shoal.mpi" in open(f"/proc/{pid}/cmdline", "rb").read()
-            and open(f"/proc/{pid}/environ", "rb").read().count(b"OMPI_COMM_WORLD_RANK=0\0")
+            if b"shoal.mpi" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            and b"OMPI_COMM_WORLD_RANK=0\0" in Path(f"/proc/{pid}/environ").read_bytes()
         ]
         assert len(rank0) == 1
         os.kill(rank0[0], signal.SIGKILL)
@@ -272,3 +289,48 @@ def test_rank_0_killed_ends_every_rank_and_worker(tmp_path):
         assert proc.returncode != 0
     finally:
         kill_group(proc)
+
+
+def test_spawn_mode_from_plain_python(tmp_path):
+    marker = uuid.uuid4().hex
+    script = write(
+        tmp_path,
+        """
+        import json, os
+        import shoal
+
+        def square(x):
+            return x * x
+
+        def crash(x):
+            if x == 2:
+                os._exit(3)
+            return x
+
+        if __name__ == "__main__":
+            backend = shoal.get_backend("mpi", workers=2)
+            pool = backend.pool()
+            squares = shoal.map(square, range(200), backend=backend)
+            crashed = shoal.map(crash, range(4), backend=backend, on_error="return")
+            print(json.dumps({
+                "relays": pool.relays,
+                "squares": squares == [x * x for x in range(200)],
+                "crashed": [type(v).__name__ for v in crashed],
+            }))
+            backend.shutdown()
+        """,
+    )
+    res = subprocess.run(
+        [sys.executable, str(script)],
+        env=env(SHOAL_TEST_JOB=marker),
+        capture_output=True,
+        text=True,
+        timeout=90,
+        start_new_session=True,
+    )
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert [(r[0], r[2]) for r in got["relays"]] == [(0, 1), (1, 1)]  # one worker per rank
+    assert got["squares"] is True
+    assert got["crashed"] == ["int", "int", "WorkerCrashedError", "int"]
+    assert _gone_within(marker, 10.0), processes_named(marker)

@@ -169,7 +169,7 @@ def test_an_unpicklable_object_in_a_collective_is_named():
 
 
 def test_comm_outside_run_is_a_clear_error():
-    with pytest.raises(SpmdError, match="outside shoal.spmd.run"):
+    with pytest.raises(SpmdError, match=r"outside shoal\.spmd\.run"):
         shoal.spmd.comm()
 
 

@@ -16,6 +16,7 @@ backend and cross to the relay as bytes; outcomes come back as the relay's worke
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import sys
@@ -137,16 +138,12 @@ class _Link:
             return
         self._stopped = True
         for rank in self.relays:
-            try:
+            with contextlib.suppress(Exception):
                 self.send(rank, ("stop",))
-            except Exception:
-                pass
         self._thread.join(1.0)
         if disconnect:
-            try:
+            with contextlib.suppress(Exception):
                 self.comm.Disconnect()
-            except Exception:
-                pass
 
 
 class MpiSession(Session):
@@ -285,10 +282,10 @@ class MpiSession(Session):
         try:
             values, errors = decode_outcome(payload)
         except Exception as exc:
-            err = PicklingError(f"a result could not be unpickled on rank 0: {exc!r}")
-            values, errors = [None], [ItemError(0, err, "", "")]
-        for err in errors:
-            place(err.exc, rank, host)
+            failure = PicklingError(f"a result could not be unpickled on rank 0: {exc!r}")
+            values, errors = [None], [ItemError(0, failure, "", "")]
+        for item_error in errors:
+            place(item_error.exc, rank, host)
         sizer = self._sizers.get(key) if key is not None else None
         if sizer is not None and values:
             sizer.record(len(values), elapsed)
@@ -355,7 +352,8 @@ def _spawn_link(workers: int) -> _Link:
     mpi = require_mpi()
     try:
         intercomm = mpi.COMM_SELF.Spawn(
-            sys.executable, args=["-m", "shoal.mpi", "--serve", str(os.getpid()), hostname()],
+            sys.executable,
+            args=["-m", "shoal.mpi", "--serve", str(os.getpid()), hostname()],
             maxprocs=workers,
         )
     except Exception as exc:

@@ -85,9 +85,7 @@ class Comm:
         """Every rank's ``obj``, as a list by rank, on every rank."""
         return self.bcast(self.gather(obj, root=0), root=0)  # type: ignore[no-any-return]
 
-    def reduce(
-        self, obj: Any, op: Callable[[Any, Any], Any] = operator.add, root: int = 0
-    ) -> Any:
+    def reduce(self, obj: Any, op: Callable[[Any, Any], Any] = operator.add, root: int = 0) -> Any:
         """``op`` folded over every rank's ``obj`` in rank order, at ``root``; ``None`` elsewhere.
 
         ``op`` is any associative binary callable (``operator.add``, ``max``, a lambda).

@@ -10,6 +10,7 @@ blocked in a collective, so nothing hangs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import socket
@@ -120,11 +121,9 @@ class Coordinator:
             threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
 
     def _reply(self, rank: int, head: tuple[Any, ...], parts: list[Any] = ()) -> None:  # type: ignore[assignment]
-        with self.write_locks[rank]:
-            try:
-                _frames.send(self.conns[rank], head, parts)
-            except OSError:
-                pass  # that rank is gone; the driver reports it
+        # A rank that is gone is the driver's to report.
+        with self.write_locks[rank], contextlib.suppress(OSError):
+            _frames.send(self.conns[rank], head, parts)
 
     def _serve(self, sock: socket.socket) -> None:
         try:
@@ -219,17 +218,19 @@ class Coordinator:
         self.closed = True
         self.listener.close()
         for sock in list(self.conns.values()):
-            try:
+            with contextlib.suppress(OSError):
                 sock.close()
-            except OSError:
-                pass
 
 
 class RankMain:
     """The task each rank's worker runs: connect, run ``fn`` with :func:`comm` set, return."""
 
     def __init__(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], address: str,
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        address: str,
         size: int,
     ) -> None:
         self.fn = fn

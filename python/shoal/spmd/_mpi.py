@@ -202,9 +202,8 @@ class MpiComm(Comm):
 
     def tell_others(self, exc: BaseException) -> None:
         """Send ``exc`` to every other rank, which raises it from its next wait."""
-        from .._pickling import _portable_exception, dumps
-
         from .._execute import format_remote_traceback
+        from .._pickling import _portable_exception, dumps
 
         blob = dumps(_portable_exception(exc))
         tb = f"(on rank {self.rank})\n{format_remote_traceback(exc)}"
