@@ -130,13 +130,37 @@ def main(argv: list[str] | None = None) -> None:
         )
         sys.exit(_run_main(argv))
     control = world.Dup()  # shoal's messages never mix with the script's own MPI traffic
+    workers = _workers_per_relay(mpi, control, rank)
     if rank != 0:
         from ._relay import run_relay
 
-        run_relay(control, 0, rank, 0)
+        run_relay(control, 0, rank, workers)
         control.Free()
         sys.exit(0)  # mpi4py finalises MPI at exit, as rank 0 does
     _lead(control, size, argv)
+
+
+def _workers_per_relay(mpi: Any, control: Any, rank: int) -> int:
+    """Worker processes for this rank if it serves: its CPUs, shared with the other serving
+    ranks of its node whose CPU sets overlap its own.
+
+    With ``--bind-to core`` each rank has its CPU (one worker each); with one rank per node and
+    ``--bind-to none``, one relay gets the whole node; unbound ranks sharing a node split it
+    instead of each starting a worker per CPU of the node.
+    """
+    from .._options import cpu_count
+
+    node = control.Split_type(mpi.COMM_TYPE_SHARED)
+    try:
+        mine = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        mine = []
+    everyone = node.allgather((rank, mine))
+    node.Free()
+    if rank == 0 or not mine:
+        return cpu_count()
+    overlapping = [r for r, cpus in everyone if r != 0 and set(cpus) & set(mine)]
+    return max(1, cpu_count() // max(1, len(overlapping)))
 
 
 def _lead(control: Any, size: int, argv: list[str]) -> None:
