@@ -14,12 +14,14 @@ class SpmdError(ShoalError):
     """Misuse of :mod:`shoal.spmd` (``comm()`` outside ``run``, a bad rank...)."""
 
 
-def pickled(obj: Any, what: str, rank: int) -> bytes:
-    """``obj`` pickled for another rank; a :class:`~shoal.PicklingError` naming it if it cannot."""
+def pickled(obj: Any, what: str, rank: int, segments: Any = None) -> bytes:
+    """``obj`` pickled for another rank (large buffers into ``segments``, a
+    :class:`shoal._shm.SegmentCache`, if given); a :class:`~shoal.PicklingError` naming it if it
+    cannot be pickled."""
     from .._pickling import dumps
 
     try:
-        return dumps(obj)
+        return dumps(obj, segments)
     except Exception as exc:
         try:
             text = repr(obj)[:80]

@@ -33,20 +33,48 @@ class LocalComm(Comm):
         self.sock = sock
         self.rank = rank
         self.size = size
+        # Large buffers of a collective go through shared memory (memfd segments that the
+        # other ranks map). A segment must live until every rank has unpickled it, which is
+        # certain once the *next* collective completes (every rank has called it): so each
+        # collective's segments are closed at the end of the following one.
+        self._segments: Any = None
+        self._previous: Any = None
+
+    def _pack(self, obj: Any, what: str) -> bytes:
+        from .._shm import SegmentCache
+
+        if self._segments is None:
+            self._segments = SegmentCache()
+        return pickled(obj, what, self.rank, self._segments)
 
     def _ask(self, head: tuple[Any, ...], parts: list[bytes] = ()) -> tuple[Any, list[bytearray]]:  # type: ignore[assignment]
         _frames.send(self.sock, head, parts)
         reply, data = _frames.recv(self.sock)
+        if head[0] == "coll":
+            self._release(self._previous)
+            self._previous, self._segments = self._segments, None
         if reply[0] == "error":
             kind = {"ValueError": ValueError, "TypeError": TypeError}.get(reply[1], RuntimeError)
             raise kind(reply[2])
         return reply, data
 
+    @staticmethod
+    def _release(segments: Any) -> None:
+        if segments is not None:
+            segments.close()
+
+    def finish(self) -> None:
+        """After ``fn`` returned: wait for every rank (so none still maps this rank's last
+        segments), then close them."""
+        self.barrier()
+        self._release(self._previous)
+        self._release(self._segments)
+
     def bcast(self, obj: Any = None, root: int = 0) -> Any:
         self._check_root(root, "bcast")
-        parts = [pickled(obj, "bcast", self.rank)] if self.rank == root else []
+        parts = [self._pack(obj, "bcast")] if self.rank == root else []
         _, data = self._ask(("coll", "bcast", root), parts)
-        return obj if self.rank == root else pickle.loads(data[0])
+        return obj if self.rank == root else _load(data[0])
 
     def scatter(self, seq: Sequence[Any] | None = None, root: int = 0) -> Any:
         self._check_root(root, "scatter")
@@ -57,20 +85,20 @@ class LocalComm(Comm):
                     f"scatter: the root must pass a sequence of {self.size} parts, "
                     f"not {type(seq).__name__}"
                 )
-            parts = [pickled(p, "scatter", self.rank) for p in seq]
+            parts = [self._pack(p, "scatter") for p in seq]
         _, data = self._ask(("coll", "scatter", root), parts)
-        return pickle.loads(data[0])
+        return _load(data[0])
 
     def gather(self, obj: Any, root: int = 0) -> list[Any] | None:
         self._check_root(root, "gather")
-        _, data = self._ask(("coll", "gather", root), [pickled(obj, "gather", self.rank)])
+        _, data = self._ask(("coll", "gather", root), [self._pack(obj, "gather")])
         if self.rank != root:
             return None
-        return [pickle.loads(d) for d in data]
+        return [_load(d) for d in data]
 
     def allgather(self, obj: Any) -> list[Any]:
-        _, data = self._ask(("coll", "allgather", 0), [pickled(obj, "allgather", self.rank)])
-        return [pickle.loads(d) for d in data]
+        _, data = self._ask(("coll", "allgather", 0), [self._pack(obj, "allgather")])
+        return [_load(d) for d in data]
 
     def send(self, obj: Any, dest: int, tag: int = 0) -> None:
         self._check_root(dest, "send")
@@ -83,6 +111,12 @@ class LocalComm(Comm):
             self._check_root(source, "recv")
         _, data = self._ask(("recv", source, tag))
         return pickle.loads(data[0])
+
+
+def _load(data: bytearray) -> Any:
+    from .._shm import loads
+
+    return loads(data)  # type: ignore[arg-type]
 
 
 class _Collective:
@@ -247,9 +281,11 @@ class RankMain:
         sock.connect(self.address)
         _frames.send(sock, ("hello", rank))
         _frames.recv(sock)  # "start": every rank is connected
-        current = LocalComm(sock, rank, self.size)
+        comm = current = LocalComm(sock, rank, self.size)
         try:
-            return rank, self.fn(*self.args, **self.kwargs)
+            value = self.fn(*self.args, **self.kwargs)
+            comm.finish()
+            return rank, value
         except BaseException as exc:
             exc.add_note(f"shoal.spmd: raised on rank {rank} of {self.size}")
             raise
