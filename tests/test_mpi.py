@@ -93,7 +93,7 @@ def test_contract_suite_passes_on_the_mpi_backend():
     assert " passed" in summary and "failed" not in summary, summary
 
 
-def test_crash_timeout_and_error_fail_only_their_item_and_name_rank_and_host(tmp_path):
+def test_crash_timeout_memory_and_error_fail_only_their_item_and_name_rank_and_host(tmp_path):
     script = write(
         tmp_path,
         """
@@ -111,6 +111,14 @@ def test_crash_timeout_and_error_fail_only_their_item_and_name_rank_and_host(tmp
                 raise KeyError(x)
             return x
 
+        def hog(x):
+            if x == 1:
+                block = bytearray(400 * 2**20)  # resident: bytearray zero-fills
+                time.sleep(2)
+            return x
+
+        memory = shoal.map(hog, range(3), on_error="return", max_worker_memory="200MB")
+        print(json.dumps([type(v).__name__ for v in memory]))
         out = shoal.map(task, range(12), on_error="return", timeout=2.0)
         print(json.dumps([
             [type(v).__name__, getattr(v, "rank", None), getattr(v, "host", None),
@@ -121,7 +129,9 @@ def test_crash_timeout_and_error_fail_only_their_item_and_name_rank_and_host(tmp
     )
     res = launch(script, timeout=90)
     assert res.returncode == 0, res.stderr
-    *out, host = json.loads(res.stdout.strip().splitlines()[-1])
+    memory_line, last = res.stdout.strip().splitlines()[-2:]
+    assert json.loads(memory_line) == ["int", "WorkerMemoryError", "int"]
+    *out, host = json.loads(last)
     crashed, timed_out = "WorkerCrashedError", "TaskTimeoutError"
     failed = {3: crashed, 5: crashed, 7: timed_out, 9: "KeyError"}
     for i, value in enumerate(out):
