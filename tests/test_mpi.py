@@ -344,3 +344,34 @@ def test_spawn_mode_from_plain_python(tmp_path):
     assert got["squares"] is True
     assert got["crashed"] == ["int", "int", "WorkerCrashedError", "int"]
     assert _gone_within(marker, 10.0), processes_named(marker)
+
+
+def test_large_fixed_arguments_cross_as_raw_buffers(tmp_path):
+    script = write(
+        tmp_path,
+        """
+        import functools, json
+        import numpy as np
+        import shoal
+
+        def pick(i, arr, scale=1.0):
+            arr[i] += 1  # a task's copy is its own (copy-on-write), as on the processes backend
+            return float(arr[i]) * scale
+
+        arr = np.arange(2_000_000, dtype=np.float64)  # 16 MB: over the shared-memory threshold
+        other = np.ones(500_000)
+        print(json.dumps({
+            "args": shoal.map(pick, range(0, 2_000_000, 250_000), args=(arr,), kwargs={"scale": 2}),
+            "partial": shoal.map(functools.partial(pick, arr=arr), [5, 7]),
+            "shared": shoal.map(pick, [1], args=(other,), shared=arr, initializer=None),
+            "unchanged": bool(arr[5] == 5.0),
+        }))
+        """,
+    )
+    res = launch(script, timeout=90)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["args"] == [2 * (i + 1.0) for i in range(0, 2_000_000, 250_000)]
+    assert got["partial"] == [6.0, 8.0]
+    assert got["shared"] == [2.0]
+    assert got["unchanged"] is True

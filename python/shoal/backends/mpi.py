@@ -32,6 +32,44 @@ from .._spec import NO_LIMITS, CallSpec, ChunkResult, Crash, ItemError, Limits
 from ._base import Backend, Pool, Session
 
 
+def _mpi_byte() -> Any:
+    from mpi4py import MPI
+
+    return MPI.BYTE
+
+
+def _spec_out_of_band(spec: CallSpec) -> tuple[bytes, list[memoryview]]:
+    """The spec pickled for a relay's workers, with its large buffers (a big array in
+    ``args=``, a ``functools.partial`` or ``shared=``) left out of the pickle.
+
+    They cross MPI once per call and relay as raw buffers; the relay puts them in shared memory
+    that all its workers map. Rank 0's ``sys.path`` travels in the same pickle.
+    """
+    import cloudpickle  # type: ignore[import-untyped]
+
+    from .. import _shm
+    from ..mpi._wire import PathFirst
+
+    buffers: list[memoryview] = []
+
+    def out_of_band(buffer: Any) -> bool:
+        try:
+            view = buffer.raw()
+        except BufferError:  # not contiguous: in the pickle
+            return True
+        if view.nbytes < _shm.THRESHOLD:
+            return True
+        buffers.append(view)
+        return False
+
+    try:
+        body = cloudpickle.dumps(PathFirst(list(sys.path), spec), 5, buffer_callback=out_of_band)
+    except Exception:
+        dumps_spec(spec)  # raises a PicklingError that names what failed
+        raise
+    return body, buffers
+
+
 class RemoteCrash(Crash):
     """A :class:`Crash` on a serving rank; :meth:`locate` marks the error the driver makes."""
 
@@ -88,11 +126,14 @@ class _Link:
         self._thread = threading.Thread(target=self._receive, name="shoal-mpi-recv", daemon=True)
         self._thread.start()
 
-    def send(self, rank: int, message: tuple[Any, ...]) -> None:
-        from ..mpi._wire import TAG_CONTROL
+    def send(self, rank: int, message: tuple[Any, ...], buffers: list[memoryview] = ()) -> None:  # type: ignore[assignment]
+        """Send ``message``, then each of ``buffers`` as a raw message (not pickled)."""
+        from ..mpi._wire import TAG_CONTROL, TAG_DATA
 
         with self._send_lock:
             self.comm.send(message, dest=rank, tag=TAG_CONTROL)
+            for buf in buffers:
+                self.comm.Send([buf, _mpi_byte()], dest=rank, tag=TAG_DATA)
 
     def send_all(self, message: tuple[Any, ...]) -> None:
         for rank in self.relays:
@@ -188,15 +229,12 @@ class MpiSession(Session):
     # -- the contract ----------------------------------------------------------------------
 
     def register(self, spec: CallSpec) -> int:
-        import pickle
-
-        from ..mpi._wire import WithPath
-
-        # No shared memory: the relays may be on other hosts. The path travels with the spec.
-        blob = pickle.dumps(WithPath(list(sys.path), dumps_spec(spec)), 5)
+        body, buffers = _spec_out_of_band(spec)
         key = next(self._keys)
         self._sizers[key] = _native.ChunkSizer(self.link.workers)
-        self.link.send_all(("setup", self.sid, key, blob))
+        sizes = [b.nbytes for b in buffers]
+        for rank in self.link.relays:
+            self.link.send(rank, ("setup", self.sid, key, body, sizes), buffers)
         return key
 
     def unregister(self, spec_id: int) -> None:
@@ -303,6 +341,12 @@ class MpiSession(Session):
             by_rank: dict[int, list[int]] = {}
             for seq, rank in dispatched.items():
                 by_rank.setdefault(rank, []).append(seq)
+                # A relay drops queued chunks without a word: count them free now (one that
+                # already runs comes back and is ignored).
+                del self._where[seq]
+                self._load[rank] -= 1
+                self._sizes.pop(seq, None)
+            self._dispatch()
         for rank, dropped in by_rank.items():
             self.link.send(rank, ("cancel", self.sid, None if seqs is None else dropped))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -25,7 +26,7 @@ from .. import _native
 from .._options import cpu_count
 from ..backends.processes import ProcessPool
 from . import hostname
-from ._wire import TAG_CONTROL, TAG_REPLY, Backoff
+from ._wire import TAG_CONTROL, TAG_DATA, TAG_REPLY, Backoff
 
 #: Results and arguments always travel in-band between a relay and its workers: a shared-memory
 #: segment of a worker means nothing on rank 0's host.
@@ -39,6 +40,7 @@ class _RelaySession:
         self.engine = relay.pool._engine
         self.local = self.engine.open_session(False, *limits)
         self.setups: dict[int, int] = {}
+        self.segments: dict[int, list[Any]] = {}
         self.to_global: dict[int, int] = {}
         self.to_local: dict[int, int] = {}
         self.lock = threading.Lock()
@@ -46,13 +48,24 @@ class _RelaySession:
         self.thread = threading.Thread(target=self.pump, name=f"shoal-relay-{sid}", daemon=True)
         self.thread.start()
 
-    def setup(self, key: int, blob: bytes) -> None:
+    def setup(self, key: int, body: bytes, segments: list[Any]) -> None:
+        blob = body
+        if segments:
+            from .. import _shm
+
+            # The format the processes backend uses for a spec with buffers in shared memory:
+            # workers map each segment through /proc/<relay pid>/fd/<fd>.
+            refs = [(os.getpid(), seg.fd, seg.size) for seg in segments]
+            blob = _shm.MAGIC + pickle.dumps((refs, body), 5)
+            self.segments[key] = segments
         self.setups[key] = int(self.engine.add_setup(self.local, blob))
 
     def drop(self, key: int) -> None:
         local = self.setups.pop(key, None)
         if local is not None:
             self.engine.remove_setup(local)
+        for seg in self.segments.pop(key, []):
+            seg.close()
 
     def task(self, key: int, seq: int, n: int, payload: bytes, exclusive: bool) -> None:
         with self.lock:
@@ -73,6 +86,10 @@ class _RelaySession:
         self.closed = True
         with contextlib.suppress(_native.EngineError):
             self.engine.close_session(self.local, abort)
+        # Workers that already mapped a segment keep their mapping.
+        for key in list(self.segments):
+            for seg in self.segments.pop(key):
+                seg.close()
 
     def pump(self) -> None:
         while not self.closed:
@@ -150,6 +167,16 @@ class Relay:
             session.close(True)
         self.pool.shutdown(kill=True)
 
+    def receive_segment(self, size: int) -> Any:
+        """The next raw buffer from rank 0, received straight into a shared-memory segment."""
+        from mpi4py import MPI
+
+        segment = _native.Segment.zeroed(size)
+        mapping = _native.Mapping(segment.fd, size, shared=True)
+        self.comm.Recv([mapping, MPI.BYTE], source=self.root, tag=TAG_DATA)
+        del mapping
+        return segment
+
     def handle(self, message: tuple[Any, ...]) -> bool:
         kind = message[0]
         if kind == "task":
@@ -163,9 +190,14 @@ class Relay:
         elif kind == "open":
             self.sessions[message[1]] = _RelaySession(self, message[1], message[2:])
         elif kind == "setup":
-            session = self.sessions.get(message[1])
+            _, sid, key, body, sizes = message
+            segments = [self.receive_segment(size) for size in sizes]
+            session = self.sessions.get(sid)
             if session is not None:
-                session.setup(message[2], message[3])
+                session.setup(key, body, segments)
+            else:
+                for seg in segments:
+                    seg.close()
         elif kind == "drop":
             session = self.sessions.get(message[1])
             if session is not None:

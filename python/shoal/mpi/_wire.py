@@ -7,7 +7,9 @@ own (a duplicate of the world, or the spawn intercommunicator), so user code tha
 driver -> relay (tag :data:`TAG_CONTROL`)::
 
     ("open", sid, timeout, max_tasks_per_worker, max_worker_memory, max_load, max_memory)
-    ("setup", sid, spec_key, spec_bytes)          once per call and relay
+    ("setup", sid, spec_key, body, sizes)         once per call and relay; then one raw
+                                                  message (TAG_DATA) per size: the spec's
+                                                  large buffers, out of band
     ("drop", sid, spec_key)
     ("task", sid, spec_key, seq, n_items, payload, exclusive)
     ("cancel", sid, seqs)                         seqs: list, or None for all
@@ -29,6 +31,8 @@ import time
 
 TAG_CONTROL = 0x5A01
 TAG_REPLY = 0x5A02
+#: Raw buffers that follow a "setup" message, in order.
+TAG_DATA = 0x5A03
 
 
 class Backoff:
@@ -81,3 +85,43 @@ class WithPath:
 
     def __reduce__(self) -> tuple[object, ...]:
         return (load_with_path, (self.path, self.blob))
+
+
+def _set_path(path: list[str]) -> None:
+    import sys
+
+    for entry in reversed(path):
+        if entry and entry not in sys.path:
+            sys.path.insert(0, entry)
+
+
+def _second(first: object, second: object) -> object:
+    return second
+
+
+class PathFirst:
+    """Pickles as "put rank 0's ``sys.path`` in place, then ``obj``", in one pickle stream.
+
+    Unpickling runs in order, so the path is set before ``obj``'s functions are imported; the
+    result is ``obj`` itself. Unlike :class:`WithPath`, ``obj``'s large buffers can stay out of
+    band (pickle protocol 5), so they cross MPI as raw buffers.
+    """
+
+    __slots__ = ("obj", "path")
+
+    def __init__(self, path: list[str], obj: object) -> None:
+        self.path = path
+        self.obj = obj
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_second, (_PathSetter(self.path), self.obj))
+
+
+class _PathSetter:
+    __slots__ = ("path",)
+
+    def __init__(self, path: list[str]) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_set_path, (self.path,))
