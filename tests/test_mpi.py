@@ -225,6 +225,7 @@ def _start_job(tmp_path, marker):
             return x
 
         try:
+            open({str(tmp_path / "started")!r}, "w").close()
             shoal.map(slow, range(8), chunksize=1)
         except KeyboardInterrupt:
             with open({str(tmp_path / "seen")!r}, "w") as f:
@@ -248,13 +249,13 @@ def _start_job(tmp_path, marker):
         env=env(SHOAL_TEST_JOB=marker),
         start_new_session=True,
     )
-    # Wait until the slow tasks run on the relays' workers.
+    # Wait until rank 0 runs the map and the slow tasks run on the relays' workers.
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if len(processes_named(marker)) >= 3 + 1 + 2:  # mpiexec, 3 ranks, >= 2 workers
-            break
-        time.sleep(0.2)
-    time.sleep(1.0)
+        if (tmp_path / "started").exists() and len(processes_named(marker)) >= 3 + 1 + 2:
+            break  # mpiexec, 3 ranks, >= 2 workers
+        time.sleep(0.1)
+    time.sleep(0.5)
     return proc
 
 

@@ -378,7 +378,7 @@ class MpiPool(Pool):
     @property
     def relays(self) -> list[tuple[int, str, int]]:
         """``(rank, host, workers)`` of each serving rank."""
-        return [(r.rank, r.host, r.workers) for r in self.link.relays.values()]
+        return sorted((r.rank, r.host, r.workers) for r in self.link.relays.values())
 
     def open_session(self, *, ordered: bool, limits: Limits | None = None) -> MpiSession:
         if self.link._stopped:

@@ -219,17 +219,25 @@ class Relay:
         return True
 
 
-def _exit_on_term(signum: int, frame: Any) -> None:
-    # mpiexec passes Ctrl-C on as SIGTERM: leave at once; the engine's workers die with us
-    # (PR_SET_PDEATHSIG), and rank 0 decides the job's exit status.
-    os._exit(128 + signum)
+#: Seconds a relay told to terminate waits for rank 0's "stop" before it leaves by itself.
+TERM_GRACE = 1.5
 
 
 def run_relay(comm: Any, root: int, rank: int, workers: int) -> None:
     """Serve rank 0 until it says stop; then exit this process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle
-    signal.signal(signal.SIGTERM, _exit_on_term)
     relay = Relay(comm, root, rank, workers or cpu_count())
+
+    def on_term(signum: int, frame: Any) -> None:
+        # mpiexec passes Ctrl-C on to every rank as SIGTERM. Stop the tasks at once, but let
+        # rank 0 (which sees a KeyboardInterrupt) end first and say stop, so that the job ends
+        # with its status; leave anyway after a grace period.
+        relay.pool.shutdown(kill=True)
+        timer = threading.Timer(TERM_GRACE, os._exit, args=(128 + signum,))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle
+    signal.signal(signal.SIGTERM, on_term)
     try:
         relay.serve()
     except BaseException as exc:  # never hang the job: report and leave
