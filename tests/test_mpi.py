@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,18 @@ import time
 import uuid
 from pathlib import Path
 
-from mpi_helpers import env, kill_group, launch, mpiexec, needs_mpi, processes_named, write
+import pytest
+
+from mpi_helpers import (
+    MPIEXEC,
+    env,
+    kill_group,
+    launch,
+    mpiexec,
+    needs_mpi,
+    processes_named,
+    write,
+)
 
 pytestmark = needs_mpi
 
@@ -376,3 +388,81 @@ def test_large_fixed_arguments_cross_as_raw_buffers(tmp_path):
     assert got["partial"] == [6.0, 8.0]
     assert got["shared"] == [2.0]
     assert got["unchanged"] is True
+
+
+def _netns_problem() -> str | None:
+    if os.geteuid() != 0:
+        return "simulated hosts need root (network namespaces); this test runs in .ci/run"
+    if shutil.which("ip") is None or shutil.which("unshare") is None:
+        return "iproute2 (ip) and unshare are needed for simulated hosts"
+    return None
+
+
+@pytest.fixture
+def two_hosts():
+    """Two simulated hosts (network namespaces on a private bridge), removed afterwards."""
+    problem = _netns_problem()
+    if problem:
+        pytest.skip(problem)
+    prefix = f"shoal{os.getpid() % 100000}"
+    script = os.path.join(ROOT, "scripts", "netns_hosts.sh")
+    made = subprocess.run([script, "up", prefix, "2"], capture_output=True, text=True, timeout=30)
+    try:
+        if made.returncode != 0:
+            pytest.skip(f"cannot create network namespaces here: {made.stderr.strip()}")
+        yield [f"{prefix}-h1", f"{prefix}-h2"]
+    finally:
+        subprocess.run([script, "down", prefix, "2"], capture_output=True, timeout=30)
+
+
+def test_ranks_on_two_simulated_hosts_talk_over_the_network(tmp_path, two_hosts):
+    first, second = two_hosts
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(f"{first} slots=1\n{second} slots=2\n")
+    script = write(
+        tmp_path,
+        """
+        import json, os, socket
+        import numpy as np
+        import shoal
+
+        def where(x, arr):
+            if x == 3:
+                os._exit(1)
+            return socket.gethostname(), float(arr[x])
+
+        got = shoal.map(where, range(20), args=(np.arange(1e6),), on_error="return")
+        print(json.dumps({
+            "rank0": socket.gethostname(),
+            "relays": shoal.get_backend().pool().relays,
+            "ok": [v for i, v in enumerate(got) if i != 3],
+            "crash": [type(got[3]).__name__, got[3].rank, got[3].host],
+        }))
+        """,
+    )
+    mpiexec_cmd = (
+        f"hostname {first}; exec {MPIEXEC} -n 2 --hostfile {hostfile} --map-by node "
+        f"{sys.executable} -m shoal.mpi {script}"
+    )
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", first, "unshare", "--uts", "/bin/sh", "-c", mpiexec_cmd],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(PRTE_MCA_plm_ssh_agent=os.path.join(ROOT, "scripts", "netns_rsh.sh")),
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, err = proc.communicate()
+        pytest.fail(f"the two-host job hung\n{out}\n{err}")
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 0, out + err
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["rank0"] == first
+    assert [(r[0], r[1]) for r in got["relays"]] == [(1, second)]
+    assert got["ok"] == [[second, float(i)] for i in range(20) if i != 3]
+    assert got["crash"] == ["WorkerCrashedError", 1, second]
