@@ -466,3 +466,35 @@ def test_ranks_on_two_simulated_hosts_talk_over_the_network(tmp_path, two_hosts)
     assert [(r[0], r[1]) for r in got["relays"]] == [(1, second)]
     assert got["ok"] == [[second, float(i)] for i in range(20) if i != 3]
     assert got["crash"] == ["WorkerCrashedError", 1, second]
+
+
+def test_a_spawn_that_fails_names_the_mpi_library(tmp_path):
+    # As root, Open MPI's runtime refuses to start without PRTE_ALLOW_RUN_AS_ROOT: a real spawn
+    # failure, with nothing faked.
+    if os.geteuid() != 0:
+        pytest.skip("the spawn failure used here (prte refusing root) needs root")
+    script = write(
+        tmp_path,
+        """
+        import shoal
+        from mpi4py import MPI
+        try:
+            shoal.map(abs, [1], backend="mpi", workers=2)
+        except shoal.ShoalError as exc:
+            print(type(exc).__name__, "|", exc, "|", MPI.Get_library_version().splitlines()[0])
+        """,
+    )
+    run_env = env()
+    for name in ("PRTE_ALLOW_RUN_AS_ROOT", "PRTE_ALLOW_RUN_AS_ROOT_CONFIRM"):
+        run_env.pop(name)
+    res = subprocess.run(
+        [sys.executable, str(script)],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        start_new_session=True,
+    )
+    name, message, library = res.stdout.strip().splitlines()[-1].split(" | ")
+    assert name == "MPIUnavailableError"
+    assert "could not spawn 2 MPI ranks" in message and library.strip() in message

@@ -16,12 +16,14 @@ backend and cross to the relay as bytes; outcomes come back as the relay's worke
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import os
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any
 
@@ -406,7 +408,20 @@ def _spawn_link(workers: int) -> _Link:
             f"({library_name(mpi)}): {exc}. Start the job with "
             f"`mpiexec -n N python -m shoal.mpi script.py` instead"
         ) from exc
-    return _Link(intercomm, list(range(intercomm.Get_remote_size())))
+    link = _Link(intercomm, list(range(intercomm.Get_remote_size())))
+    _SPAWNED.add(link)
+    return link
+
+
+_SPAWNED: weakref.WeakSet[_Link] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_spawned() -> None:
+    # Spawned ranks would notice this process is gone (they watch its pid), but telling them
+    # is quicker, and leaves MPI's finalisation nothing to wait for.
+    for link in list(_SPAWNED):
+        link.stop()
 
 
 class MpiBackend(Backend):
