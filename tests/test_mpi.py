@@ -42,7 +42,7 @@ def test_launch_mode_runs_the_script_on_rank_0_with_mpi_as_default(tmp_path):
             return x * x
 
         def where(x):
-            return os.getpid(), int(os.environ.get("OMPI_COMM_WORLD_RANK", "-1"))
+            return os.getpid(), int(os.environ.get("SHOAL_MPI_RANK", "-1"))
 
         if __name__ == "__main__":
             rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
@@ -498,3 +498,22 @@ def test_a_spawn_that_fails_names_the_mpi_library(tmp_path):
     name, message, library = res.stdout.strip().splitlines()[-1].split(" | ")
     assert name == "MPIUnavailableError"
     assert "could not spawn 2 MPI ranks" in message and library.strip() in message
+
+
+def test_a_task_may_use_mpi4py_itself(tmp_path):
+    # Workers of a serving rank must not take themselves for that rank: MPI_Init would hang.
+    script = write(
+        tmp_path,
+        """
+        import shoal
+
+        def world(x):
+            from mpi4py import MPI
+            return MPI.COMM_WORLD.Get_size()
+
+        print(shoal.map(world, range(2), timeout=30))
+        """,
+    )
+    res = launch(script, timeout=90)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "[1, 1]"

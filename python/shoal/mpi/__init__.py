@@ -29,8 +29,14 @@ _SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNR
 _launch: Any = None
 
 
+#: Set on a serving rank (a relay), whose job variables are removed from its environment.
+_serving = False
+
+
 def in_mpi_job() -> bool:
     """Whether this process was started by ``mpiexec``/``srun`` as one rank of several."""
+    if _serving:
+        return True
     for name in _SIZE_VARIABLES:
         value = os.environ.get(name, "")
         if value.isdigit() and int(value) > 1:

@@ -122,6 +122,34 @@ def _inline(payload: bytes, segments: list[Any]) -> bytes:
     return _shm.dumps(values, None)
 
 
+#: Environment variables through which a launcher tells a process it is a rank of a job.
+_JOB_VARIABLES = ("PMI_", "PMIX_", "OMPI_COMM_WORLD_", "OMPI_WORLD_", "MPI_LOCAL")
+_JOB_NAMES = {
+    "OMPI_UNIVERSE_SIZE",
+    "OMPI_NUM_APP_CTX",
+    "OMPI_FILE_LOCATION",
+    "OMPI_MCA_num_procs",
+    "OMPI_COMMAND",
+    "OMPI_ARGV",
+    "PRTE_LAUNCHED",
+}
+_KEEP = ("PMIX_PREFIX", "PMIX_MCA_")
+
+
+def forget_job_identity() -> None:
+    """Drop this rank's identity from the environment its worker processes will inherit.
+
+    MPI has read it already. A worker that inherited it and imported mpi4py (directly or
+    through a library) would take itself for this rank and wait forever in ``MPI_Init``;
+    without it, such a worker starts as a singleton MPI process of its own.
+    """
+    for name in list(os.environ):
+        if name.startswith(_KEEP):
+            continue
+        if name in _JOB_NAMES or name.startswith(_JOB_VARIABLES):
+            del os.environ[name]
+
+
 class Relay:
     """The serving loop of one rank; see the module docs.
 
@@ -140,7 +168,13 @@ class Relay:
         self.root = root
         self.rank = rank
         self.workers = workers
-        self.pool = ProcessPool(workers, env=_IN_BAND, idle_timeout=None)
+        from .. import mpi
+
+        mpi._serving = True
+        forget_job_identity()
+        # Tasks can tell which rank serves them (SHOAL_MPI_RANK), not take themselves for it.
+        env = {**_IN_BAND, "SHOAL_MPI_RANK": str(rank)}
+        self.pool = ProcessPool(workers, env=env, idle_timeout=None)
         self.sessions: dict[int, _RelaySession] = {}
         self.send_lock = threading.Lock()
 

@@ -15,6 +15,7 @@ script.py``, with or without ``-m shoal.mpi``) the default is ``mpi``; elsewhere
 from __future__ import annotations
 
 import numbers
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -109,6 +110,8 @@ def comm() -> Comm:
 
     if _local.current is not None:
         return _local.current
+    if "shoal.spmd._mpi" in sys.modules and sys.modules["shoal.spmd._mpi"].current is not None:
+        return sys.modules["shoal.spmd._mpi"].current  # type: ignore[no-any-return]
     if _in_mpi():
         from . import _mpi
 
