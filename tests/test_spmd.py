@@ -278,3 +278,11 @@ def test_spmd_unhandled_error_prints_once_and_a_dead_rank_ends_the_job(tmp_path)
     res = mpiexec([sys.executable, str(script), "die"], n=3, timeout=60)
     assert res.returncode != 0
     assert "process rank 1 " in res.stdout + res.stderr, res.stderr
+
+
+def test_shoal_spmd_is_there_after_a_plain_import_shoal():
+    import subprocess
+
+    code = "import os, shoal; print(len(set(shoal.spmd.run(os.getpid, ranks=2))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "2", out.stderr
