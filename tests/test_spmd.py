@@ -196,7 +196,7 @@ sys.path.insert(0, {tests!r})
 import numpy as np
 import shoal, shoal.spmd
 from test_spmd import every_collective, check_every_collective, raise_on, step, recv_forever
-from test_spmd import bad_scatter
+from test_spmd import bad_scatter, unpicklable_bcast
 
 world = shoal.spmd.comm()  # outside run, inside an MPI job: the world
 size = world.size
@@ -210,6 +210,7 @@ for name, fn, kwargs in [
     ("raise", raise_on, {{"bad": 1}}),
     ("timeout", recv_forever, {{"timeout": 1.0}}),
     ("scatter", bad_scatter, {{}}),
+    ("pickle", unpicklable_bcast, {{"timeout": 30}}),
     ("ranks", os.getpid, {{"ranks": size + 1}}),
 ]:
     try:
@@ -238,6 +239,7 @@ def _check_mpi_results(stdout, ranks):
         assert out["timeout"][0] == "TaskTimeoutError"
         assert out["scatter"][0] == "ValueError" and "gave 4 parts for 3 ranks" in out["scatter"][1]
         assert out["ranks"][0] == "ValueError" and "must be None or 3" in out["ranks"][1]
+        assert out["pickle"][0] == "PicklingError" and "bcast on rank 0" in out["pickle"][1]
         assert out["after"] == [0, 1, 2]
 
 
