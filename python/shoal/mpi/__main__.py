@@ -23,6 +23,26 @@ from typing import Any
 USAGE = "usage: mpiexec -n N python -m shoal.mpi (script.py | -m module) [args...]"
 
 
+#: Seconds MPI_Finalize may take at exit before the process leaves without it.
+FINALIZE_GRACE = 5.0
+
+
+def _exit_after_finalize(code: int) -> None:
+    """Exit normally (mpi4py finalises MPI at exit), but never hang there: a peer that is gone
+    or a message still in flight must not keep this rank alive."""
+    from mpi4py import MPI
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    timer = threading.Timer(FINALIZE_GRACE, os._exit, args=(code,))
+    timer.daemon = True
+    timer.start()
+    # Finalised here, while the timer can still run (at interpreter exit it could not).
+    if not MPI.Is_finalized():
+        MPI.Finalize()
+    sys.exit(code)
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -99,7 +119,7 @@ def _serve_spawned(argv: list[str]) -> None:
         threading.Thread(target=watch, daemon=True).start()
     run_relay(parent, 0, parent.Get_rank(), 1)
     parent.Disconnect()
-    sys.exit(0)
+    _exit_after_finalize(0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
 
         run_relay(control, 0, rank, workers)
         control.Free()
-        sys.exit(0)  # mpi4py finalises MPI at exit, as rank 0 does
+        _exit_after_finalize(0)
     _lead(control, size, argv)
 
 
@@ -180,7 +200,7 @@ def _lead(control: Any, size: int, argv: list[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     if code == 0:
-        sys.exit(0)  # a normal exit: MPI is finalised with the other ranks
+        _exit_after_finalize(0)
     # After a failure or Ctrl-C the other ranks may already be gone: finalising MPI could wait
     # for them, so leave without it.
     os._exit(code)
