@@ -108,8 +108,6 @@ class _Link:
         self._sid = itertools.count(1)
         self._send_lock = threading.Lock()
         self._stopped = False
-        self.spmd_replies: deque[tuple[int, Any]] = deque()
-        self.spmd_cond = threading.Condition()
         backoff = Backoff()
         deadline = time.monotonic() + hello_timeout
         waiting = set(relay_ranks)
@@ -162,11 +160,6 @@ class _Link:
             except Exception:  # MPI finalised under us at exit
                 return
             kind = message[0]
-            if kind == "spmd":
-                with self.spmd_cond:
-                    self.spmd_replies.append((source, message))
-                    self.spmd_cond.notify_all()
-                continue
             session = self.sessions.get(message[1])
             if session is None:
                 continue

@@ -14,7 +14,7 @@ driver -> relay (tag :data:`TAG_CONTROL`)::
     ("task", sid, spec_key, seq, n_items, payload, exclusive)
     ("cancel", sid, seqs)                         seqs: list, or None for all
     ("close", sid, abort)
-    ("spmd", call_bytes)                          run fn on this rank (shoal.spmd)
+    ("spmd", call_bytes)                          take part in rank 0's shoal.spmd.run
     ("stop",)
 
 relay -> driver (tag :data:`TAG_REPLY`)::
@@ -22,7 +22,6 @@ relay -> driver (tag :data:`TAG_REPLY`)::
     ("hello", rank, host, workers, pid)
     ("done", sid, [(seq, kind, payload, elapsed_ns, pid, message), ...])
     ("broken", sid, message)                      the relay's engine failed for this session
-    ("spmd", ok, payload)                         the relay's return value or exception
 """
 
 from __future__ import annotations
