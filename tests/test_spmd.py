@@ -219,6 +219,11 @@ for name, fn, kwargs in [
     except Exception as exc:
         out[name] = [type(exc).__name__, str(exc), getattr(exc, "__notes__", [])]
 out["after"] = shoal.spmd.run(raise_on, -1)
+try:
+    out["map"] = shoal.map(abs, [-1, -2], backend="mpi")
+except shoal.ShoalError as exc:
+    out["map"] = str(exc)
+out["launch"] = shoal.mpi.is_launch_mode()
 print("RESULT", world.rank, json.dumps(out), flush=True)
 """
 
@@ -241,6 +246,10 @@ def _check_mpi_results(stdout, ranks):
         assert out["ranks"][0] == "ValueError" and "must be None or 3" in out["ranks"][1]
         assert out["pickle"][0] == "PicklingError" and "bcast on rank 0" in out["pickle"][1]
         assert out["after"] == [0, 1, 2]
+        if out["launch"]:
+            assert out["map"] == [1, 2]
+        else:  # plain mpiexec: every rank runs the script, so no rank serves map()
+            assert "needs launch mode" in out["map"]
 
 
 @pytest.mark.engine
