@@ -517,3 +517,29 @@ def test_a_task_may_use_mpi4py_itself(tmp_path):
     res = launch(script, timeout=90)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == "[1, 1]"
+
+
+def test_idle_serving_ranks_do_not_spin(tmp_path):
+    # Open MPI's blocking receives poll at 100 % CPU; relays wait with probes and a back-off.
+    script = write(
+        tmp_path,
+        """
+        import json, os, time
+        import shoal, shoal.mpi
+
+        def cpu(pid):
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        shoal.map(abs, range(100))  # the relays have served: now they wait
+        pids = [relay.pid for relay in shoal.mpi._launch.relays.values()]
+        before, start = [cpu(p) for p in pids], time.monotonic()
+        time.sleep(3.0)
+        wall = time.monotonic() - start
+        print(json.dumps([(cpu(p) - b) / wall for p, b in zip(pids, before)]))
+        """,
+    )
+    res = launch(script, timeout=60)
+    assert res.returncode == 0, res.stderr
+    for share in json.loads(res.stdout.strip().splitlines()[-1]):
+        assert share < 0.10  # a spinning relay would use about 1.0
