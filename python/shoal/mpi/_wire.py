@@ -44,7 +44,7 @@ class Backoff:
 
     __slots__ = ("delay", "longest", "shortest")
 
-    def __init__(self, shortest: float = 2e-4, longest: float = 0.002) -> None:
+    def __init__(self, shortest: float = 2e-4, longest: float = 0.001) -> None:
         self.shortest = shortest
         self.longest = longest
         self.delay = shortest
