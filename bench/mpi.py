@@ -3,7 +3,8 @@
 
 ``python bench/mpi.py`` starts the jobs itself, one after the other, and prints one table:
 
-- ``mpiexec -n 3 python -m shoal.mpi bench/mpi.py --tool shoal`` (rank 0 plus 2 serving ranks);
+- ``mpiexec -n 3 python -m shoal.mpi bench/mpi.py --tool shoal`` (rank 0 plus 2 serving ranks;
+  also shoal's local processes backend with 2 workers from rank 0, for reference);
 - ``mpiexec -n 3 python -m mpi4py.futures bench/mpi.py --tool futures`` (MPIPoolExecutor on the
   2 other ranks, default ``chunksize`` and the best of a few);
 - ``mpiexec -n 2 python bench/mpi.py --tool allreduce`` (mpi4py ``Allreduce`` of a 100 MB
@@ -86,7 +87,13 @@ def tool_shoal(repeat: int) -> dict[str, Any]:
         with shoal.Executor() as ex:
             ex.submit(noop, 0).result()
 
-    res = measure({"shoal": shoal.map}, first, repeat)
+    local = shoal.get_backend("processes")
+    mappers = {
+        "shoal": shoal.map,
+        # The local engine with as many workers, for reference (the relays idle meanwhile).
+        "shoal local": lambda f, xs: shoal.map(f, xs, backend=local, workers=2),
+    }
+    res = measure(mappers, first, repeat)
     res["first result (ms)"] = {"shoal": res["first result (ms)"]["value"]}
     return res
 
@@ -182,7 +189,7 @@ def main() -> None:
     table = job(["-m", "shoal.mpi", me, "--tool", "shoal", *repeat], 3)
     for name, cells in job(["-m", "mpi4py.futures", me, "--tool", "futures", *repeat], 3).items():
         table[name].update(cells)
-    tools = ["shoal", "MPIPool", "MPIPool cs=64", "MPIPool cs=512"]
+    tools = ["shoal", "MPIPool", "MPIPool cs=64", "MPIPool cs=512", "shoal local"]
     print("ratio to a serial loop (lower is better); mpiexec -n 3: rank 0 + 2 serving ranks")
     print(f"{'row':28}" + "".join(f"{t:>16}" for t in tools))
     for name, cells in table.items():
