@@ -91,14 +91,16 @@ class LocalComm(Comm):
 
     def gather(self, obj: Any, root: int = 0) -> list[Any] | None:
         self._check_root(root, "gather")
-        _, data = self._ask(("coll", "gather", root), [self._pack(obj, "gather")])
+        # The root keeps its own object: it need not cross (nor be copied) at all.
+        part = b"" if self.rank == root else self._pack(obj, "gather")
+        _, data = self._ask(("coll", "gather", root), [part])
         if self.rank != root:
             return None
-        return [_load(d) for d in data]
+        return [obj if r == root else _load(d) for r, d in enumerate(data)]
 
     def allgather(self, obj: Any) -> list[Any]:
         _, data = self._ask(("coll", "allgather", 0), [self._pack(obj, "allgather")])
-        return [_load(d) for d in data]
+        return [obj if r == self.rank else _load(d) for r, d in enumerate(data)]
 
     def send(self, obj: Any, dest: int, tag: int = 0) -> None:
         self._check_root(dest, "send")
