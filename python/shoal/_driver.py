@@ -33,19 +33,23 @@ Batch = tuple[int, list[Any]]
 
 
 def _crash_error(crash: Crash, index: int, arguments: str, spec: CallSpec) -> BaseException:
-    exc: BaseException
-    if crash.kind == "start_failed":
-        exc = WorkerStartError(f"could not start worker processes: {crash.exit}")
-    elif crash.kind == "timed_out":
-        exc = TaskTimeoutError(index, arguments, crash.pid, crash.limit, spec.name)
-    elif crash.kind == "memory":
-        exc = WorkerMemoryError(index, arguments, crash.pid, crash.rss, int(crash.limit), spec.name)
-    else:
-        exc = WorkerCrashedError(index, arguments, crash.pid, crash.exit, spec.name)
+    exc = _crash_exception(crash, index, arguments, spec)
     locate = getattr(crash, "locate", None)
     if locate is not None:  # a crash on another host (the mpi backend): say where
         locate(exc)
     return exc
+
+
+def _crash_exception(crash: Crash, index: int, arguments: str, spec: CallSpec) -> BaseException:
+    if crash.kind == "start_failed":
+        return WorkerStartError(f"could not start worker processes: {crash.exit}")
+    if crash.kind == "timed_out":
+        return TaskTimeoutError(index, arguments, crash.pid, crash.limit, spec.name)
+    if crash.kind == "memory":
+        return WorkerMemoryError(
+            index, arguments, crash.pid, crash.rss, int(crash.limit), spec.name
+        )
+    return WorkerCrashedError(index, arguments, crash.pid, crash.exit, spec.name)
 
 
 def _describe_crash(crash: Crash) -> str:
