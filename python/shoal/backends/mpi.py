@@ -123,6 +123,8 @@ class _Link:
                 raise ShoalError(f"MPI ranks {sorted(waiting)} did not report for service")
             backoff.sleep()
         self.workers = sum(r.workers for r in self.relays.values())
+        # A send makes a reply likely soon: the receiver then polls at its fastest again.
+        self._backoff = Backoff()
         self._thread = threading.Thread(target=self._receive, name="shoal-mpi-recv", daemon=True)
         self._thread.start()
 
@@ -134,6 +136,7 @@ class _Link:
             self.comm.send(message, dest=rank, tag=TAG_CONTROL)
             for buf in buffers:
                 self.comm.Send([buf, _mpi_byte()], dest=rank, tag=TAG_DATA)
+        self._backoff.reset()
 
     def send_all(self, message: tuple[Any, ...]) -> None:
         for rank in self.relays:
@@ -145,10 +148,10 @@ class _Link:
     def _receive(self) -> None:
         from mpi4py import MPI
 
-        from ..mpi._wire import TAG_REPLY, Backoff
+        from ..mpi._wire import TAG_REPLY
 
         status = MPI.Status()
-        backoff = Backoff()
+        backoff = self._backoff
         while not self._stopped:
             try:
                 if not self.comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_REPLY, status=status):

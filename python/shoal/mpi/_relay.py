@@ -177,17 +177,20 @@ class Relay:
         self.pool = ProcessPool(workers, env=env, idle_timeout=None)
         self.sessions: dict[int, _RelaySession] = {}
         self.send_lock = threading.Lock()
+        self.backoff = Backoff()
 
     def reply(self, message: tuple[Any, ...]) -> None:
         with self.send_lock:
             self.comm.send(message, dest=self.root, tag=TAG_REPLY)
+        # Rank 0 answers results with more work: poll at the fastest for a while.
+        self.backoff.reset()
 
     def serve(self) -> None:
         from mpi4py import MPI
 
         self.pool.prestart()
         self.reply(("hello", self.rank, hostname(), self.workers, os.getpid()))
-        backoff = Backoff()
+        backoff = self.backoff
         status = MPI.Status()
         while True:
             if not self.comm.iprobe(source=self.root, tag=TAG_CONTROL, status=status):
