@@ -185,6 +185,12 @@ class _Link:
                 self.comm.Disconnect()
 
 
+#: Work (ns) that may wait on a relay behind its running chunks.
+PIPELINE_NS = 8e6
+#: Chunks longer than this (ns) are never queued behind another on a relay.
+LONG_CHUNK_NS = 20e6
+
+
 class MpiSession(Session):
     """One call's chunks on the relays; see the module docs."""
 
@@ -197,8 +203,8 @@ class MpiSession(Session):
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._queue: deque[tuple[int, int, int, bytes, bool]] = deque()
-        # A relay takes up to twice its workers in chunks: its own engine pipelines them.
-        self._room = {r.rank: 2 * r.workers + 1 for r in link.relays.values()}
+        self._workers = {r.rank: r.workers for r in link.relays.values()}
+        self._chunk_ns: float | None = None  # running mean of a chunk's compute time
         self._load = dict.fromkeys(link.relays, 0)
         self._where: dict[int, int] = {}
         self._sizes: dict[int, int] = {}
@@ -260,13 +266,27 @@ class MpiSession(Session):
     def _dispatch(self) -> None:
         # Called with the lock held: hand queued chunks to the relays with free slots.
         while self._queue and not self._closed:
-            rank = max(self._load, key=lambda r: self._room[r] - self._load[r])
-            if self._load[rank] >= self._room[rank]:
+            free = {r: self._room(r) - load for r, load in self._load.items()}
+            rank = max(free, key=free.__getitem__)
+            if free[rank] <= 0:
                 return
             seq, key, n, payload, exclusive = self._queue.popleft()
             self._load[rank] += 1
             self._where[seq] = rank
             self.link.send(rank, ("task", self.sid, key, seq, n, payload, exclusive))
+
+    def _room(self, rank: int) -> int:
+        """Chunks a relay may hold: one per worker, plus some queued behind them so that no
+        worker idles while a result travels back, as long as that queued work is short (the
+        local engine's rule: a chunk never waits behind a long one, which would make a slow
+        tail). Until the first chunk is measured, none waits."""
+        workers = self._workers[rank]
+        if self._chunk_ns is None:
+            return workers
+        queued = int(PIPELINE_NS // max(self._chunk_ns, 1.0))
+        if self._chunk_ns < LONG_CHUNK_NS:
+            queued = max(queued, 1)  # hides the round trip of one message
+        return workers + min(queued, workers + 1)
 
     def _deliver(self, rank: int, outcomes: list[tuple[Any, ...]]) -> None:
         with self._cond:
@@ -275,6 +295,10 @@ class MpiSession(Session):
                     continue  # cancelled meanwhile
                 self._load[rank] -= 1
                 self._raw.append((rank, outcome))
+                if outcome[1] == _native.OUTCOME_DONE:
+                    elapsed = float(outcome[3])
+                    mean = self._chunk_ns
+                    self._chunk_ns = elapsed if mean is None else 0.8 * mean + 0.2 * elapsed
             self._dispatch()
             self._cond.notify_all()
 
