@@ -259,7 +259,7 @@ def test_spmd_under_mpiexec_runs_on_every_rank(tmp_path, launcher):
     tests = os.path.dirname(os.path.abspath(__file__))
     script = write(tmp_path, SPMD_SCRIPT.format(tests=tests))
     prefix = [] if launcher == "plain" else ["-m", "shoal.mpi"]
-    res = mpiexec([sys.executable, *prefix, str(script)], n=3, timeout=120)
+    res = mpiexec([sys.executable, *prefix, str(script)], n=3, timeout=100)
     assert res.returncode == 0, res.stdout + res.stderr
     # Plain mpiexec: every rank runs the script; launch mode: rank 0 only.
     _check_mpi_results(res.stdout, [0, 1, 2] if launcher == "plain" else [0])
