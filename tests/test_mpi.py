@@ -95,7 +95,7 @@ def test_contract_suite_passes_on_the_mpi_backend():
             "no:cacheprovider",
             "--color=no",
         ],
-        timeout=100,  # under pytest-timeout (120 s), which would leave the job to finally
+        timeout=100,  # below pytest-timeout (120 s): the job is killed here, by process group
         cwd=ROOT,
         SHOAL_TEST_BACKENDS="mpi",
     )
