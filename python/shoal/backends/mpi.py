@@ -111,9 +111,11 @@ class _Link:
         backoff = Backoff()
         deadline = time.monotonic() + hello_timeout
         waiting = set(relay_ranks)
+        from mpi4py import MPI
+
         while waiting:
-            if comm.iprobe(source=-1, tag=TAG_REPLY):  # -1: MPI.ANY_SOURCE
-                message = comm.recv(source=-1, tag=TAG_REPLY)
+            if comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_REPLY):
+                message = comm.recv(source=MPI.ANY_SOURCE, tag=TAG_REPLY)
                 if message[0] == "hello":
                     _, rank, host, workers, pid = message
                     self.relays[rank] = _RelayInfo(rank, host, workers, pid)
