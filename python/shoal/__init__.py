@@ -89,7 +89,13 @@ _LAZY = {
 }
 
 
+#: Subpackages reachable as ``shoal.spmd`` after a plain ``import shoal``, imported on first use.
+_SUBMODULES = ("mpi", "spmd")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'shoal' has no attribute {name!r}")

@@ -65,6 +65,9 @@ def _crash_error(crash: Crash, index: int, arguments: str, spec: CallSpec) -> Ba
     note = getattr(crash, "note", "")  # a backend's pointer to the worker's output, if any
     if note:
         exc.add_note(note)
+    locate = getattr(crash, "locate", None)
+    if locate is not None:  # a crash on another host (the mpi backend): say where
+        locate(exc)
     return exc
 
 

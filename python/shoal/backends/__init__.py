@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ._base import Backend, LocalSession, Pool, Session
+from .mpi import MpiBackend
 from .processes import ProcessBackend
 from .serial import SerialBackend
 from .threads import ThreadBackend
@@ -38,6 +39,7 @@ _REGISTRY: dict[str, type[Backend]] = {
     ProcessBackend.name: ProcessBackend,
     ThreadBackend.name: ThreadBackend,
     SerialBackend.name: SerialBackend,
+    MpiBackend.name: MpiBackend,
 }
 #: Backends on engines installed as extras (name -> "module:class"): imported on first use, so
 #: that ``import shoal`` never imports Dask, Ray or the Slurm client code.

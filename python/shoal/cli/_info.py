@@ -47,7 +47,7 @@ def _mpi() -> str:
         runner = shutil.which("mpiexec") or shutil.which("mpirun")
         return f"mpi4py not installed{f' (launcher {runner})' if runner else ''}"
     try:
-        from mpi4py import MPI  # type: ignore[import-not-found]
+        from mpi4py import MPI
 
         return str(MPI.Get_library_version()).splitlines()[0].strip()
     except Exception as exc:

@@ -1,0 +1,208 @@
+"""MPI rows: shoal's ``mpi`` backend against ``mpi4py.futures.MPIPoolExecutor``, and SPMD
+``allreduce`` against mpi4py, as ratios to a serial loop timed in the same job.
+
+``python bench/mpi.py`` starts the jobs itself, one after the other, and prints one table:
+
+- ``mpiexec -n 3 python -m shoal.mpi bench/mpi.py --tool shoal`` (rank 0 plus 2 serving ranks;
+  also shoal's local processes backend with 2 workers from rank 0, for reference);
+- ``mpiexec -n 3 python -m mpi4py.futures bench/mpi.py --tool futures`` (MPIPoolExecutor on the
+  2 other ranks, default ``chunksize`` and the best of a few);
+- ``mpiexec -n 2 python bench/mpi.py --tool allreduce`` (mpi4py ``Allreduce`` of a 100 MB
+  float64 array) and the same with ``shoal.spmd.run(..., ranks=2)`` on local processes.
+
+Rows: W1 (100,000 no-op calls), W2 (20,000 x ~100 us), W3 (200 x ~10 ms), W4 (400 heavy-tailed,
+mean ~5 ms) and first result (ms from a new executor to its first result).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import workloads
+from workloads import noop, spin
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BIN = os.path.dirname(sys.executable)
+ENV = {
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "PRTE_ALLOW_RUN_AS_ROOT": "1",
+    "PRTE_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
+}
+ARRAY_BYTES = 100 * 2**20
+
+
+def best_of(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+        if best > 10.0:  # a very slow row: one run shows it
+            break
+    return best, out
+
+
+def rows(repeat: int) -> dict[str, tuple[Callable[..., Any], list[Any]]]:
+    per_second = workloads.calibrate(1.0)
+    return {
+        "W1 100k no-op": (noop, list(range(100_000))),
+        "W2 20k x 100us": (spin, [per_second // 10_000] * 20_000),
+        "W3 200 x 10ms": (spin, [per_second // 100] * 200),
+        "W4 400 heavy-tailed ~5ms": (spin, workloads.heavy_tailed(400, 0.005, per_second)),
+    }
+
+
+def measure(mappers: dict[str, Callable[..., list[Any]]], first: Callable[[], Any], repeat: int):
+    out: dict[str, Any] = {}
+    for name, (fn, xs) in rows(repeat).items():
+        serial, expected = best_of(lambda fn=fn, xs=xs: [fn(x) for x in xs], repeat)
+        for tool, mapper in mappers.items():
+            took, got = best_of(lambda fn=fn, xs=xs, m=mapper: m(fn, xs), repeat)
+            assert got == expected, f"{tool} gave wrong results on {name}"
+            out.setdefault(name, {})[tool] = took / serial
+    times = []
+    for _ in range(max(3, repeat)):
+        start = time.perf_counter()
+        first()
+        times.append((time.perf_counter() - start) * 1e3)
+    out["first result (ms)"] = {"value": sorted(times)[len(times) // 2]}
+    return out
+
+
+def tool_shoal(repeat: int) -> dict[str, Any]:
+    import shoal
+
+    def first() -> None:
+        with shoal.Executor() as ex:
+            ex.submit(noop, 0).result()
+
+    local = shoal.get_backend("processes")
+    mappers = {
+        "shoal": shoal.map,
+        # The local engine with as many workers, for reference (the relays idle meanwhile).
+        "shoal local": lambda f, xs: shoal.map(f, xs, backend=local, workers=2),
+    }
+    res = measure(mappers, first, repeat)
+    res["first result (ms)"] = {"shoal": res["first result (ms)"]["value"]}
+    return res
+
+
+def tool_futures(repeat: int) -> dict[str, Any]:
+    from mpi4py.futures import MPIPoolExecutor
+
+    ex = MPIPoolExecutor()
+    ex.submit(noop, 0).result()  # warm
+    chunks = {"MPIPool": 1, "MPIPool cs=64": 64, "MPIPool cs=512": 512}
+    mappers = {
+        name: (lambda f, xs, cs=cs: list(ex.map(f, xs, chunksize=cs)))
+        for name, cs in chunks.items()
+    }
+
+    def first() -> None:
+        with MPIPoolExecutor() as fresh:
+            fresh.submit(noop, 0).result()
+
+    res = measure(mappers, first, repeat)
+    res["first result (ms)"] = {"MPIPool": res["first result (ms)"]["value"]}
+    ex.shutdown()
+    return res
+
+
+def allreduce_mpi(repeat: int) -> float:
+    import numpy as np
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    arr = np.full(ARRAY_BYTES // 8, float(comm.rank))
+    out = np.empty_like(arr)
+    best = float("inf")
+    for _ in range(repeat):
+        comm.Barrier()
+        start = time.perf_counter()
+        comm.Allreduce(arr, out, op=MPI.SUM)
+        best = min(best, time.perf_counter() - start)
+    assert out[0] == sum(range(comm.size))
+    return best
+
+
+def _spmd_allreduce() -> float:
+    import numpy as np
+
+    import shoal.spmd
+
+    comm = shoal.spmd.comm()
+    arr = np.full(ARRAY_BYTES // 8, float(comm.rank))
+    comm.barrier()
+    start = time.perf_counter()
+    total = comm.allreduce(arr)
+    took = time.perf_counter() - start
+    assert total[0] == sum(range(comm.size))
+    return took
+
+
+def allreduce_shoal(repeat: int) -> float:
+    import shoal.spmd
+
+    return min(max(shoal.spmd.run(_spmd_allreduce, ranks=2)) for _ in range(repeat))
+
+
+def job(args: list[str], n: int) -> dict[str, Any]:
+    env = {**os.environ, **ENV, "PATH": BIN + os.pathsep + os.environ.get("PATH", "")}
+    cmd = [os.path.join(BIN, "mpiexec"), "-n", str(n), sys.executable, *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])  # type: ignore[no-any-return]
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tool", default="")
+    parser.add_argument("--repeat", type=int, default=3)
+    opts = parser.parse_args()
+    me = os.path.abspath(__file__)
+    if opts.tool:
+        if opts.tool == "shoal":
+            result: Any = tool_shoal(opts.repeat)
+        elif opts.tool == "futures":
+            result = tool_futures(opts.repeat)
+        else:
+            result = allreduce_mpi(opts.repeat)
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.rank == 0:
+            print("RESULT " + json.dumps(result), flush=True)
+        return
+    repeat = ["--repeat", str(opts.repeat)]
+    table = job(["-m", "shoal.mpi", me, "--tool", "shoal", *repeat], 3)
+    for name, cells in job(["-m", "mpi4py.futures", me, "--tool", "futures", *repeat], 3).items():
+        table[name].update(cells)
+    tools = ["shoal", "MPIPool", "MPIPool cs=64", "MPIPool cs=512", "shoal local"]
+    print("ratio to a serial loop (lower is better); mpiexec -n 3: rank 0 + 2 serving ranks")
+    print(f"{'row':28}" + "".join(f"{t:>16}" for t in tools))
+    for name, cells in table.items():
+        line = f"{name:28}"
+        for t in tools:
+            value = cells.get(t)
+            line += f"{'' if value is None else f'{value:.3f}':>16}"
+        print(line)
+    mpi_s = job([me, "--tool", "allreduce", *repeat], 2)
+    shoal_s = allreduce_shoal(opts.repeat)
+    print(f"\nallreduce of a 100 MB float64 array on 2 ranks (s): mpi4py Allreduce {mpi_s:.3f}")
+    print(f"                                  shoal.spmd processes backend {shoal_s:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""A serving rank: a light relay between rank 0 and worker processes on its own node.
+
+The relay never runs a task itself. It owns a local :class:`~shoal.backends.processes.ProcessPool`
+(shoal's Rust supervisor), hands it the call specs and chunks that rank 0 sends, and sends the
+outcomes back as they are. So a task that segfaults, exits, runs past ``timeout=`` or over
+``max_worker_memory`` kills one local worker, and only its own item fails; the relay and the
+MPI job go on. Payloads pass through as bytes: the relay never unpickles user data, so it needs
+none of the script's modules.
+
+Threads: the main thread polls for rank 0's messages (non-blocking probe with back-off, so an
+idle relay uses no CPU); one thread per open session waits on the engine (GIL released) and
+sends outcomes back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import sys
+import threading
+from typing import Any
+
+from .. import _native
+from .._options import cpu_count
+from ..backends.processes import ProcessPool
+from . import hostname
+from ._wire import TAG_CONTROL, TAG_DATA, TAG_REPLY, Backoff
+
+#: Results and arguments always travel in-band between a relay and its workers: a shared-memory
+#: segment of a worker means nothing on rank 0's host.
+_IN_BAND = {"SHOAL_SHM_THRESHOLD": str(2**62)}
+
+
+class _RelaySession:
+    def __init__(self, relay: Relay, sid: int, limits: tuple[Any, ...]) -> None:
+        self.relay = relay
+        self.sid = sid
+        self.engine = relay.pool._engine
+        self.local = self.engine.open_session(False, *limits)
+        self.setups: dict[int, int] = {}
+        self.segments: dict[int, list[Any]] = {}
+        self.to_global: dict[int, int] = {}
+        self.to_local: dict[int, int] = {}
+        self.lock = threading.Lock()
+        self.closed = False
+        self.thread = threading.Thread(target=self.pump, name=f"shoal-relay-{sid}", daemon=True)
+        self.thread.start()
+
+    def setup(self, key: int, body: bytes, segments: list[Any]) -> None:
+        blob = body
+        if segments:
+            from .. import _shm
+
+            # The format the processes backend uses for a spec with buffers in shared memory:
+            # workers map each segment through /proc/<relay pid>/fd/<fd>.
+            refs = [(os.getpid(), seg.fd, seg.size) for seg in segments]
+            blob = _shm.MAGIC + pickle.dumps((refs, body), 5)
+            self.segments[key] = segments
+        self.setups[key] = int(self.engine.add_setup(self.local, blob))
+
+    def drop(self, key: int) -> None:
+        local = self.setups.pop(key, None)
+        if local is not None:
+            self.engine.remove_setup(local)
+        for seg in self.segments.pop(key, []):
+            seg.close()
+
+    def task(self, key: int, seq: int, n: int, payload: bytes, exclusive: bool) -> None:
+        with self.lock:
+            local = int(self.engine.submit(self.setups[key], n, payload, exclusive))
+            self.to_global[local] = seq
+            self.to_local[seq] = local
+
+    def cancel(self, seqs: list[int] | None) -> None:
+        if seqs is None:
+            self.engine.cancel(self.local, None)
+            return
+        with self.lock:
+            local = [self.to_local[s] for s in seqs if s in self.to_local]
+        if local:
+            self.engine.cancel(self.local, local)
+
+    def close(self, abort: bool) -> None:
+        self.closed = True
+        with contextlib.suppress(_native.EngineError):
+            self.engine.close_session(self.local, abort)
+        # Workers that already mapped a segment keep their mapping.
+        for key in list(self.segments):
+            for seg in self.segments.pop(key):
+                seg.close()
+
+    def pump(self) -> None:
+        while not self.closed:
+            try:
+                outcomes = self.engine.wait(self.local, 0.25)
+            except _native.EngineError as exc:
+                if not self.closed:
+                    self.relay.reply(("broken", self.sid, str(exc)))
+                return
+            if not outcomes:
+                continue
+            out = []
+            with self.lock:
+                for seq, kind, payload, elapsed, pid, message, segments in outcomes:
+                    if kind == _native.OUTCOME_PARTIAL:  # the chunk goes on: keep its mapping
+                        gseq = self.to_global.get(seq)
+                    else:
+                        gseq = self.to_global.pop(seq, None)
+                        if gseq is not None:
+                            self.to_local.pop(gseq, None)
+                    if gseq is None:
+                        continue
+                    if segments:  # only if a worker ignored the in-band setting
+                        payload = _inline(payload, segments)
+                    out.append((gseq, kind, bytes(payload), elapsed, pid, message))
+            if out and not self.closed:
+                self.relay.reply(("done", self.sid, out))
+
+
+def _inline(payload: bytes, segments: list[Any]) -> bytes:
+    from .. import _shm
+
+    values = _shm.loads(payload, segments)
+    return _shm.dumps(values, None)
+
+
+#: Environment variables through which a launcher tells a process it is a rank of a job.
+_JOB_VARIABLES = ("PMI_", "PMIX_", "OMPI_COMM_WORLD_", "OMPI_WORLD_", "MPI_LOCAL")
+_JOB_NAMES = {
+    "OMPI_UNIVERSE_SIZE",
+    "OMPI_NUM_APP_CTX",
+    "OMPI_FILE_LOCATION",
+    "OMPI_MCA_num_procs",
+    "OMPI_COMMAND",
+    "OMPI_ARGV",
+    "PRTE_LAUNCHED",
+}
+_KEEP = ("PMIX_PREFIX", "PMIX_MCA_")
+
+
+def forget_job_identity() -> None:
+    """Drop this rank's identity from the environment its worker processes will inherit.
+
+    MPI has read it already. A worker that inherited it and imported mpi4py (directly or
+    through a library) would take itself for this rank and wait forever in ``MPI_Init``;
+    without it, such a worker starts as a singleton MPI process of its own.
+    """
+    for name in list(os.environ):
+        if name.startswith(_KEEP):
+            continue
+        if name in _JOB_NAMES or name.startswith(_JOB_VARIABLES):
+            del os.environ[name]
+
+
+class Relay:
+    """The serving loop of one rank; see the module docs.
+
+    Parameters
+    ----------
+    comm : mpi4py.MPI.Comm
+        The control communicator (world duplicate, or the parent intercommunicator).
+    root : int
+        Rank 0's rank in ``comm`` (its rank in the remote group for an intercommunicator).
+    workers : int
+        Local worker processes.
+    """
+
+    def __init__(self, comm: Any, root: int, rank: int, workers: int) -> None:
+        self.comm = comm
+        self.root = root
+        self.rank = rank
+        self.workers = workers
+        from .. import mpi
+
+        mpi._serving = True
+        forget_job_identity()
+        # Tasks can tell which rank serves them (SHOAL_MPI_RANK), not take themselves for it.
+        env = {**_IN_BAND, "SHOAL_MPI_RANK": str(rank)}
+        self.pool = ProcessPool(workers, env=env, idle_timeout=None)
+        self.sessions: dict[int, _RelaySession] = {}
+        self.send_lock = threading.Lock()
+        self.backoff = Backoff()
+
+    def reply(self, message: tuple[Any, ...]) -> None:
+        with self.send_lock:
+            self.comm.send(message, dest=self.root, tag=TAG_REPLY)
+        # Rank 0 answers results with more work: poll at the fastest for a while.
+        self.backoff.reset()
+
+    def serve(self) -> None:
+        from mpi4py import MPI
+
+        self.pool.prestart()
+        self.reply(("hello", self.rank, hostname(), self.workers, os.getpid()))
+        backoff = self.backoff
+        status = MPI.Status()
+        while True:
+            if not self.comm.iprobe(source=self.root, tag=TAG_CONTROL, status=status):
+                backoff.sleep()
+                continue
+            backoff.reset()
+            message = self.comm.recv(source=self.root, tag=TAG_CONTROL)
+            if not self.handle(message):
+                break
+        for session in list(self.sessions.values()):
+            session.close(True)
+        self.pool.shutdown(kill=True)
+
+    def receive_segment(self, size: int) -> Any:
+        """The next raw buffer from rank 0, received straight into a shared-memory segment."""
+        from mpi4py import MPI
+
+        segment = _native.Segment.zeroed(size)
+        mapping = _native.Mapping(segment.fd, size, shared=True)
+        self.comm.Recv([mapping, MPI.BYTE], source=self.root, tag=TAG_DATA)
+        del mapping
+        return segment
+
+    def handle(self, message: tuple[Any, ...]) -> bool:
+        kind = message[0]
+        if kind == "task":
+            _, sid, key, seq, n, payload, exclusive = message
+            session = self.sessions.get(sid)
+            if session is not None:
+                try:
+                    session.task(key, seq, n, payload, exclusive)
+                except Exception as exc:
+                    self.reply(("broken", sid, f"{type(exc).__name__}: {exc}"))
+        elif kind == "open":
+            self.sessions[message[1]] = _RelaySession(self, message[1], message[2:])
+        elif kind == "setup":
+            _, sid, key, body, sizes = message
+            segments = [self.receive_segment(size) for size in sizes]
+            session = self.sessions.get(sid)
+            if session is not None:
+                session.setup(key, body, segments)
+            else:
+                for seg in segments:
+                    seg.close()
+        elif kind == "drop":
+            session = self.sessions.get(message[1])
+            if session is not None:
+                session.drop(message[2])
+        elif kind == "cancel":
+            session = self.sessions.get(message[1])
+            if session is not None:
+                session.cancel(message[2])
+        elif kind == "close":
+            session = self.sessions.pop(message[1], None)
+            if session is not None:
+                session.close(message[2])
+        elif kind == "spmd":
+            from ..spmd._mpi import serve_call
+
+            serve_call(message[1])  # rank 0 gathers the results; errors reach every rank
+        elif kind == "stop":
+            return False
+        return True
+
+
+#: Seconds a relay told to terminate waits for rank 0's "stop" before it leaves by itself.
+TERM_GRACE = 1.5
+
+
+def run_relay(comm: Any, root: int, rank: int, workers: int) -> None:
+    """Serve rank 0 until it says stop; then exit this process."""
+    relay = Relay(comm, root, rank, workers or cpu_count())
+
+    def on_term(signum: int, frame: Any) -> None:
+        # mpiexec passes Ctrl-C on to every rank as SIGTERM. Stop the tasks at once, but let
+        # rank 0 (which sees a KeyboardInterrupt) end first and say stop, so that the job ends
+        # with its status; leave anyway after a grace period.
+        relay.pool.shutdown(kill=True)
+        timer = threading.Timer(TERM_GRACE, os._exit, args=(128 + signum,))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        relay.serve()
+    except BaseException as exc:  # never hang the job: report and leave
+        print(f"shoal.mpi: relay on rank {rank} failed: {exc!r}", file=sys.stderr, flush=True)
+        os._exit(1)

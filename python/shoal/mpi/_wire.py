@@ -1,0 +1,126 @@
+"""What rank 0 (the driver) and a serving rank (a relay) say to each other.
+
+Every message is a tuple whose first element names it. They travel on a communicator of their
+own (a duplicate of the world, or the spawn intercommunicator), so user code that also uses
+``MPI.COMM_WORLD`` never receives them.
+
+driver -> relay (tag :data:`TAG_CONTROL`)::
+
+    ("open", sid, timeout, max_tasks_per_worker, max_worker_memory, max_load, max_memory)
+    ("setup", sid, spec_key, body, sizes)         once per call and relay; then one raw
+                                                  message (TAG_DATA) per size: the spec's
+                                                  large buffers, out of band
+    ("drop", sid, spec_key)
+    ("task", sid, spec_key, seq, n_items, payload, exclusive)
+    ("cancel", sid, seqs)                         seqs: list, or None for all
+    ("close", sid, abort)
+    ("spmd", call_bytes)                          take part in rank 0's shoal.spmd.run
+    ("stop",)
+
+relay -> driver (tag :data:`TAG_REPLY`)::
+
+    ("hello", rank, host, workers, pid)
+    ("done", sid, [(seq, kind, payload, elapsed_ns, pid, message), ...])
+    ("broken", sid, message)                      the relay's engine failed for this session
+"""
+
+from __future__ import annotations
+
+import time
+
+TAG_CONTROL = 0x5A01
+TAG_REPLY = 0x5A02
+#: Raw buffers that follow a "setup" message, in order.
+TAG_DATA = 0x5A03
+
+
+class Backoff:
+    """Sleeps between non-blocking probes: short right after traffic, longer when idle.
+
+    Open MPI's blocking receives spin a core at 100 %; a relay or the driver's receiver would
+    then steal a CPU from the workers on its node. Polling with a growing sleep costs a few
+    microseconds of CPU per probe and at most ``longest`` seconds of latency when idle.
+    """
+
+    __slots__ = ("delay", "longest", "shortest")
+
+    def __init__(self, shortest: float = 2e-4, longest: float = 0.001) -> None:
+        self.shortest = shortest
+        self.longest = longest
+        self.delay = shortest
+
+    def reset(self) -> None:
+        self.delay = self.shortest
+
+    def sleep(self) -> None:
+        time.sleep(self.delay)
+        self.delay = min(self.longest, self.delay * 1.5)
+
+
+def load_with_path(path: list[str], blob: bytes) -> object:
+    """Unpickle ``blob`` after putting rank 0's ``sys.path`` entries on this process's path.
+
+    A call spec crosses to a relay's workers wrapped in this, so that functions pickled by
+    reference (``module.function``) import there as they do on rank 0, whatever the script
+    added to ``sys.path`` after the job started.
+    """
+    import pickle
+    import sys
+
+    for entry in reversed(path):
+        if entry and entry not in sys.path:
+            sys.path.insert(0, entry)
+    return pickle.loads(blob)
+
+
+class WithPath:
+    """Pickles as :func:`load_with_path` of rank 0's path and an inner pickle."""
+
+    __slots__ = ("blob", "path")
+
+    def __init__(self, path: list[str], blob: bytes) -> None:
+        self.path = path
+        self.blob = blob
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (load_with_path, (self.path, self.blob))
+
+
+def _set_path(path: list[str]) -> None:
+    import sys
+
+    for entry in reversed(path):
+        if entry and entry not in sys.path:
+            sys.path.insert(0, entry)
+
+
+def _second(first: object, second: object) -> object:
+    return second
+
+
+class PathFirst:
+    """Pickles as "put rank 0's ``sys.path`` in place, then ``obj``", in one pickle stream.
+
+    Unpickling runs in order, so the path is set before ``obj``'s functions are imported; the
+    result is ``obj`` itself. Unlike :class:`WithPath`, ``obj``'s large buffers can stay out of
+    band (pickle protocol 5), so they cross MPI as raw buffers.
+    """
+
+    __slots__ = ("obj", "path")
+
+    def __init__(self, path: list[str], obj: object) -> None:
+        self.path = path
+        self.obj = obj
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_second, (_PathSetter(self.path), self.obj))
+
+
+class _PathSetter:
+    __slots__ = ("path",)
+
+    def __init__(self, path: list[str]) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_set_path, (self.path,))

@@ -1,0 +1,343 @@
+"""SPMD on the processes backend: ranks are worker processes of a private pool of shoal's engine,
+and collectives go through a coordinator thread in the calling process.
+
+Each rank connects to the coordinator over a Unix socket (an abstract address: nothing on disk).
+A collective is complete when every rank has called it; the coordinator then answers each rank.
+Point-to-point messages wait in the coordinator until a matching ``recv``. A rank that raises,
+dies or runs past ``timeout=`` ends the call: the engine stops the other ranks, even those
+blocked in a collective, so nothing hangs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import _frames
+from ._comm import Comm, pickled
+
+#: The rank's communicator while its function runs (in a worker process).
+current: Comm | None = None
+
+
+class LocalComm(Comm):
+    """A rank's end: one socket to the coordinator, one request at a time."""
+
+    def __init__(self, sock: socket.socket, rank: int, size: int) -> None:
+        self.sock = sock
+        self.rank = rank
+        self.size = size
+        # Large buffers of a collective go through shared memory (memfd segments that the
+        # other ranks map). A segment must live until every rank has unpickled it, which is
+        # certain once the *next* collective completes (every rank has called it): so each
+        # collective's segments are closed at the end of the following one.
+        self._segments: Any = None
+        self._previous: Any = None
+
+    def _pack(self, obj: Any, what: str) -> bytes:
+        from .._shm import SegmentCache
+
+        if self._segments is None:
+            self._segments = SegmentCache()
+        return pickled(obj, what, self.rank, self._segments)
+
+    def _ask(self, head: tuple[Any, ...], parts: list[bytes] = ()) -> tuple[Any, list[bytearray]]:  # type: ignore[assignment]
+        _frames.send(self.sock, head, parts)
+        reply, data = _frames.recv(self.sock)
+        if head[0] == "coll":
+            self._release(self._previous)
+            self._previous, self._segments = self._segments, None
+        if reply[0] == "error":
+            kind = {"ValueError": ValueError, "TypeError": TypeError}.get(reply[1], RuntimeError)
+            raise kind(reply[2])
+        return reply, data
+
+    @staticmethod
+    def _release(segments: Any) -> None:
+        if segments is not None:
+            segments.close()
+
+    def finish(self) -> None:
+        """After ``fn`` returned: wait for every rank (so none still maps this rank's last
+        segments), then close them."""
+        self.barrier()
+        self._release(self._previous)
+        self._release(self._segments)
+
+    def bcast(self, obj: Any = None, root: int = 0) -> Any:
+        self._check_root(root, "bcast")
+        parts = [self._pack(obj, "bcast")] if self.rank == root else []
+        _, data = self._ask(("coll", "bcast", root), parts)
+        return obj if self.rank == root else _load(data[0])
+
+    def scatter(self, seq: Sequence[Any] | None = None, root: int = 0) -> Any:
+        self._check_root(root, "scatter")
+        parts: list[bytes] = []
+        if self.rank == root:
+            if seq is None or not hasattr(seq, "__len__"):
+                raise TypeError(
+                    f"scatter: the root must pass a sequence of {self.size} parts, "
+                    f"not {type(seq).__name__}"
+                )
+            parts = [self._pack(p, "scatter") for p in seq]
+        _, data = self._ask(("coll", "scatter", root), parts)
+        return _load(data[0])
+
+    def gather(self, obj: Any, root: int = 0) -> list[Any] | None:
+        self._check_root(root, "gather")
+        # The root keeps its own object: it need not cross (nor be copied) at all.
+        part = b"" if self.rank == root else self._pack(obj, "gather")
+        _, data = self._ask(("coll", "gather", root), [part])
+        if self.rank != root:
+            return None
+        return [obj if r == root else _load(d) for r, d in enumerate(data)]
+
+    def allgather(self, obj: Any) -> list[Any]:
+        _, data = self._ask(("coll", "allgather", 0), [self._pack(obj, "allgather")])
+        return [obj if r == self.rank else _load(d) for r, d in enumerate(data)]
+
+    def send(self, obj: Any, dest: int, tag: int = 0) -> None:
+        self._check_root(dest, "send")
+        if isinstance(tag, bool) or not isinstance(tag, int):
+            raise TypeError(f"send: tag must be an int, not {type(tag).__name__}")
+        self._ask(("send", dest, tag), [pickled(obj, "send", self.rank)])
+
+    def recv(self, source: int | None = None, tag: int | None = None) -> Any:
+        if source is not None:
+            self._check_root(source, "recv")
+        _, data = self._ask(("recv", source, tag))
+        return pickle.loads(data[0])
+
+
+def _load(data: bytearray) -> Any:
+    from .._shm import loads
+
+    return loads(data)  # type: ignore[arg-type]
+
+
+class _Collective:
+    __slots__ = ("arrived", "kind", "parts", "root")
+
+    def __init__(self) -> None:
+        self.arrived: dict[int, tuple[str, int, list[bytearray]]] = {}
+
+
+class Coordinator:
+    """The meeting point of one ``run``'s ranks, in the calling process (one thread per rank)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.address = f"\0shoal-spmd-{os.getpid()}-{uuid.uuid4().hex}"
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.address)
+        self.listener.listen(size)
+        self.lock = threading.Lock()
+        self.conns: dict[int, socket.socket] = {}
+        self.write_locks: dict[int, threading.Lock] = {}
+        self.next_coll: dict[int, int] = {}
+        self.colls: dict[int, _Collective] = {}
+        self.mail: list[tuple[int, int, int, bytearray]] = []  # (dest, source, tag, blob)
+        self.waiting: dict[int, tuple[int | None, int | None]] = {}
+        self.mismatch: str | None = None
+        self.closed = False
+        threading.Thread(target=self._accept, name="shoal-spmd-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _reply(self, rank: int, head: tuple[Any, ...], parts: list[Any] = ()) -> None:  # type: ignore[assignment]
+        # A rank that is gone is the driver's to report.
+        with self.write_locks[rank], contextlib.suppress(OSError):
+            _frames.send(self.conns[rank], head, parts)
+
+    def _serve(self, sock: socket.socket) -> None:
+        try:
+            (_, rank), _ = _frames.recv(sock)
+            with self.lock:
+                self.conns[rank] = sock
+                self.write_locks[rank] = threading.Lock()
+                self.next_coll[rank] = 0
+                everyone = len(self.conns) == self.size
+            if everyone:
+                # Ranks start together, so each holds its own worker: no rank can run later
+                # in the process of one that already finished.
+                for other in range(self.size):
+                    self._reply(other, ("start",))
+            while True:
+                head, parts = _frames.recv(sock)
+                self._handle(rank, head, parts)
+        except (OSError, ConnectionError, EOFError):
+            sock.close()
+
+    def _handle(self, rank: int, head: tuple[Any, ...], parts: list[bytearray]) -> None:
+        kind = head[0]
+        if kind == "coll":
+            with self.lock:
+                k = self.next_coll[rank]
+                self.next_coll[rank] = k + 1
+                coll = self.colls.setdefault(k, _Collective())
+                coll.arrived[rank] = (head[1], head[2], parts)
+                if len(coll.arrived) < self.size:
+                    return
+                del self.colls[k]
+            self._complete(k, coll)
+        elif kind == "send":
+            _, dest, tag = head
+            with self.lock:
+                self.mail.append((dest, rank, tag, parts[0]))
+                match = self._match(dest)
+            self._reply(rank, ("ok",))
+            if match is not None:
+                self._reply(dest, ("ok",), [match])
+        elif kind == "recv":
+            with self.lock:
+                self.waiting[rank] = (head[1], head[2])
+                match = self._match(rank)
+            if match is not None:
+                self._reply(rank, ("ok",), [match])
+
+    def _match(self, dest: int) -> bytearray | None:
+        # With the lock held: the first message for ``dest`` that its pending recv accepts.
+        want = self.waiting.get(dest)
+        if want is None:
+            return None
+        source, tag = want
+        for i, (to, src, t, blob) in enumerate(self.mail):
+            if to == dest and (source is None or src == source) and (tag is None or t == tag):
+                del self.mail[i]
+                del self.waiting[dest]
+                return blob
+        return None
+
+    def _complete(self, k: int, coll: _Collective) -> None:
+        calls = {rank: (kind, root) for rank, (kind, root, _) in coll.arrived.items()}
+        if len(set(calls.values())) > 1:
+            # Left unanswered, as MPI would hang; the timeout ends it and the note explains.
+            what = ", ".join(f"rank {r}: {kd}(root={rt})" for r, (kd, rt) in sorted(calls.items()))
+            self.mismatch = f"the ranks called different collectives (collective #{k}: {what})"
+            return
+        kind, root = calls[0]
+        n = self.size
+        if kind == "bcast":
+            for rank in range(n):
+                self._reply(rank, ("ok",), coll.arrived[root][2] if rank != root else [])
+        elif kind == "scatter":
+            parts = coll.arrived[root][2]
+            if len(parts) != n:
+                msg = f"scatter: the root (rank {root}) gave {len(parts)} parts for {n} ranks"
+                for rank in range(n):
+                    self._reply(rank, ("error", "ValueError", msg))
+                return
+            for rank in range(n):
+                self._reply(rank, ("ok",), [parts[rank]])
+        elif kind == "gather":
+            everything = [coll.arrived[r][2][0] for r in range(n)]
+            for rank in range(n):
+                self._reply(rank, ("ok",), everything if rank == root else [])
+        elif kind == "allgather":
+            everything = [coll.arrived[r][2][0] for r in range(n)]
+            for rank in range(n):
+                self._reply(rank, ("ok",), everything)
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()
+        for sock in list(self.conns.values()):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+class RankMain:
+    """The task each rank's worker runs: connect, run ``fn`` with :func:`comm` set, return."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        address: str,
+        size: int,
+    ) -> None:
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.address = address
+        self.size = size
+        # Error notes name the user's function, not this wrapper.
+        self.__qualname__ = getattr(fn, "__qualname__", None) or repr(fn)
+
+    def __call__(self, rank: int) -> Any:
+        global current
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(self.address)
+        _frames.send(sock, ("hello", rank))
+        _frames.recv(sock)  # "start": every rank is connected
+        comm = current = LocalComm(sock, rank, self.size)
+        try:
+            value = self.fn(*self.args, **self.kwargs)
+            comm.finish()
+            return rank, value
+        except BaseException as exc:
+            exc.add_note(f"shoal.spmd: raised on rank {rank} of {self.size}")
+            raise
+        finally:
+            current = None
+            sock.close()
+
+
+#: Seconds that stand for "no timeout": the engine then still runs each rank alone on its worker.
+_FOREVER = 10.0**9
+_backends: dict[int, Any] = {}
+_backends_lock = threading.Lock()
+
+
+def _backend(size: int) -> Any:
+    from ..backends.processes import ProcessBackend
+
+    with _backends_lock:
+        be = _backends.get(size)
+        if be is None:
+            be = _backends[size] = ProcessBackend(workers=size, idle_timeout=30.0)
+        return be
+
+
+def run(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    size: int,
+    timeout: float | None,
+) -> list[Any]:
+    """Run ``fn`` on ``size`` local ranks; see :func:`shoal.spmd.run`."""
+    from .._api import as_completed
+    from .._errors import TaskTimeoutError, WorkerCrashedError, WorkerMemoryError
+
+    coordinator = Coordinator(size)
+    main = RankMain(fn, args, kwargs, coordinator.address, size)
+    be = _backend(size)
+    be.pool().prestart()
+    results: list[Any] = [None] * size
+    try:
+        for rank, value in as_completed(
+            main, range(size), backend=be, timeout=timeout or _FOREVER, chunksize=1
+        ):
+            results[rank] = value
+    except (WorkerCrashedError, TaskTimeoutError, WorkerMemoryError) as exc:
+        exc.add_note(f"shoal.spmd: on rank {exc.index} of {size}")
+        if isinstance(exc, TaskTimeoutError) and coordinator.mismatch:
+            exc.add_note(f"shoal.spmd: {coordinator.mismatch}")
+        raise
+    finally:
+        coordinator.close()
+    return results
