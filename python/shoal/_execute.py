@@ -125,8 +125,9 @@ def _reporting(
 
     Each slice runs in the same tight loop as a whole chunk; between slices the clock is read,
     and once :data:`REPORT_INTERVAL` has passed since the last report, the finished items go to
-    ``report``. Slices double in size while items are cheap (a chunk of tiny tasks pays a few
-    clock reads), and shrink to what fits in the interval when items are slow.
+    ``report``. A chunk whose rest will end before a report is due (the usual short chunk) runs
+    it in one more slice; otherwise slices double in size while items are cheap and shrink to
+    what fits in the interval when items are slow.
     """
     from time import perf_counter
 
@@ -161,7 +162,11 @@ def _reporting(
                 report(values, errors)
                 values, errors, sent, last = [], [], pos, now
             per_item = (now - began) / max(1, len(part))
-            fits = (REPORT_INTERVAL - (now - last)) / per_item if per_item > 0 else 2 * size
+            left = REPORT_INTERVAL - (now - last)
+            if per_item * (n - pos) < left:
+                size = n - pos  # the rest ends before a report is due: one tight loop
+                continue
+            fits = left / per_item if per_item > 0 else 2 * size
             size = max(1, min(2 * size, int(fits)))
         return values, errors
 
