@@ -163,7 +163,7 @@ class Backend(abc.ABC):
 
         Top-level calls reuse it, so they pay the start-up cost once.
         """
-        n = resolve_workers(self.workers if workers is None else workers)
+        n = self.pool_size(self.workers if workers is None else workers)
         given = self.check_pool_options(options)
         key = (n, *sorted(given.items()))
         with self._lock:
@@ -171,6 +171,10 @@ class Backend(abc.ABC):
             if pool is None:
                 pool = self._pools[key] = self.create_pool(n, **given)
             return pool
+
+    def pool_size(self, workers: int | float | None) -> int:
+        """The worker count a ``workers`` setting means here (``None``: all usable CPUs)."""
+        return resolve_workers(workers)
 
     @abc.abstractmethod
     def create_pool(self, workers: int, **options: Any) -> Pool:

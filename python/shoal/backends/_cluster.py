@@ -282,16 +282,9 @@ class ClusterPool(Pool):
 class ClusterBackend(Backend):
     """A backend on a cluster engine (Dask, Ray): the cluster's threads are the workers."""
 
-    def pool(self, workers: int | float | None = None, **options: Any) -> Pool:
-        want = self.workers if workers is None else workers
-        n = 0 if want is None else resolve_workers(want)
-        given = self.check_pool_options(options)
-        key = (n, *sorted(given.items()))
-        with self._lock:
-            pool = self._pools.get(key)
-            if pool is None:
-                pool = self._pools[key] = self.create_pool(n, **given)
-            return pool
+    def pool_size(self, workers: int | float | None) -> int:
+        # None means the whole cluster, read again at each call (0 stands for it).
+        return 0 if workers is None else resolve_workers(workers)
 
     @abc.abstractmethod
     def cluster_slots(self) -> int:
