@@ -1,9 +1,10 @@
 """Plot a benchmark run: every tool's time as a ratio to the serial loop, per workload.
 
 Usage: ``python bench/plot.py RESULTS.json OUT.png [--table]``, where RESULTS.json was written
-by ``bench/run.py --json``; ``--table`` also prints the ratios as a Markdown table. ``make bench``
-runs both. The dashed line is the serial loop (1.0), the dotted one the hardware floor measured
-in the same run (the best ratio the machine allowed then).
+by ``bench/run.py --json`` (or ``bench/run.py --scaling 1,2,4,8,16 --json``, drawn as one panel
+per workload against the pool size); ``--table`` also prints the ratios as a Markdown table.
+``make bench`` runs both. The dashed line is the serial loop (1.0), the dotted one the hardware
+floor measured in the same run (the best ratio the machine allowed then).
 """
 
 from __future__ import annotations
@@ -80,6 +81,55 @@ def plot(results: dict[str, Any], out: str) -> None:
     plt.close(fig)
 
 
+def plot_scaling(results: dict[str, Any], out: str) -> None:
+    """A ``--scaling`` run: one panel per workload, ratio to serial against pool size, a line per
+    tool, with the hardware floor for each size and the ideal ``1/workers``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted(results["sizes"], key=int)
+    first = results["sizes"][sizes[0]]
+    labels = [k for k in first if k not in ("floor", "load")]
+    fig, axes = plt.subplots(
+        1, len(labels), figsize=(4.2 * len(labels), 3.8), layout="constrained", squeeze=False
+    )
+    xs = [int(n) for n in sizes]
+    for ax, label in zip(axes[0], labels, strict=True):
+        tools = list(first[label])
+        for tool in tools:
+            ax.plot(xs, [results["sizes"][n][label][tool] for n in sizes], marker="o", label=tool)
+        ax.plot(xs, [results["sizes"][n]["floor"] for n in sizes], ":", color="grey", label="floor")
+        ax.plot(xs, [1 / x for x in xs], "--", color="black", linewidth=0.8, label="1/workers")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xlabel("workers")
+        ax.set_title(label, fontsize=9)
+    axes[0][0].set_ylabel("time / serial loop (log; lower is better)")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(f"scaling on {results.get('usable', '?')} usable CPUs", fontsize=10)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def scaling_markdown(results: dict[str, Any]) -> str:
+    """A ``--scaling`` run as a Markdown table: a row per pool size."""
+    sizes = sorted(results["sizes"], key=int)
+    first = results["sizes"][sizes[0]]
+    columns = [(w, t) for w in first if w not in ("floor", "load") for t in first[w]]
+    lines = [
+        "| workers | floor | " + " | ".join(f"{w[:2]} {t}" for w, t in columns) + " |",
+        "| ---: | ---: |" + " ---: |" * len(columns),
+    ]
+    for n in sizes:
+        entry = results["sizes"][n]
+        cells = [f"{entry[w][t]:.3f}" for w, t in columns]
+        lines.append(f"| {n} | {entry['floor']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table_markdown(results: dict[str, Any]) -> str:
     """The same ratios as a Markdown table (for docs/performance.md)."""
     labels, table = ratios(results)
@@ -101,10 +151,11 @@ def main() -> int:
     args = parser.parse_args()
     with open(args.results) as f:
         results = json.load(f)
-    plot(results, args.out)
+    scaled = "sizes" in results  # written by bench/run.py --scaling
+    (plot_scaling if scaled else plot)(results, args.out)
     print(f"wrote {args.out}")
     if args.table:
-        print(table_markdown(results))
+        print((scaling_markdown if scaled else table_markdown)(results))
     return 0
 
 

@@ -53,6 +53,10 @@ class Peers:
         self._closers: list[Callable[[], None]] = []
         if "shoal" in names:
             self.mappers["shoal"] = lambda f, xs: shoal.map(f, xs, workers=WORKERS)
+        if "shoal.Executor" in names:
+            sx = shoal.Executor(workers=WORKERS)
+            self._closers.append(sx.shutdown)
+            self.mappers["shoal.Executor"] = lambda f, xs: list(sx.map(f, xs))
         if "mp.Pool" in names:
             pool = mp.Pool(WORKERS)
             self._closers.append(pool.terminate)
@@ -370,16 +374,75 @@ def submit_throughput(name: str, n: int) -> float:
     return n / took
 
 
+DEFAULT_PEERS = "shoal,shoal.Executor,mp.Pool,PPE,loky,joblib,mpire"
+#: The tools of a scaling run: shoal's two entry points, and the peer to beat at scale.
+SCALING_PEERS = ["shoal", "shoal.Executor", "mp.Pool"]
+
+
+def scaling(sizes: list[int], names: list[str], repeat: int) -> dict[str, Any]:
+    """W2, W3 and W4 at each pool size in ``sizes``, every tool side by side, as ratios to one
+    serial loop timed once per size; with the hardware floor for that many processes (on a
+    machine with fewer cores than workers, the floor is about 1/cores, not 1/workers)."""
+    global WORKERS
+    per_second = workloads.calibrate(1.0)
+    rows = {k: v for k, v in map_workloads(repeat).items() if k[:2] in ("W2", "W3", "W4")}
+    out: dict[str, Any] = {"cpus": os.cpu_count(), "usable": shoal.cpu_count(), "sizes": {}}
+    print(f"scaling: pool sizes {sizes} on {shoal.cpu_count()} usable CPUs, best of {repeat}")
+    header = ["workers", "floor", *[f"{w[:2]} {n}" for w in rows for n in names]]
+    print("  ".join(f"{c:>16}" for c in header), flush=True)
+    for size in sizes:
+        WORKERS = size
+        floor = hardware_floor(0.5, per_second)
+        entry: dict[str, Any] = {"floor": floor, "load": os.getloadavg()[0]}
+        peers = Peers(names)
+        try:
+            for label, (fn, xs) in rows.items():
+                serial, expected = best_of(lambda fn=fn, xs=xs: [fn(x) for x in xs], repeat)
+                entry[label] = {}
+                for name, mapper in peers.mappers.items():
+                    took, got = best_of(lambda m=mapper, fn=fn, xs=xs: m(fn, xs), repeat)
+                    if list(got) != list(expected):
+                        raise SystemExit(f"{name} returned wrong results for {label}")
+                    entry[label][name] = took / serial
+        finally:
+            peers.close()
+        out["sizes"][str(size)] = entry
+        cells = [str(size), f"{floor:.3f}"]
+        cells += [f"{entry[w][n]:.3f}" for w in rows for n in names]
+        print("  ".join(f"{c:>16}" for c in cells), flush=True)
+    print("cells: time / serial loop (lower is better); ideal 1/min(workers, cores)")
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--peers", default="shoal,mp.Pool,PPE,loky,joblib,mpire")
+    parser.add_argument("--peers", default=DEFAULT_PEERS)
     parser.add_argument("--only", default="", help="comma-separated workload prefixes (W1,W2,...)")
     parser.add_argument("--json", default="", help="also write the results to this file")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="pool size of every tool (default: CPUs usable)"
+    )
+    parser.add_argument(
+        "--scaling",
+        default="",
+        help="instead of the full table: W2-W4 at each of these pool sizes (e.g. 1,2,4,8,16)",
+    )
     parser.add_argument("--w5-child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global WORKERS
+    if args.workers:
+        WORKERS = args.workers
     if args.w5_child:
         print(json.dumps(w5_child(args.w5_child)))
+        return 0
+    if args.scaling:
+        sizes = [int(n) for n in args.scaling.split(",")]
+        names = args.peers.split(",") if args.peers != DEFAULT_PEERS else SCALING_PEERS
+        results = scaling(sizes, names, args.repeat)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
         return 0
     names = args.peers.split(",")
     only = [p for p in args.only.split(",") if p]
