@@ -495,7 +495,7 @@ def imap(
     session, gen, recorder = _start(
         "imap", fn, iterables, star=False, ordered=True, options=dict(options)
     )
-    return _driver.ResultStream(session, _driver.flatten(gen), recorder)
+    return _driver.ResultStream(session, gen, recorder)
 
 
 def as_completed(
@@ -515,8 +515,7 @@ def as_completed(
     session, gen, recorder = _start(
         "as_completed", fn, iterables, star=False, ordered=False, options=dict(options)
     )
-    stream = _driver.with_indices(gen) if with_index else _driver.flatten(gen)
-    return _driver.ResultStream(session, stream, recorder)
+    return _driver.ResultStream(session, gen, recorder, with_index)
 
 
 def deadline_after(timeout: float | None) -> float | None:

@@ -18,7 +18,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 from ._errors import (
     TaskTimeoutError,
@@ -475,6 +475,17 @@ class Run:
                 self.store.finish(status)  # may raise StoreError: the last commit failed
 
 
+def _handed_over(batches: Iterator[Batch], with_index: bool) -> Iterator[Iterator[Any]]:
+    """Per batch, an iterator that pops its values in order (``(index, value)`` pairs with
+    ``with_index``): a value handed over is no longer referenced here, so the consumer alone
+    decides how long it lives. It is built of C iterators (``map`` of ``list.pop`` over a
+    ``repeat``), so no Python code runs per value."""
+    for start, values in batches:
+        values.reverse()
+        popped = map(values.pop, itertools.repeat(-1, len(values)))
+        yield zip(itertools.count(start), popped) if with_index else popped
+
+
 def collect(gen: Iterable[Batch]) -> list[Any]:
     """All values of a call, in input order, from batches in any order."""
     parts = list(gen)
@@ -486,32 +497,44 @@ def collect(gen: Iterable[Batch]) -> list[Any]:
     return out
 
 
-class ResultStream(Iterator[Any]):
+class ResultStream(itertools.chain[Any]):
     """The lazy iterator returned by ``imap`` and ``as_completed``.
 
     The session is opened (and the function checked for picklability) when the stream is made,
     so bad input fails at the call, not at the first ``next()``. Closing the stream, or dropping
     it, ends the session: queued work is dropped.
+
+    It is an :class:`itertools.chain` over the batches, so handing over a value runs no Python
+    code: only a new batch does (a Python-level ``__next__`` per value cost about as much as
+    the whole map of no-op items).
     """
 
-    def __init__(self, session: Session, gen: Iterator[Any], store: Any = None) -> None:
+    _session: Session
+    _batches: Iterator[Batch]
+    _store: Any
+    _closed: bool
+
+    def __new__(
+        cls, session: Session, batches: Iterator[Batch], store: Any = None, with_index: bool = False
+    ) -> ResultStream:
+        parts = _handed_over(batches, with_index)
+        # ``from_iterable`` allocates an instance of ``cls`` (a chain subclass).
+        self = cast(ResultStream, cls.from_iterable(parts))
         self._session = session
-        self._gen = gen
+        self._batches = batches
         self._store = store  # finished here too: a stream closed before its first next()
         self._closed = False
-
-    def __iter__(self) -> ResultStream:
         return self
 
-    def __next__(self) -> Any:
-        return next(self._gen)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass  # all done in __new__ (``chain`` is built there)
 
     def close(self) -> None:
         """Stop the call: queued items are dropped and running ones are stopped (where the
         backend can stop them: worker processes are killed and replaced)."""
         if not self._closed:
             self._closed = True
-            close = getattr(self._gen, "close", None)
+            close = getattr(self._batches, "close", None)
             if close is not None:
                 # Being iterated in another thread: ending the session below stops it.
                 with contextlib.suppress(ValueError):
@@ -529,24 +552,3 @@ class ResultStream(Iterator[Any]):
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
-
-
-def flatten(gen: Iterable[Batch]) -> Iterator[Any]:
-    """Values one by one. A value handed over is no longer referenced here (the batch is
-    emptied as it goes), so the consumer alone decides how long it lives."""
-    for _, values in gen:
-        values.reverse()
-        pop = values.pop
-        while values:
-            yield pop()
-
-
-def with_indices(gen: Iterable[Batch]) -> Iterator[tuple[int, Any]]:
-    """``(input_index, value)`` pairs, handed over like :func:`flatten`'s values."""
-    for start, values in gen:
-        values.reverse()
-        pop = values.pop
-        index = start
-        while values:
-            yield index, pop()
-            index += 1

@@ -781,8 +781,7 @@ class Executor(cf.Executor):
         )
         call.spec.context = self._context
         session, gen = call.open(self._pool, ordered=ordered, deadline=deadline_after(timeout))
-        stream = _driver.with_indices(gen) if with_index else _driver.flatten(gen)
-        return _driver.ResultStream(session, stream, call.recorder)
+        return _driver.ResultStream(session, gen, call.recorder, with_index)
 
     def map(
         self,

@@ -121,7 +121,7 @@ def _execute(
             call.recorder.positions = good
     except (StoreError, TypeError, ValueError) as exc:
         raise click.UsageError(str(exc)) from exc
-    stream = _driver.ResultStream(session, _driver.with_indices(gen), call.recorder)
+    stream = _driver.ResultStream(session, gen, call.recorder, with_index=True)
     failed = 0
     out = sys.stdout
     bad = (i for i, r in enumerate(records) if isinstance(r, _inputs.BadRecord))
