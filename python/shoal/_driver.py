@@ -38,6 +38,13 @@ Batch = tuple[int, list[Any]]
 #: thousand. ``SHOAL_READ_AHEAD_BYTES`` changes it.
 READ_AHEAD_BYTES = int(os.environ.get("SHOAL_READ_AHEAD_BYTES", str(32 * 2**20)))
 
+#: An ordered call (``imap``, ``Executor.map``) parks results that finish before an earlier,
+#: slower chunk. Up to this many windows of chunks may wait so (within the bytes bound above):
+#: with one window, a single long item at the head stalled every other worker as soon as a
+#: window of later chunks had finished (heavy-tailed tasks ran at about half speed on 16
+#: workers). Chunks in flight, and results waiting for a slow consumer, keep one window.
+PARKED_WINDOWS = 16
+
 
 def approx_size(obj: Any) -> int:
     """A cheap estimate of the memory an object holds, for backends that do not pickle.
@@ -201,7 +208,9 @@ class Run:
         return self.in_flight_bytes + self.values_held * (self.result_bytes or self.item_bytes)
 
     def has_room(self) -> bool:
-        if self.held() >= self.window:
+        if len(self.in_flight) + len(self.ready) >= self.window:
+            return False
+        if self.held() >= self.window * PARKED_WINDOWS:
             return False
         # At least one chunk may always be in flight, however large.
         return not self.in_flight or self.held_bytes() < self.max_bytes
