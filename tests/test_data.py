@@ -332,9 +332,12 @@ def segments_mapped_by(pid):
         return 0
 
 
-def test_workers_unmap_a_calls_arrays_when_the_call_ends():
+def test_workers_unmap_a_calls_arrays_when_the_call_ends(monkeypatch):
     import functools
 
+    # A worker keeps its mapping of data kept by the driver for later calls (as long as the
+    # driver keeps the data: SHOAL_SEGMENT_CACHE_IDLE seconds unused), then unmaps it.
+    monkeypatch.setenv("SHOAL_SEGMENT_CACHE_IDLE", "0.5")
     be = ProcessBackend(workers=2)
     try:
         pool = be.pool()
@@ -605,6 +608,55 @@ def test_a_changed_array_is_never_served_stale(kept):
     made = kept.made
     assert shoal.map(fn, [5], workers=1) == [0.0]
     assert kept.made == made
+
+
+def write_then_read(a, i):
+    """Returns what item ``i`` found, then overwrites it (a task may write into its args)."""
+    import os
+
+    found = float(a[i])
+    a[i] = -1.0
+    return found, os.getpid(), a.__array_interface__["data"][0]
+
+
+_HELD = []
+
+
+def hold_and_write(a, i):
+    import os
+
+    found = float(a[i])
+    a[i] = -1.0
+    _HELD.append(a)  # an array kept past its call: its mapping must not be reused under it
+    return found, os.getpid(), a.__array_interface__["data"][0], float(_HELD[0][i])
+
+
+def test_a_worker_reuses_its_mapping_of_data_sent_again_without_earlier_writes(kept):
+    import functools
+
+    arr = np.arange(2_000_000, dtype=np.float64)  # 16 MB
+    fn = functools.partial(write_then_read, arr)
+    seen = [shoal.map(fn, [3, 4], workers=1, chunksize=1) for _ in range(3)]
+    # Each call sees the data as sent, not what an earlier call's task wrote in its copy.
+    assert [[value for value, _, _ in call] for call in seen] == [[3.0, 4.0]] * 3
+    pids = {pid for call in seen for _, pid, _ in call}
+    addresses = {address for call in seen for _, _, address in call}
+    assert len(pids) == 1
+    assert len(addresses) == 1, "the worker mapped the same data afresh for every call"
+    assert arr[3] == 3.0 and arr[4] == 4.0  # and the caller's array never changed
+
+
+def test_a_mapping_still_used_by_an_earlier_calls_array_is_not_reused(kept):
+    import functools
+
+    arr = np.arange(2_000_000, dtype=np.float64)
+    fn = functools.partial(hold_and_write, arr)
+    first = shoal.map(fn, [7], workers=1)[0]
+    second = shoal.map(fn, [7], workers=1)[0]
+    assert first[0] == second[0] == 7.0
+    assert first[1] == second[1]  # the same worker
+    assert second[2] != first[2], "an array kept by a task shared its pages with a new call"
+    assert second[3] == -1.0  # the kept array still holds what its task wrote
 
 
 def test_kept_segments_are_bounded_and_released_when_idle(kept, monkeypatch):

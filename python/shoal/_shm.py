@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -200,8 +201,9 @@ class SegmentCache:
     limit: int | None = None
 
     def __init__(self, keep: bool = False) -> None:
-        # (id of the exporter, size) -> (segment, exporter, position in this cache)
-        self._segments: dict[tuple[int, int], tuple[Any, Any, int]] = {}
+        # (id of the exporter, size) -> (segment, exporter, position in this cache, content
+        # hash of a kept segment or None)
+        self._segments: dict[tuple[int, int], tuple[Any, Any, int, int | None]] = {}
         self._pid = os.getpid()
         self._kept: list[Any] = []
         self._keep = keep
@@ -211,9 +213,9 @@ class SegmentCache:
         #: Bytes copied into segments made so far (memory this cache holds).
         self.made_bytes = 0
 
-    def _segment(self, view: memoryview) -> tuple[int, Any] | None:
-        """``(position, segment)`` of the segment holding ``view``'s bytes, made on first use;
-        ``None`` if none can be had."""
+    def _segment(self, view: memoryview) -> tuple[int, Any, int | None] | None:
+        """``(position, segment, content hash if kept)`` of the segment holding ``view``'s
+        bytes, made on first use; ``None`` if none can be had."""
         from . import _native
 
         key = (id(view.obj), view.nbytes)
@@ -222,6 +224,7 @@ class SegmentCache:
             position = len(self._segments)
             if self.limit is not None and position >= self.limit:
                 return None
+            content: int | None = None
             try:
                 got = kept().acquire(view) if self._keep else None
                 if got is None:
@@ -229,15 +232,15 @@ class SegmentCache:
                 else:
                     self._acquired.append(got[0])
                     self._borrowed.add(position)
-                    segment, made = got[1], got[2]
+                    segment, made, content = got[1], got[2], got[0][1]
             except (OSError, ValueError):
                 self.failed = True
                 return None
             # Keep the exporter alive: its id must not be reused for another buffer.
-            hit = self._segments[key] = (segment, view.obj, position)
+            hit = self._segments[key] = (segment, view.obj, position, content)
             if made:
                 self.made_bytes += view.nbytes
-        return hit[2], hit[0]
+        return hit[2], hit[0], hit[3]
 
     def ref(self, view: memoryview) -> tuple[int, ...] | None:
         """A reference to a segment holding ``view``'s bytes, or ``None`` to send it in-band."""
@@ -251,11 +254,15 @@ class SegmentCache:
         made = self._segment(view)
         if made is None:
             return None
-        segment = made[1]
+        _, segment, content = made
+        if content is not None:
+            # A kept segment: its bytes never change, so a worker may keep its mapping for
+            # later calls that send the same content (see _map).
+            return (self._pid, segment.fd, segment.size, 0, -1, content)
         return (self._pid, segment.fd, segment.size)
 
     def close(self) -> None:
-        for segment, _, position in self._segments.values():
+        for segment, _, position, _ in self._segments.values():
             if position not in self._borrowed:
                 segment.close()
         for key in self._acquired:  # kept segments stay for later calls
@@ -319,7 +326,7 @@ class ResultSegments(SegmentCache):
 
     def fds(self) -> list[int]:
         """Descriptors of the segments, in reference order."""
-        return [segment.fd for segment, _, _ in self._segments.values()]
+        return [segment.fd for segment, _, _, _ in self._segments.values()]
 
 
 def dumps(obj: Any, cache: SegmentCache | None, dump: Callable[..., bytes] = pickle.dumps) -> bytes:
@@ -347,15 +354,86 @@ def dumps(obj: Any, cache: SegmentCache | None, dump: Callable[..., bytes] = pic
     return MAGIC + pickle.dumps((refs, body), 5)
 
 
-def _map(pid: int, fd: int, size: int, offset: int = 0, length: int = -1) -> Any:
+#: In a worker: mappings of kept segments (``(driver pid, size, content hash)`` -> ``[mapping,
+#: last use]``), reused when the same content arrives again. Mapping 200 MB afresh costs a page
+#: fault per page at first touch (~30 ms), as much as the task itself; a reused mapping has its
+#: page-table entries already, and only the pages a task wrote are dropped (to read as the
+#: segment again). Bounded in count and bytes, and dropped after :data:`_REUSE_IDLE` seconds
+#: unused (as the driver's kept segments are), by a timer thread.
+_REUSED: OrderedDict[tuple[int, int, int], list[Any]] = OrderedDict()
+_REUSE_MAX = 8
+_REUSE_IDLE = float(os.environ.get("SHOAL_SEGMENT_CACHE_IDLE", "30"))
+_reuse_lock = threading.Lock()
+_reuse_timer: threading.Timer | None = None
+
+
+def _reused(key: tuple[int, int, int]) -> Any:
+    """A kept mapping of ``key``'s content, its written pages dropped; ``None`` if there is
+    none, or if arrays of an earlier call still use it (their pages must not change)."""
+    with _reuse_lock:
+        entry = _REUSED.get(key)
+    if entry is None:
+        return None
+    mapping = entry[0]
+    # References: the entry, ``mapping`` here and getrefcount's argument. Every buffer export
+    # (an array made on it) holds one more.
+    if sys.getrefcount(mapping) > 3:
+        return None
+    try:
+        mapping.revert_written()
+    except OSError:
+        with _reuse_lock:
+            _REUSED.pop(key, None)
+        return None
+    with _reuse_lock:
+        entry[1] = time.monotonic()
+        if key in _REUSED:
+            _REUSED.move_to_end(key)
+    return mapping
+
+
+def sweep_reused(budget: int | None = None) -> None:
+    """Forget kept mappings unused for :data:`_REUSE_IDLE` seconds, and the oldest beyond
+    :data:`_REUSE_MAX` or ``budget`` bytes (their memory goes when no array uses them)."""
+    global _reuse_timer
+    now = time.monotonic()
+    limit = budget if budget is not None else _default_budget()
+    dropped = []  # unmapped outside the lock
+    with _reuse_lock:
+        total = sum(key[1] for key in _REUSED)
+        for key, (_, used) in list(_REUSED.items()):
+            if now - used >= _REUSE_IDLE or len(_REUSED) > _REUSE_MAX or total > limit:
+                dropped.append(_REUSED.pop(key))
+                total -= key[1]
+        _reuse_timer = None
+        if _REUSED:
+            _reuse_timer = threading.Timer(_REUSE_IDLE, sweep_reused)
+            _reuse_timer.daemon = True
+            _reuse_timer.start()
+    dropped.clear()
+
+
+def _map(
+    pid: int, fd: int, size: int, offset: int = 0, length: int = -1, content: int | None = None
+) -> Any:
     from . import _native
 
-    handle = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY)
-    try:
-        # Private and writable: a task may modify what it got; nobody else sees it.
-        mapping = _native.Mapping(handle, size)
-    finally:
-        os.close(handle)
+    key = (pid, size, content) if content is not None else None
+    mapping = _reused(key) if key is not None else None
+    if mapping is None:
+        handle = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY)
+        try:
+            # Private and writable: a task may modify what it got; nobody else sees it.
+            mapping = _native.Mapping(handle, size)
+        finally:
+            os.close(handle)
+        if key is not None:
+            with _reuse_lock:
+                _REUSED[key] = [mapping, time.monotonic()]
+                _REUSED.move_to_end(key)
+                timer = _reuse_timer
+            if timer is None:
+                sweep_reused()  # starts the timer
     if offset == 0 and length in (-1, size):
         return mapping
     return memoryview(mapping)[offset : offset + length]

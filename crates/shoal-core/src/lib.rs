@@ -14,12 +14,14 @@
 //! - [`content`]: content hashes of large buffers (to recognise data sent before).
 //! - [`progress`]: a progress bar redrawn by its own thread.
 //! - [`plain`]: a compact encoding for lists of plain values (ints, floats, strings, bytes).
+//! - [`pages`]: undoing a worker's own writes to a privately mapped segment, to reuse it.
 
 pub mod chunking;
 pub mod content;
 pub mod cpu;
 pub mod error;
 pub mod fdpass;
+pub mod pages;
 pub mod plain;
 pub mod progress;
 pub mod protocol;

@@ -589,6 +589,18 @@ impl Mapping {
         self.len
     }
 
+    /// Drops the pages this process wrote into a private mapping since it was made, so that
+    /// they read as the segment again (see `shoal_core::pages`); returns how many it dropped.
+    /// The caller makes sure no buffer export of this mapping is alive (the pages of one
+    /// would change under it), which `sys.getrefcount` tells: each export holds a reference.
+    fn revert_written(&self, py: Python<'_>) -> PyResult<usize> {
+        let (addr, len) = (self.addr, self.len);
+        // SAFETY: a private mapping made in `new` (the Python layer only calls this on those),
+        // which nobody uses during the call, as required above.
+        py.detach(|| unsafe { shoal_core::pages::revert_written(addr, len) })
+            .map_err(Into::into)
+    }
+
     /// # Safety
     /// Called by CPython with a valid `view` to fill.
     unsafe fn __getbuffer__(
