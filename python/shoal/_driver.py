@@ -69,12 +69,9 @@ def approx_size(obj: Any) -> int:
 
 def _crash_error(crash: Crash, index: int, arguments: str, spec: CallSpec) -> BaseException:
     exc = _crash_exception(crash, index, arguments, spec)
-    note = getattr(crash, "note", "")  # a backend's pointer to the worker's output, if any
-    if note:
-        exc.add_note(note)
-    locate = getattr(crash, "locate", None)
-    if locate is not None:  # a crash on another host (the mpi backend): say where
-        locate(exc)
+    if crash.note:
+        exc.add_note(crash.note)
+    crash.locate(exc)
     return exc
 
 
@@ -164,7 +161,7 @@ class Run:
         self.raise_first = on_error == "raise"
         # A per-item timeout needs single-item tasks: the engine times tasks, not items
         # (unless the session times each item itself, as the slurm backend's tasks do).
-        per_task = limits.timeout is not None and not getattr(session, "times_items", False)
+        per_task = limits.timeout is not None and not session.times_items
         self.chunksize = 1 if per_task else chunksize
         self.deadline = deadline
         self.ordered = ordered

@@ -508,7 +508,7 @@ class Executor(cf.Executor):
                 last if last is not None and last.fn is fn else self._registered(session, fn)
             )
             future = _Future(self._next_task, self)
-            if "resources" in kwargs and getattr(self._pool, "takes_resources", False):
+            if "resources" in kwargs and self._pool.takes_resources:
                 # A backend with per-task resources (slurm): this task is submitted alone.
                 _submit_alone(
                     session, self, future, registered.spec_id, args, kwargs, registered.name

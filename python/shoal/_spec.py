@@ -142,6 +142,9 @@ class Crash:
 
     __slots__ = ("exit", "kind", "limit", "pid", "rss")
 
+    #: A backend's pointer to the worker's output (added to the error as a note), if any.
+    note: str = ""
+
     def __init__(
         self,
         pid: int | None,
@@ -160,6 +163,10 @@ class Crash:
     def start_failed(self) -> bool:
         """No worker could be started."""
         return self.kind == "start_failed"
+
+    def locate(self, exc: BaseException) -> None:
+        """Mark ``exc`` (the error made of this crash) with where it happened; a backend
+        whose workers run on other hosts says which (the mpi backend: rank and host)."""
 
 
 class Limits:

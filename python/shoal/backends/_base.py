@@ -46,6 +46,11 @@ class Session(abc.ABC):
     #: estimates it.
     last_submit_nbytes: int | None = None
 
+    #: The session times each item of a chunk itself against ``Limits.timeout`` (the slurm
+    #: backend's tasks do); otherwise the driver sends single-item chunks under a timeout,
+    #: because the engine times whole chunks.
+    times_items: bool = False
+
     @abc.abstractmethod
     def register(self, spec: CallSpec) -> int:
         """Make ``spec`` available to the workers; return an id for :meth:`submit`.
@@ -102,6 +107,11 @@ class Pool(abc.ABC):
     """A set of workers; see the module docs."""
 
     workers: int
+
+    #: ``Executor.submit(..., resources={...})`` goes to the session with its task (the slurm
+    #: backend turns it into sbatch options); elsewhere ``resources`` is the function's own
+    #: keyword argument.
+    takes_resources: bool = False
 
     @abc.abstractmethod
     def open_session(self, *, ordered: bool, limits: Limits | None = None) -> Session:
