@@ -94,7 +94,6 @@ def _run_items(
 ) -> tuple[list[Any], list[ItemError]]:
     values: list[Any] = []
     errors: list[ItemError] = []
-    append = values.append
     call = _invoker(spec)
     fn = spec.fn
     if spec.seed is not None:
@@ -102,16 +101,13 @@ def _run_items(
     it = iter(items)
     while True:
         try:
-            if call is None:
-                for item in it:
-                    append(fn(item))
-            else:
-                for item in it:
-                    append(call(item))
+            # A C-level loop: list.extend keeps the values appended before an item raises,
+            # and map has then consumed that item, so the loop resumes after it.
+            values.extend(map(fn if call is None else call, it))
             return values, errors
         except (Exception, SystemExit) as exc:
             offset = len(values)
-            append(None)
+            values.append(None)
             arguments = describe_item(spec, items[offset])
             errors.append(ItemError(offset, exc, format_remote_traceback(exc), arguments))
             if spec.stop_on_error and not isinstance(exc, spec.retry_on):
