@@ -55,6 +55,14 @@ def crash_on(x, bad=3):
     return x
 
 
+def crash_late(x, bad=2, after=0.5):
+    """Item ``bad`` kills its worker ``after`` seconds in (time for the next task to queue)."""
+    if x == bad:
+        time.sleep(after)
+        os._exit(7)
+    return x
+
+
 def return_lambda(x):
     return lambda: x
 

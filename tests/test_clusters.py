@@ -19,6 +19,7 @@ import pytest
 import shoal
 
 from helpers import (
+    crash_late,
     crash_on,
     note_pid_then_sleep,
     sleep_on,
@@ -270,6 +271,27 @@ def test_dask_memory_limit_restarts_a_hog_and_fails_only_its_item():
         assert [got[i] for i in (0, 2, 3)] == [0, 2, 3]
         _wait_for_full_cluster(backend, 1)
         assert shoal.map(square, range(4), backend=backend) == [0, 1, 4, 9]
+    finally:
+        with contextlib.suppress(StopIteration):
+            next(fixture)  # stops the cluster and checks that nothing is left
+
+
+def test_dask_a_chunk_queued_behind_one_that_kills_the_worker_is_not_blamed():
+    # One worker thread, one item per chunk: each chunk runs with the next one queued behind
+    # it on the same worker, so the crash of item 2 takes item 3's task down too. Item 3 must
+    # run again (alone) and succeed; only item 2 is blamed.
+    pytest.importorskip("distributed")
+    from engines import engine_backend
+
+    fixture = engine_backend("dask", workers=1)
+    backend = next(fixture)
+    try:
+        got = shoal.map(
+            crash_late, range(6), kwargs={"bad": 2}, chunksize=1, on_error="return", backend=backend
+        )
+        assert isinstance(got[2], shoal.WorkerCrashedError), got
+        assert [got[i] for i in (0, 1, 3, 4, 5)] == [0, 1, 3, 4, 5], got
+        _wait_for_full_cluster(backend, 1)
     finally:
         with contextlib.suppress(StopIteration):
             next(fixture)  # stops the cluster and checks that nothing is left

@@ -85,12 +85,16 @@ class DaskSession(ClusterSession):
         super().__init__(ordered=ordered, slots=slots, target_chunk_s=target_chunk_s)
         self._client = client
         self._timeout = timeout
-        # When a worker dies, Dask fails (or, on clusters that allow it, runs again) every task
-        # it held, queued ones too. One chunk per worker thread means nothing is queued on a
-        # worker, so an innocent chunk is never blamed with the one that killed its worker.
-        # The driver still prepares a second chunk per thread, held here (``_held``), so that a
-        # thread that frees up gets its next chunk at once, from Dask's callback thread.
-        self.max_in_flight = 2 * self.slots
+        # Each worker thread gets a second chunk queued behind the one it runs, so it never
+        # idles for a round trip (5-10 ms on Dask: the client and the scheduler batch their
+        # messages). When a worker dies, Dask fails every task it held, the queued one too, so
+        # a chunk that failed that way is not blamed yet: it is a *suspect*, sent again to run
+        # alone (no chunk is queued anywhere while suspects run), and only a second death
+        # blames it. With a per-item timeout, nothing is queued (its watchdog ends the worker).
+        self._prefetch = timeout is None
+        self.max_in_flight = (3 if self._prefetch else 2) * self.slots
+        #: Chunks sent again to run alone after their worker died with them in it.
+        self._suspects: set[int] = set()
         # (seq, future) of tasks that ended, pushed by Dask's callback thread.
         self._done: deque[tuple[int, Any]] = deque()
         #: seq -> (token, spec handle, payload, times resent): what a lost chunk needs again.
@@ -115,10 +119,14 @@ class DaskSession(ClusterSession):
         return None  # set by _pump
 
     def _capacity(self) -> int:
-        """Worker threads to fill: all of them, except after a worker died and until it is
-        back (chunks sent meanwhile would queue on the survivors)."""
+        """Chunks to keep on the cluster: two per worker thread (one running, one queued),
+        one per thread while suspects run alone, and after a worker died only as many as
+        there are threads until it is back (chunks sent meanwhile would queue on the
+        survivors)."""
+        if self._suspects:
+            self._suspects &= self._live.keys()  # forget cancelled ones
         if not self._short:
-            return self.slots
+            return self.slots * (2 if self._prefetch and not self._suspects else 1)
         try:
             threads = int(sum(self._client.nthreads().values()))
         except Exception:
@@ -200,6 +208,11 @@ class DaskSession(ClusterSession):
             if entry is None or entry[2] is not future:
                 continue  # cancelled, dropped or sent again: this result is not wanted
             status = future.status  # read once: a lost result changes it (see module docs)
+            if status in _ENDED:
+                was_suspect = seq in self._suspects
+                self._suspects.discard(seq)
+                if status == "error" and not was_suspect and self._suspect(seq, future):
+                    continue  # its worker died: sent again, alone
             if status == "finished":
                 finished.append((seq, future))
             elif status == "error":
@@ -224,6 +237,19 @@ class DaskSession(ClusterSession):
                     out.append(res)
         self._pump()
         return out
+
+    def _suspect(self, seq: int, future: Any) -> bool:
+        """Send a chunk that died with its worker again, alone, if another chunk may have been
+        running there (it was queued, or running with one queued behind it); ``False`` if
+        it is blamed now."""
+        if not self._prefetch:
+            return False
+        exc = _result_or_exception(future)
+        if type(exc).__name__ != "KilledWorker" or not self._resend(seq):
+            return False
+        self._suspects.add(seq)
+        self._short = True  # a worker is gone: wait for it before filling up again
+        return True
 
     def _failed(self, seq: int, exc: BaseException | None, out: list[ChunkResult]) -> None:
         if (exc is None or "Cancelled" in type(exc).__name__) and self._resend(seq):
@@ -370,8 +396,8 @@ class DaskBackend(ClusterBackend):
     target_chunk_s : float
         Wanted compute time of one chunk (one Dask task). The default, 0.1 s, is twice the Ray
         backend's: a Dask task's round trip costs 5-10 ms (the client and the scheduler batch
-        their messages, 10 ms and 5 ms apart), and no second chunk waits on a worker to hide it
-        (a chunk queued behind one that kills the worker would fail with it).
+        their messages, 10 ms and 5 ms apart), and fewer, longer chunks also cost the
+        scheduler (in the driver's process, for a local cluster) less.
     """
 
     name = "dask"
