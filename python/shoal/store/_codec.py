@@ -94,12 +94,13 @@ def user_key(key: bytes, name: Any) -> bytes:
     return hashlib.blake2b(data, digest_size=16, key=key).digest()
 
 
-_PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex})
+#: Types whose pickles hold no buffer (their values are pickled without a buffer callback).
+PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex})
 
 
 def encode_value(value: Any) -> tuple[bytes, list[bytes | memoryview]]:
     """``(pickle, raw buffers)``: buffers of :data:`RAW_MIN` bytes or more stay out."""
-    if type(value) in _PLAIN:  # no buffers inside: skip the callback machinery
+    if type(value) in PLAIN_TYPES:  # no buffers inside: skip the callback machinery
         return pickle.dumps(value, protocol=5), []
     raw: list[Any] = []
 

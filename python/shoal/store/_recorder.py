@@ -30,11 +30,13 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from itertools import islice, repeat
 from typing import Any
 
 from .._itemcall import hostname
 from .._spec import MODE_KW, MODE_SINGLE, MODE_STAR, CallSpec
 from . import _codec, _db
+from ._codec import PLAIN_TYPES as _PLAIN
 from ._db import DONE, FAILED, StoreError, StoreWarning
 
 BATCH_S = 0.1
@@ -97,6 +99,13 @@ class CallRecorder:
         self.status: dict[bytes, int] = {}
         self.in_flight: dict[int, tuple[bytes, Any]] = {}  # index -> (identity, user key)
         self.waiting: dict[bytes, list[int]] = {}
+        #: index -> id of the stored failure that the running item's row replaces
+        self.replacing: dict[int, int] = {}
+        # Items read from the input and not taken yet (after a gap), with their identities.
+        self.ahead: list[Any] = []
+        self.ahead_at = 0
+        self.ahead_idents: list[bytes] | None = None
+        self.input_end = False
         self.pending: list[tuple[Any, ...]] = []
         self.pending_buffers: list[tuple[int, int, Any]] = []
         self.pending_deletes: list[tuple[int]] = []
@@ -117,6 +126,8 @@ class CallRecorder:
         if path is None:
             return
         self.call_key = _codec.call_key(fn, spec.mode, spec.args, spec.kwargs, spec.seed)
+        # Keyed once: a copy per item skips the key block's compression.
+        self.hasher = hashlib.blake2b(digest_size=16, key=self.call_key)
         self.conn = _db.connect(path)
         try:
             _db.create_or_check(self.conn, path, _db.journal_mode_for(path))
@@ -128,9 +139,7 @@ class CallRecorder:
         try:
             self.run_id = self._start_run(fn, api, backend, workers, total)
             self.done_sql = self._done_sql()
-            status = self.status
-            for rid, k, st in self.conn.execute("SELECT id, key, status FROM shoal_items"):
-                status[k] = rid << 4 | st
+            self.status = dict(self.conn.execute("SELECT key, id << 4 | status FROM shoal_items"))
             self.next_id = self.first_pending_id = 1 + (
                 self.conn.execute("SELECT MAX(id) FROM shoal_items").fetchone()[0] or 0
             )
@@ -241,57 +250,74 @@ class CallRecorder:
                 return start, chunk, True
             self.index += len(chunk)
             return start, chunk, len(chunk) < size
-        ended = False
         replays: list[tuple[int, int]] = []  # (index, row id) to read back, in input order
         status, in_flight = self.status, self.in_flight
-        # The common case (no key=, one argument or a tuple of them) is hashed inline: this
-        # loop runs once per item.
-        fast = self.key is None and self.spec.mode != MODE_KW
-        blake2b, dumps, call_key = hashlib.blake2b, pickle.dumps, self.call_key
-        while len(chunk) < size and len(replays) < _REPLAY_MAX:
-            try:
-                item = next(self.items)
-            except StopIteration:
-                ended = True
-                break
-            except Exception as exc:
-                self.input_error = exc
-                ended = True
-                break
-            index = self.index
-            self.index += 1
-            if fast:
-                try:
-                    ident, ukey = (
-                        blake2b(dumps(item, 5), digest_size=16, key=call_key).digest(),
-                        None,
+        ahead, at = self.ahead, self.ahead_at
+        gap = False
+        while len(chunk) < size and len(replays) < _REPLAY_MAX and not gap:
+            if at >= len(ahead):
+                if self.input_end:
+                    break
+                ahead, at = self._read_ahead(size - len(chunk)), 0
+                self.ahead = ahead
+                if not ahead:
+                    break
+            idents = self.ahead_idents
+            if idents is not None:
+                # The common case: a stretch of new, distinct items goes to the chunk in bulk.
+                m = min(len(ahead) - at, size - len(chunk))
+                part = idents[at : at + m]
+                if list(map(status.get, part)).count(None) == m and len(set(part)) == m:
+                    if not chunk:
+                        start = self.index
+                    status.update(dict.fromkeys(part, _RUNNING))
+                    in_flight.update(
+                        zip(
+                            range(self.index, self.index + m),
+                            zip(part, repeat(None), strict=False),
+                            strict=True,
+                        )
                     )
-                except Exception:
+                    chunk.extend(ahead[at : at + m])
+                    self.index += m
+                    at += m
+                    continue
+            # Item by item: some are stored, running or repeated.
+            while at < len(ahead) and len(chunk) < size and len(replays) < _REPLAY_MAX:
+                item = ahead[at]
+                if idents is not None:
+                    ident, ukey = idents[at], None
+                else:
                     ident, ukey = self.identity(item)
-            else:
-                ident, ukey = self.identity(item)
-            packed = status.get(ident)
-            st = -1 if packed is None else packed & 15
-            if st >= _SEEN and self.key is not None:
-                raise ValueError(f"duplicate key {ukey!r} in one call (item {index})")
-            if st == -1 or (st == FAILED and self.rerun_failed):
-                if not chunk:
-                    start = index
-                # A failed row to replace keeps its id here until the new row is written.
-                status[ident] = (0 if packed is None else packed & ~15) | _RUNNING
-                in_flight[index] = (ident, ukey)
-                chunk.append(item)
-                continue
-            assert packed is not None
-            if st == _RUNNING:
-                # The same identity is running in this call: it shares that one's result.
-                self.waiting.setdefault(ident, []).append(index)
-            else:
-                if st < _SEEN:
-                    status[ident] = packed + _SEEN
-                replays.append((index, packed >> 4))
-            if chunk:
-                break  # a gap in the positions: the chunk so far goes alone
+                at += 1
+                index = self.index
+                self.index += 1
+                packed = status.get(ident)
+                st = -1 if packed is None else packed & 15
+                if st >= _SEEN and self.key is not None:
+                    raise ValueError(f"duplicate key {ukey!r} in one call (item {index})")
+                if st == -1 or (st == FAILED and self.rerun_failed):
+                    if not chunk:
+                        start = index
+                    status[ident] = _RUNNING
+                    if packed is not None:  # a failed row, replaced when the new one is written
+                        self.replacing[index] = packed >> 4
+                    in_flight[index] = (ident, ukey)
+                    chunk.append(item)
+                    continue
+                assert packed is not None
+                if st == _RUNNING:
+                    # The same identity is running in this call: it shares that one's result.
+                    self.waiting.setdefault(ident, []).append(index)
+                else:
+                    if st < _SEEN:
+                        status[ident] = packed + _SEEN
+                    replays.append((index, packed >> 4))
+                if chunk:
+                    gap = True  # a gap in the positions: the chunk so far goes alone
+                    break
+        self.ahead_at = at
+        ended = self.input_end and at >= len(ahead)
         if not chunk:
             start = self.index
         stop = self._replay(replays, replay) if replays else None
@@ -299,6 +325,32 @@ class CallRecorder:
             # A stored failure stops the call (on_error="raise"): items before it still run.
             return start, chunk if chunk and start < stop else [], True
         return start, chunk, ended
+
+    def _read_ahead(self, want: int) -> list[Any]:
+        """Read up to ``want`` more items of the input (at least one) into the look-ahead, with
+        their identities when no ``key=`` names them (hashed in one loop: the hot path)."""
+        batch: list[Any] = []
+        try:
+            # extend() keeps what it read even if the input raises midway.
+            batch.extend(islice(self.items, max(1, want)))
+        except Exception as exc:
+            self.input_error = exc
+            self.input_end = True
+        if len(batch) < max(1, want):
+            self.input_end = True
+        self.ahead_idents = None
+        if self.key is None and self.spec.mode != MODE_KW:
+            idents: list[bytes] = []
+            append, copy, dumps = idents.append, self.hasher.copy, pickle.dumps
+            for item in batch:
+                try:
+                    h = copy()
+                    h.update(dumps(item, 5))
+                    append(h.digest())
+                except Exception:  # cloudpickle, or the error of an item that cannot be hashed
+                    append(self.identity(item)[0])
+            self.ahead_idents = idents
+        return batch
 
     def _replay(self, replays: list[tuple[int, int]], replay: Replay) -> int | None:
         """Hand stored results to the driver, consecutive positions as one batch; the index
@@ -379,19 +431,92 @@ class CallRecorder:
                 else:
                     values[offset] = wrapped[0]
             return []
-        rows: list[tuple[Any, ...]] = []
+        if not values:
+            return []
+        stop = start + len(values)
+        entries = list(map(self.in_flight.pop, range(start, stop), repeat(None)))
+        extra: list[tuple[int, list[Any], int]] = []
+        rows = None
+        if not failed and self.key is None and not self.capture and not self.replacing:
+            rows = self._done_rows(start, values, entries, attempts)
         others: list[tuple[Any, ...]] = []  # failures: every column
         buffers: list[tuple[int, int, Any]] = []
-        extra: list[tuple[int, list[Any], int]] = []
-        in_flight, status, positions, run = self.in_flight, self.status, self.positions, self.run_id
+        if rows is None:
+            rows = self._rows(start, values, failed, attempts, entries, others, buffers)
+        if self.waiting:
+            # Items of the same identity that waited for these share their results.
+            for entry, value in zip(entries, values, strict=True):
+                waiters = self.waiting.pop(entry[0], None) if entry is not None else None
+                if waiters:
+                    extra.extend((w, [value], int(failed)) for w in waiters)
+        if rows or others:
+            if others:  # failures are rare: they go on their own, in order with the rest
+                rows = sorted(rows + [("all", *o) for o in others], key=_row_id)
+            with self.buf_lock:
+                if not self.pending:
+                    self.pending_since = time.monotonic()
+                self.pending.extend(rows)
+                self.pending_buffers.extend(buffers)
+                backlog = len(self.pending)
+            if backlog >= _BACKLOG:
+                self.flush()  # the writer thread lags: commit here
+            elif backlog >= BATCH_ITEMS:
+                self.wake.set()
+        return extra
+
+    def _done_rows(
+        self, start: int, values: list[Any], entries: list[Any], attempts: int
+    ) -> list[tuple[Any, ...]] | None:
+        """The rows of done items without ``key=`` or ``capture``, built column by column (the
+        hot path of a run of many cheap items); ``None`` if :meth:`_rows` must do it item by
+        item (a value that is not of a plain type, an item not from this call's input)."""
+        if None in entries:
+            return None
+        # Each wrapped value is (value, pid, host, started, finished): see ItemCall.
+        results, pids, hosts, starts, ends = zip(*values, strict=True)
+        if not _PLAIN.issuperset(map(type, results)):
+            return None
+        n = len(values)
+        values[:] = results
+        dumps = pickle.dumps
+        # SQLite binds a bytearray directly; bytes go through its adapter look-up first.
+        data = [bytearray(dumps(v, 5)) for v in results]
+        idents = [e[0] for e in entries]
+        rid = self.next_id
+        self.next_id = rid + n
+        self.done += n
+        positions = self.positions
+        idx = range(start, start + n) if positions is None else positions[start : start + n]
+        # A row's state in memory: its id << 4 | DONE + _SEEN, consecutive ids.
+        first = rid << 4 | (DONE + _SEEN)
+        self.status.update(zip(idents, range(first, first + 16 * n, 16), strict=True))
+        return list(
+            zip(
+                range(rid, rid + n), map(bytearray, idents), idx, starts, ends, pids, hosts,
+                repeat(attempts), data, repeat(0), strict=False,
+            )
+        )  # fmt: skip
+
+    def _rows(
+        self,
+        start: int,
+        values: list[Any],
+        failed: int,
+        attempts: int,
+        entries: list[Any],
+        others: list[tuple[Any, ...]],
+        buffers: list[tuple[int, int, Any]],
+    ) -> list[tuple[Any, ...]]:
+        """The rows of ``values`` item by item (any kind); failures go to ``others``."""
+        rows: list[tuple[Any, ...]] = []
+        status, positions, run = self.status, self.positions, self.run_id
         capture = self.capture
         named = self.key is not None
         plain = not named and not capture
         next_id = self.next_id
         encode = _codec.encode_value
-        for offset, wrapped in enumerate(values):
+        for offset, (wrapped, entry) in enumerate(zip(values, entries, strict=True)):
             index = start + offset
-            entry = in_flight.pop(index, None)
             result = wrapped if failed else wrapped[0]
             if not failed:
                 values[offset] = result
@@ -400,7 +525,7 @@ class CallRecorder:
             ident, ukey = entry
             rid = next_id
             next_id += 1
-            old = status[ident] >> 4
+            old = self.replacing.pop(index, 0)
             if old:
                 self.pending_deletes.append((old,))
             idx = index if positions is None else positions[index]
@@ -425,7 +550,8 @@ class CallRecorder:
                 else:
                     self.done += 1
                     state = DONE
-                    row = (rid, ident, idx, t0, t1, pid, host, attempts, data, len(raw))
+                    row = (rid, bytearray(ident), idx, t0, t1, pid, host, attempts)
+                    row += (bytearray(data), len(raw))
                     if plain:
                         rows.append(row)
                     else:
@@ -435,25 +561,8 @@ class CallRecorder:
                     if raw:
                         buffers.extend((rid, n, b) for n, b in enumerate(raw))
             status[ident] = rid << 4 | (state + _SEEN)
-            if self.waiting:
-                waiters = self.waiting.pop(ident, None)
-                if waiters:
-                    extra.extend((w, [result], int(failed)) for w in waiters)
         self.next_id = next_id
-        if rows or others:
-            if others:  # failures are rare: they go on their own, in order with the rest
-                rows = sorted(rows + [("all", *o) for o in others], key=_row_id)
-            with self.buf_lock:
-                if not self.pending:
-                    self.pending_since = time.monotonic()
-                self.pending.extend(rows)
-                self.pending_buffers.extend(buffers)
-                backlog = len(self.pending)
-            if backlog >= _BACKLOG:
-                self.flush()  # the writer thread lags: commit here
-            elif backlog >= BATCH_ITEMS:
-                self.wake.set()
-        return extra
+        return rows
 
     def _failure_row(
         self, rid: int, ident: bytes, ukey: Any, idx: int, exc: BaseException
