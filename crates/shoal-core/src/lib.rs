@@ -12,9 +12,11 @@
 //! - [`fdpass`]: file descriptors (shared-memory segments) passed with frames.
 //! - [`cpu`]: how many CPUs this process may use.
 //! - [`content`]: content hashes of large buffers (to recognise data sent before).
+//! - [`blake2b`]: keyed BLAKE2b of many short messages (the identities of a store's items).
 //! - [`progress`]: a progress bar redrawn by its own thread.
 //! - [`plain`]: a compact encoding for lists of plain values (ints, floats, strings, bytes).
 
+pub mod blake2b;
 pub mod chunking;
 pub mod content;
 pub mod cpu;

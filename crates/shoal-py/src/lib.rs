@@ -21,6 +21,7 @@ use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyList, PyString};
 
+use shoal_core::blake2b::Blake2b;
 use shoal_core::chunking::{ChunkPolicy, ItemTimer};
 use shoal_core::fdpass;
 use shoal_core::plain;
@@ -675,6 +676,36 @@ fn content_hash(py: Python<'_>, data: PyBuffer<u8>) -> PyResult<u128> {
     Ok(digest)
 }
 
+/// The keyed BLAKE2b digests of `digest_size` bytes of each bytes object in `messages`, the same
+/// as `hashlib.blake2b(m, digest_size=digest_size, key=key).digest()` each, hashed in one call
+/// with the GIL released (a store hashes every item's pickled arguments).
+#[pyfunction]
+fn blake2b_many<'py>(
+    py: Python<'py>,
+    key: &[u8],
+    digest_size: usize,
+    messages: &Bound<'py, PyList>,
+) -> PyResult<Bound<'py, PyList>> {
+    let hasher = Blake2b::new(key, digest_size).ok_or_else(|| {
+        PyValueError::new_err("blake2b_many: the key is at most 64 bytes, digest_size 1 to 64")
+    })?;
+    let mut data = Vec::new();
+    let mut ends = Vec::with_capacity(messages.len());
+    for message in messages.iter() {
+        data.extend_from_slice(message.cast::<PyBytes>()?.as_bytes());
+        ends.push(data.len());
+    }
+    let digests = py.detach(|| {
+        let mut at = 0;
+        hasher.digest_many(ends.iter().map(|&end| {
+            let message = &data[at..end];
+            at = end;
+            message
+        }))
+    });
+    PyList::new(py, digests.chunks_exact(digest_size).map(|d| PyBytes::new(py, d)))
+}
+
 /// Encodes `values` (a list whose first item has input index `start`) in the compact plain
 /// encoding of `shoal_core::plain`, or returns `None` if some value is not a plain one (an int
 /// beyond 64 bits, a subclass, a container...): the caller then pickles the list.
@@ -847,6 +878,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(total_memory, m)?)?;
     m.add_function(wrap_pyfunction!(buffer_span, m)?)?;
     m.add_function(wrap_pyfunction!(content_hash, m)?)?;
+    m.add_function(wrap_pyfunction!(blake2b_many, m)?)?;
     m.add_function(wrap_pyfunction!(pack_plain, m)?)?;
     m.add_function(wrap_pyfunction!(unpack_plain, m)?)?;
     m.add_function(wrap_pyfunction!(at_exit, m)?)?;

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import hashlib
 import json
 import os
 import pickle
@@ -34,6 +33,7 @@ from itertools import islice, repeat
 from typing import Any
 
 from .._itemcall import hostname
+from .._native import blake2b_many
 from .._spec import MODE_KW, MODE_SINGLE, MODE_STAR, CallSpec
 from . import _codec, _db
 from ._codec import PLAIN_TYPES as _PLAIN
@@ -126,8 +126,6 @@ class CallRecorder:
         if path is None:
             return
         self.call_key = _codec.call_key(fn, spec.mode, spec.args, spec.kwargs, spec.seed)
-        # Keyed once: a copy per item skips the key block's compression.
-        self.hasher = hashlib.blake2b(digest_size=16, key=self.call_key)
         self.conn = _db.connect(path)
         try:
             _db.create_or_check(self.conn, path, _db.journal_mode_for(path))
@@ -340,15 +338,12 @@ class CallRecorder:
             self.input_end = True
         self.ahead_idents = None
         if self.key is None and self.spec.mode != MODE_KW:
-            idents: list[bytes] = []
-            append, copy, dumps = idents.append, self.hasher.copy, pickle.dumps
-            for item in batch:
-                try:
-                    h = copy()
-                    h.update(dumps(item, 5))
-                    append(h.digest())
-                except Exception:  # cloudpickle, or the error of an item that cannot be hashed
-                    append(self.identity(item)[0])
+            # The identities of the whole batch in one native call (as _codec.item_key).
+            try:
+                pickles = list(map(pickle.dumps, batch, repeat(5)))
+            except Exception:  # cloudpickle, or the error of an item that cannot be hashed
+                pickles = [_codec.pickled(item) for item in batch]
+            idents = blake2b_many(self.call_key, 16, pickles)
             self.ahead_idents = idents
         return batch
 
