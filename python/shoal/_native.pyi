@@ -1,5 +1,6 @@
 """Type stub of the native module ``shoal._native`` (built from crates/shoal-py)."""
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import final
 
@@ -27,6 +28,7 @@ __all__ = [
     "content_hash",
     "cpu_count",
     "pack_plain",
+    "pickle_plain",
     "signal_name",
     "total_memory",
     "unpack_plain",
@@ -151,4 +153,5 @@ def content_hash(data: object) -> int: ...
 def blake2b_many(key: bytes, digest_size: int, messages: list[bytes]) -> list[bytes]: ...
 def pack_plain(start: int, values: list[object]) -> bytes | None: ...
 def unpack_plain(data: bytes) -> tuple[int, list[object]]: ...
+def pickle_plain(values: Iterable[object]) -> list[bytearray] | None: ...
 def at_exit() -> None: ...

@@ -15,6 +15,7 @@
 //! - [`blake2b`]: keyed BLAKE2b of many short messages (the identities of a store's items).
 //! - [`progress`]: a progress bar redrawn by its own thread.
 //! - [`plain`]: a compact encoding for lists of plain values (ints, floats, strings, bytes).
+//! - [`pickle`]: pickles of plain values, written without Python (a store's results).
 
 pub mod blake2b;
 pub mod chunking;
@@ -22,6 +23,7 @@ pub mod content;
 pub mod cpu;
 pub mod error;
 pub mod fdpass;
+pub mod pickle;
 pub mod plain;
 pub mod progress;
 pub mod protocol;

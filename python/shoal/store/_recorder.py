@@ -33,7 +33,7 @@ from itertools import islice, repeat
 from typing import Any
 
 from .._itemcall import hostname
-from .._native import blake2b_many
+from .._native import blake2b_many, pickle_plain
 from .._spec import MODE_KW, MODE_SINGLE, MODE_STAR, CallSpec
 from . import _codec, _db
 from ._codec import PLAIN_TYPES as _PLAIN
@@ -265,7 +265,8 @@ class CallRecorder:
                 # The common case: a stretch of new, distinct items goes to the chunk in bulk.
                 m = min(len(ahead) - at, size - len(chunk))
                 part = idents[at : at + m]
-                if list(map(status.get, part)).count(None) == m and len(set(part)) == m:
+                packs = list(map(status.get, part))
+                if packs.count(None) == m and len(set(part)) == m:
                     if not chunk:
                         start = self.index
                     status.update(dict.fromkeys(part, _RUNNING))
@@ -280,6 +281,26 @@ class CallRecorder:
                     self.index += m
                     at += m
                     continue
+                if not chunk:
+                    # A resume: a stretch of done items is read back in bulk.
+                    m = min(m, _REPLAY_MAX - len(replays))
+                    part, packs = part[:m], packs[:m]
+                    if (
+                        None not in packs
+                        and all(p & 15 == DONE for p in packs)
+                        and len(set(part)) == m
+                    ):
+                        replays.extend(
+                            zip(
+                                range(self.index, self.index + m),
+                                [p >> 4 for p in packs],
+                                strict=True,
+                            )
+                        )
+                        status.update(zip(part, [p + _SEEN for p in packs], strict=True))
+                        self.index += m
+                        at += m
+                        continue
             # Item by item: some are stored, running or repeated.
             while at < len(ahead) and len(chunk) < size and len(replays) < _REPLAY_MAX:
                 item = ahead[at]
@@ -469,13 +490,15 @@ class CallRecorder:
             return None
         # Each wrapped value is (value, pid, host, started, finished): see ItemCall.
         results, pids, hosts, starts, ends = zip(*values, strict=True)
-        if not _PLAIN.issuperset(map(type, results)):
-            return None
+        # SQLite binds a bytearray directly; bytes go through its adapter look-up first.
+        data = pickle_plain(results)
+        if data is None:
+            if not _PLAIN.issuperset(map(type, results)):
+                return None  # values that may hold large buffers: _rows stores those raw
+            dumps = pickle.dumps
+            data = [bytearray(dumps(v, 5)) for v in results]
         n = len(values)
         values[:] = results
-        dumps = pickle.dumps
-        # SQLite binds a bytearray directly; bytes go through its adapter look-up first.
-        data = [bytearray(dumps(v, 5)) for v in results]
         idents = [e[0] for e in entries]
         rid = self.next_id
         self.next_id = rid + n
