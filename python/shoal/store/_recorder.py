@@ -256,7 +256,10 @@ class CallRecorder:
             if at >= len(ahead):
                 if self.input_end:
                     break
-                ahead, at = self._read_ahead(size - len(chunk)), 0
+                want = size - len(chunk)
+                if replays:  # reading back a done stretch: read on in growing batches
+                    want = max(want, min(len(replays), _REPLAY_MAX - len(replays)))
+                ahead, at = self._read_ahead(want), 0
                 self.ahead = ahead
                 if not ahead:
                     break
@@ -283,8 +286,9 @@ class CallRecorder:
                     continue
                 if not chunk:
                     # A resume: a stretch of done items is read back in bulk.
-                    m = min(m, _REPLAY_MAX - len(replays))
-                    part, packs = part[:m], packs[:m]
+                    m = min(len(ahead) - at, _REPLAY_MAX - len(replays))
+                    part = idents[at : at + m]
+                    packs = list(map(status.get, part))
                     if (
                         None not in packs
                         and all(p & 15 == DONE for p in packs)
