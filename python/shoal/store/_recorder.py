@@ -43,7 +43,6 @@ BATCH_S = 0.1
 BATCH_ITEMS = 1000
 # Status of a key seen in this call (in the in-memory map; the file keeps DONE/FAILED only).
 _SEEN = 10
-_RUNNING = 13
 
 Replay = Callable[[int, list[Any], int], bool]
 
@@ -95,8 +94,10 @@ class CallRecorder:
         self.input_error: BaseException | None = None
         self.finished = False
         self.error: BaseException | None = None
-        # identity -> row id << 4 | state (DONE, FAILED, or those + _SEEN, or _RUNNING)
+        # identity -> row id << 4 | state (DONE, FAILED, or those + _SEEN) of the stored rows
         self.status: dict[bytes, int] = {}
+        #: Identities running in this call (apart from the big map: it stays in the caches).
+        self.running: set[bytes] = set()
         self.in_flight: dict[int, tuple[bytes, Any]] = {}  # index -> (identity, user key)
         self.waiting: dict[bytes, list[int]] = {}
         #: index -> id of the stored failure that the running item's row replaces
@@ -249,7 +250,7 @@ class CallRecorder:
             self.index += len(chunk)
             return start, chunk, len(chunk) < size
         replays: list[tuple[int, int]] = []  # (index, row id) to read back, in input order
-        status, in_flight = self.status, self.in_flight
+        status, in_flight, running = self.status, self.in_flight, self.running
         ahead, at = self.ahead, self.ahead_at
         gap = False
         while len(chunk) < size and len(replays) < _REPLAY_MAX and not gap:
@@ -269,10 +270,10 @@ class CallRecorder:
                 m = min(len(ahead) - at, size - len(chunk))
                 part = idents[at : at + m]
                 packs = list(map(status.get, part))
-                if packs.count(None) == m and len(set(part)) == m:
+                if packs.count(None) == m and len(set(part)) == m and running.isdisjoint(part):
                     if not chunk:
                         start = self.index
-                    status.update(dict.fromkeys(part, _RUNNING))
+                    running.update(part)
                     in_flight.update(
                         zip(
                             range(self.index, self.index + m),
@@ -317,22 +318,23 @@ class CallRecorder:
                 self.index += 1
                 packed = status.get(ident)
                 st = -1 if packed is None else packed & 15
-                if st >= _SEEN and self.key is not None:
+                is_running = ident in running
+                if (is_running or st >= _SEEN) and self.key is not None:
                     raise ValueError(f"duplicate key {ukey!r} in one call (item {index})")
-                if st == -1 or (st == FAILED and self.rerun_failed):
+                if not is_running and (st == -1 or (st == FAILED and self.rerun_failed)):
                     if not chunk:
                         start = index
-                    status[ident] = _RUNNING
+                    running.add(ident)
                     if packed is not None:  # a failed row, replaced when the new one is written
                         self.replacing[index] = packed >> 4
                     in_flight[index] = (ident, ukey)
                     chunk.append(item)
                     continue
-                assert packed is not None
-                if st == _RUNNING:
+                if is_running:
                     # The same identity is running in this call: it shares that one's result.
                     self.waiting.setdefault(ident, []).append(index)
                 else:
+                    assert packed is not None
                     if st < _SEEN:
                         status[ident] = packed + _SEEN
                     replays.append((index, packed >> 4))
@@ -512,6 +514,7 @@ class CallRecorder:
         # A row's state in memory: its id << 4 | DONE + _SEEN, consecutive ids.
         first = rid << 4 | (DONE + _SEEN)
         self.status.update(zip(idents, range(first, first + 16 * n, 16), strict=True))
+        self.running.difference_update(idents)
         return list(
             zip(
                 range(rid, rid + n), map(bytearray, idents), idx, starts, ends, pids, hosts,
@@ -583,6 +586,7 @@ class CallRecorder:
                     if raw:
                         buffers.extend((rid, n, b) for n, b in enumerate(raw))
             status[ident] = rid << 4 | (state + _SEEN)
+            self.running.discard(ident)
         self.next_id = next_id
         return rows
 
