@@ -29,7 +29,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from itertools import islice, repeat
+from itertools import chain, islice, repeat
 from typing import Any
 
 from .._itemcall import hostname
@@ -53,6 +53,8 @@ _ROW_SQL = (
 )
 #: Most stored results one ``take`` reads back (bounds memory on a huge done prefix).
 _REPLAY_MAX = 10_000
+#: Most parameters of one SQL statement (SQLite before 3.32 allows 999).
+_MAX_PARAMETERS = 999
 #: The writer falls this many rows behind before the driver commits itself (back-pressure).
 _BACKLOG = 2 * BATCH_ITEMS
 
@@ -137,7 +139,7 @@ class CallRecorder:
             raise
         try:
             self.run_id = self._start_run(fn, api, backend, workers, total)
-            self.done_sql = self._done_sql()
+            self.done_sql, self.done_sql_many, self.rows_per_insert = self._done_sql()
             self.status = dict(self.conn.execute("SELECT key, id << 4 | status FROM shoal_items"))
             self.next_id = self.first_pending_id = 1 + (
                 self.conn.execute("SELECT MAX(id) FROM shoal_items").fetchone()[0] or 0
@@ -162,20 +164,21 @@ class CallRecorder:
                 f"to one function; use another file for {name}"
             )
 
-    def _done_sql(self) -> str:
+    def _done_sql(self) -> tuple[str, str, int]:
         """The insert of a done item: only the columns it uses (binding is most of an insert's
-        cost); the run id and the status are constants of the statement."""
+        cost); the run id and the status are constants of the statement. Also the insert of
+        many rows in one statement (a third cheaper per row than one statement per row), and
+        how many: their parameters stay under SQLite's oldest limit (999)."""
         columns = ["id", "key", "idx", "started", "finished", "pid", "host", "attempts", "value"]
         columns.append("nbuf")
         if self.key is not None:
             columns.append("ukey")
         if self.capture:
             columns += ["stdout", "stderr"]
-        marks = ", ".join("?" * len(columns))
-        return (
-            f"INSERT INTO shoal_items ({', '.join(columns)}, run, status) "
-            f"VALUES ({marks}, {int(self.run_id)}, {DONE})"
-        )
+        row = f"({', '.join('?' * len(columns))}, {int(self.run_id)}, {DONE})"
+        head = f"INSERT INTO shoal_items ({', '.join(columns)}, run, status) VALUES "
+        many = _MAX_PARAMETERS // len(columns)
+        return head + row, head + ", ".join([row] * many), many
 
     def _start_run(
         self, fn: Callable[..., Any], api: str, backend: str, workers: int | None, total: Any
@@ -648,7 +651,7 @@ class CallRecorder:
             if full:
                 self.conn.executemany(_ROW_SQL, full)
             if done:
-                self.conn.executemany(self.done_sql, done)
+                self._insert_done(done)
             if buffers:
                 self.conn.executemany("INSERT INTO shoal_buffers VALUES (?, ?, ?)", buffers)
             self.conn.execute("COMMIT")
@@ -666,6 +669,19 @@ class CallRecorder:
             self.error = err
             raise err from exc
         self.committed += len(rows)
+
+    def _insert_done(self, rows: list[tuple[Any, ...]]) -> None:
+        """Insert done rows (all of the same columns), :attr:`rows_per_insert` per statement."""
+        many = self.rows_per_insert
+        full = len(rows) - len(rows) % many
+        if full:
+            flat = list(chain.from_iterable(rows[:full]))
+            width = len(rows[0]) * many
+            self.conn.executemany(
+                self.done_sql_many, [flat[at : at + width] for at in range(0, len(flat), width)]
+            )
+        if full < len(rows):
+            self.conn.executemany(self.done_sql, rows[full:])
 
     def _background(self) -> None:
         last_beat = time.monotonic()
