@@ -356,6 +356,20 @@ def test_capture_keeps_bounded_output_in_the_store_or_on_the_error(tmp_path):
     assert any("captured stdout" in n and "out 2 0" in n for n in info.value.__notes__)
 
 
+def test_many_rows_with_keys_and_capture(tmp_path):
+    """Hundreds of rows with the key and captured-output columns (inserted many per
+    statement) come back whole, each with its own key and output."""
+    path = tmp_path / "s.sqlite"
+    items = list(range(3, 450))
+    out = shoal.map(noisy, items, store=path, capture=True, key=lambda x: f"k{x}")
+    assert out == items
+    with shoal.Store(path) as st:
+        assert list(st.results()) == [(f"k{x}", x) for x in items]
+        for x in (3, 200, 449):
+            assert st.output(f"k{x}") == (f"out {x} 0\n", f"err {x}\n")
+        assert [i["key"] for i in st.items()] == [f"k{x}" for x in items]
+
+
 def test_large_arrays_are_stored_as_raw_buffers(tmp_path):
     np = pytest.importorskip("numpy")
     path = tmp_path / "s.sqlite"
