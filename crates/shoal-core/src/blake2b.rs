@@ -79,7 +79,13 @@ impl Blake2b {
         if !key.is_empty() {
             compress(&mut keyed, &key_block, BLOCK as u128, false);
         }
-        Some(Self { start, keyed, key_block, key_len: key.len(), digest_len })
+        Some(Self {
+            start,
+            keyed,
+            key_block,
+            key_len: key.len(),
+            digest_len,
+        })
     }
 
     /// Bytes in each digest.
@@ -93,7 +99,11 @@ impl Blake2b {
     ///
     /// If `out` is not `digest_len` bytes long.
     pub fn digest(&self, data: &[u8], out: &mut [u8]) {
-        assert_eq!(out.len(), self.digest_len, "digest buffer of the wrong length");
+        assert_eq!(
+            out.len(),
+            self.digest_len,
+            "digest buffer of the wrong length"
+        );
         let mut h;
         if data.is_empty() {
             h = self.start;

@@ -704,7 +704,12 @@ fn blake2b_many<'py>(
             message
         }))
     });
-    PyList::new(py, digests.chunks_exact(digest_size).map(|d| PyBytes::new(py, d)))
+    PyList::new(
+        py,
+        digests
+            .chunks_exact(digest_size)
+            .map(|d| PyBytes::new(py, d)),
+    )
 }
 
 /// The pickle of each value of `values` (an iterable of plain values: exact ints of 64 bits,
