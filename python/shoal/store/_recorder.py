@@ -292,20 +292,20 @@ class CallRecorder:
                     # A resume: a stretch of done items is read back in bulk.
                     m = min(len(ahead) - at, _REPLAY_MAX - len(replays))
                     part = idents[at : at + m]
-                    packs = list(map(status.get, part))
+                    stored = [p for p in map(status.get, part) if p is not None]
                     if (
-                        None not in packs
-                        and all(p & 15 == DONE for p in packs)
+                        len(stored) == m
+                        and all(p & 15 == DONE for p in stored)
                         and len(set(part)) == m
                     ):
                         replays.extend(
                             zip(
                                 range(self.index, self.index + m),
-                                [p >> 4 for p in packs],
+                                [p >> 4 for p in stored],
                                 strict=True,
                             )
                         )
-                        status.update(zip(part, [p + _SEEN for p in packs], strict=True))
+                        status.update(zip(part, [p + _SEEN for p in stored], strict=True))
                         self.index += m
                         at += m
                         continue
@@ -578,8 +578,10 @@ class CallRecorder:
                 else:
                     self.done += 1
                     state = DONE
-                    row = (rid, bytearray(ident), idx, t0, t1, pid, host, attempts)
-                    row += (bytearray(data), len(raw))
+                    row = (
+                        rid, bytearray(ident), idx, t0, t1, pid, host, attempts,
+                        bytearray(data), len(raw),
+                    )  # fmt: skip
                     if plain:
                         rows.append(row)
                     else:
