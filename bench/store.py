@@ -9,7 +9,7 @@ Rows (targets from the store issue):
 - ``shoal exec`` of 2,000 ``true`` commands / GNU parallel on the same input: at most 1.0.
 
 Usage: ``make bench-store`` (installs GNU parallel with scripts/install-bench-deps.sh), or
-``python bench/store.py [--quick]``.
+``python bench/store.py [--quick] [--only w2|million|kill|exec ...]``.
 """
 
 from __future__ import annotations
@@ -162,18 +162,30 @@ def exec_rows(count: int, repeat: int) -> list[tuple]:
     return rows
 
 
+ROWS = ("w2", "million", "kill", "exec")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test")
+    parser.add_argument("--only", choices=ROWS, action="append",
+                        help="run only these rows (repeatable); default: all")  # fmt: skip
     args = parser.parse_args()
     quick = args.quick
+    only = set(args.only or ROWS)
     per_second = workloads.calibrate(1.0)
     rows: list[tuple] = []
     with tempfile.TemporaryDirectory() as tmp:
-        rows += w2_rows(tmp, per_second, repeat=1 if quick else 5, count=2000 if quick else 20_000)
-        rows += million_rows(tmp, 20_000 if quick else 1_000_000)
-        rows += kill_rows(tmp, per_second, 400 if quick else 8000)
-        rows += exec_rows(200 if quick else 2000, repeat=1 if quick else 3)
+        if "w2" in only:
+            rows += w2_rows(tmp, per_second, repeat=1 if quick else 5,
+                            count=2000 if quick else 20_000)  # fmt: skip
+        if "million" in only:
+            rows += million_rows(tmp, 20_000 if quick else 1_000_000)
+        if "kill" in only:
+            rows += kill_rows(tmp, per_second, 400 if quick else 8000)
+        if "exec" in only:
+            rows += exec_rows(200 if quick else 2000, repeat=1 if quick else 3)
+    print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} (1, 5 min)")
     print(f"shoal {shoal.__version__}, {shoal.cpu_count()} usable CPUs")
     widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
     head = ("measure", "value", "ratio", "target")

@@ -68,3 +68,12 @@ def not_a_function():
 
 
 NOT_CALLABLE = 42
+
+
+def echo(x):
+    """Returns its input: plain values of every kind go through the store and come back."""
+    return x
+
+
+def echo_pair(x, s, extra):
+    return (x, s, extra)

@@ -189,3 +189,44 @@ def test_the_plain_encoding_refuses_what_it_cannot_hold():
         assert [type(v) for v in _native.unpack_plain(packed)[1]] == [type(v) for v in values]
     with pytest.raises(Exception, match=r"truncated|wrong length"):
         _native.unpack_plain(_native.pack_plain(0, [1, 2])[:-3])
+
+
+def test_blake2b_many_is_hashlibs_keyed_blake2b():
+    import hashlib
+    import random
+
+    from shoal import _native
+
+    rng = random.Random(7)
+    messages = [rng.randbytes(rng.randrange(0, 400)) for _ in range(300)] + [b"", b"\x00" * 128]
+    for key, size in ((rng.randbytes(32), 16), (b"", 64), (rng.randbytes(64), 1)):
+        expected = [hashlib.blake2b(m, digest_size=size, key=key).digest() for m in messages]
+        assert _native.blake2b_many(key, size, messages) == expected
+    with pytest.raises(ValueError, match="digest_size"):
+        _native.blake2b_many(b"k" * 65, 16, [b"x"])
+    with pytest.raises(TypeError):
+        _native.blake2b_many(b"k", 16, ["not bytes"])
+
+
+def test_pickle_plain_round_trips_and_refuses_what_it_cannot_hold():
+    import math
+    import pickle
+
+    from shoal import _native
+
+    values = [0, 255, 256, 65535, 65536, -1, -(2**31), 2**31 - 1, 2**31, 2**63 - 1, -(2**63),
+              0.0, -0.0, 1.5, math.inf, math.nan, None, True, False, "", "é" * 255, "z" * 70_000,
+              b"", b"q" * 300]  # fmt: skip
+    out = _native.pickle_plain(values)
+    assert out is not None and all(type(o) is bytearray for o in out)
+    for value, data in zip(values, out, strict=True):
+        back = pickle.loads(data)
+        assert type(back) is type(value)
+        assert repr(back) == repr(value)  # -0.0 and nan included
+    assert _native.pickle_plain(()) == []
+
+    class Sub(int):
+        pass
+
+    for bad in (2**63, 1j, "\ud800", Sub(1), (1,), [1]):
+        assert _native.pickle_plain([1, bad]) is None

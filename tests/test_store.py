@@ -23,6 +23,8 @@ from store_funcs import (
     big_array,
     counted,
     draw,
+    echo,
+    echo_pair,
     fails_when_flagged,
     noisy,
     other,
@@ -32,6 +34,7 @@ from store_funcs import (
 )
 
 import shoal
+from shoal._spec import MODE_SINGLE, MODE_STAR
 from shoal.store import _db
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -126,6 +129,89 @@ def test_scattered_stored_items_come_back_in_place(tmp_path, api):
     out = list(run(counted, range(40), args=(str(log),), store=path, chunksize=2))
     assert out == list(range(1, 41))
     assert sorted(_calls(log)) == [x for x in range(40) if x % 3]
+
+
+def test_stored_identities_are_the_documented_hash(tmp_path):
+    """Identities hashed in bulk (native BLAKE2b) are those of _codec.item_key (hashlib), so a
+    store written by any shoal version resumes with any other."""
+    from shoal.store import _codec
+
+    cases = [
+        ("single", [*range(-300, 3000, 7), "a", "é" * 300, b"x", None, 2**70, (1, "b")]),
+        ("star", [(i, str(i)) for i in range(500)]),
+    ]
+    for name, items in cases:
+        path = tmp_path / f"{name}.sqlite"
+        if name == "star":
+            shoal.starmap(echo_pair, items, store=path, args=(1,))
+            mode, args = MODE_STAR, (1,)
+        else:
+            shoal.map(echo, items, store=path)
+            mode, args = MODE_SINGLE, ()
+        fn = echo_pair if name == "star" else echo
+        call_key = _codec.call_key(fn, mode, args, {}, None)
+        conn = sqlite3.connect(path)
+        stored = dict(conn.execute("SELECT idx, key FROM shoal_items"))
+        conn.close()
+        assert [stored[i] for i in range(len(items))] == [
+            _codec.item_key(call_key, mode, item) for item in items
+        ]
+
+
+def test_results_of_every_kind_round_trip_through_the_store(tmp_path):
+    import math
+
+    import numpy as np
+
+    class Sub(int):
+        pass
+
+    values = [0, -1, 2**63 - 1, -(2**63), 2**64, 1.5, -0.0, math.inf, math.nan, True, None,
+              "", "x" * 300, "\ud800", b"", b"y" * 300, 1j, Sub(3), (1, 2), [3], {"a": 4},
+              np.arange(3)]  # fmt: skip
+    path = tmp_path / "s.sqlite"
+    # The threads backend hands back the very objects: a local class is fine.
+    out = shoal.map(echo, values, store=path, backend="threads")
+    again = shoal.map(echo, values, store=path, backend="threads")
+    with shoal.Store(path) as st:
+        stored = [v for _, v in st.results()]
+    for got in (out, again, stored):
+        assert len(got) == len(values)
+        for a, b in zip(values, got, strict=True):
+            assert type(a) is type(b), (a, b)
+            if isinstance(a, float) and math.isnan(a):
+                assert math.isnan(b)
+            elif isinstance(a, np.ndarray):
+                assert (a == b).all()
+            else:
+                assert a == b and repr(a) == repr(b)
+
+
+def test_a_resume_with_done_failed_new_and_repeated_items_in_bulk(tmp_path):
+    """Thousands of items, some done, some failed, some new and some repeated: each runs or is
+    read back as in an uninterrupted run, through the bulk paths of the recorder."""
+    path, flag = tmp_path / "s.sqlite", tmp_path / "flag"
+    flag.touch()
+    bad = tuple(range(0, 3000, 97))
+    first = list(range(0, 3000, 2))
+    out = shoal.map(fails_when_flagged, first, kwargs={"flag": str(flag), "bad": bad},
+                    store=path, on_error="return")  # fmt: skip
+    assert sum(isinstance(v, ValueError) for v in out) == len([b for b in bad if b % 2 == 0])
+    flag.unlink()
+    items = list(range(3000)) + list(range(0, 3000, 5))  # repeats at the end
+    got = shoal.map(fails_when_flagged, items, kwargs={"flag": str(flag), "bad": bad},
+                    store=path)  # fmt: skip
+    assert got == [x * 10 for x in items]
+    with shoal.Store(path) as st:
+        summary = st.summary()
+        assert summary["done"] == 3000 and summary["failed"] == 0
+        assert sorted(v for _, v in st.results()) == [x * 10 for x in range(3000)]
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT key) FROM shoal_items").fetchone() == (
+        3000,
+        3000,
+    )
+    conn.close()
 
 
 def test_a_kept_failure_raises_in_input_order(tmp_path):
@@ -268,6 +354,20 @@ def test_capture_keeps_bounded_output_in_the_store_or_on_the_error(tmp_path):
     with pytest.raises(RuntimeError) as info:
         shoal.map(noisy, [2], capture=True)
     assert any("captured stdout" in n and "out 2 0" in n for n in info.value.__notes__)
+
+
+def test_many_rows_with_keys_and_capture(tmp_path):
+    """Hundreds of rows with the key and captured-output columns (inserted many per
+    statement) come back whole, each with its own key and output."""
+    path = tmp_path / "s.sqlite"
+    items = list(range(3, 450))
+    out = shoal.map(noisy, items, store=path, capture=True, key=lambda x: f"k{x}")
+    assert out == items
+    with shoal.Store(path) as st:
+        assert list(st.results()) == [(f"k{x}", x) for x in items]
+        for x in (3, 200, 449):
+            assert st.output(f"k{x}") == (f"out {x} 0\n", f"err {x}\n")
+        assert [i["key"] for i in st.items()] == [f"k{x}" for x in items]
 
 
 def test_large_arrays_are_stored_as_raw_buffers(tmp_path):

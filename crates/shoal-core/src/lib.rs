@@ -12,16 +12,20 @@
 //! - [`fdpass`]: file descriptors (shared-memory segments) passed with frames.
 //! - [`cpu`]: how many CPUs this process may use.
 //! - [`content`]: content hashes of large buffers (to recognise data sent before).
+//! - [`blake2b`]: keyed BLAKE2b of many short messages (the identities of a store's items).
 //! - [`progress`]: a progress bar redrawn by its own thread.
 //! - [`plain`]: a compact encoding for lists of plain values (ints, floats, strings, bytes).
 //! - [`pages`]: undoing a worker's own writes to a privately mapped segment, to reuse it.
+//! - [`pickle`]: pickles of plain values, written without Python (a store's results).
 
+pub mod blake2b;
 pub mod chunking;
 pub mod content;
 pub mod cpu;
 pub mod error;
 pub mod fdpass;
 pub mod pages;
+pub mod pickle;
 pub mod plain;
 pub mod progress;
 pub mod protocol;

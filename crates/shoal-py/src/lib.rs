@@ -19,10 +19,12 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
-use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyList, PyString};
+use pyo3::types::{PyBool, PyByteArray, PyBytes, PyFloat, PyInt, PyList, PyString};
 
+use shoal_core::blake2b::Blake2b;
 use shoal_core::chunking::{ChunkPolicy, ItemTimer};
 use shoal_core::fdpass;
+use shoal_core::pickle;
 use shoal_core::plain;
 use shoal_core::progress::Progress;
 use shoal_core::protocol::{self, Kind};
@@ -687,6 +689,93 @@ fn content_hash(py: Python<'_>, data: PyBuffer<u8>) -> PyResult<u128> {
     Ok(digest)
 }
 
+/// The keyed BLAKE2b digests of `digest_size` bytes of each bytes object in `messages`, the same
+/// as `hashlib.blake2b(m, digest_size=digest_size, key=key).digest()` each, hashed in one call
+/// with the GIL released (a store hashes every item's pickled arguments).
+#[pyfunction]
+fn blake2b_many<'py>(
+    py: Python<'py>,
+    key: &[u8],
+    digest_size: usize,
+    messages: &Bound<'py, PyList>,
+) -> PyResult<Bound<'py, PyList>> {
+    let hasher = Blake2b::new(key, digest_size).ok_or_else(|| {
+        PyValueError::new_err("blake2b_many: the key is at most 64 bytes, digest_size 1 to 64")
+    })?;
+    let mut data = Vec::new();
+    let mut ends = Vec::with_capacity(messages.len());
+    for message in messages.iter() {
+        data.extend_from_slice(message.cast::<PyBytes>()?.as_bytes());
+        ends.push(data.len());
+    }
+    let digests = py.detach(|| {
+        let mut at = 0;
+        hasher.digest_many(ends.iter().map(|&end| {
+            let message = &data[at..end];
+            at = end;
+            message
+        }))
+    });
+    PyList::new(
+        py,
+        digests
+            .chunks_exact(digest_size)
+            .map(|d| PyBytes::new(py, d)),
+    )
+}
+
+/// The pickle of each value of `values` (an iterable of plain values: exact ints of 64 bits,
+/// floats, strings, bytes, booleans, `None`) as a bytearray, or `None` if some value is not a
+/// plain one: the caller then pickles them itself. A store keeps each result as a pickle; a
+/// bytearray binds to SQLite without the adapter look-up that bytes go through.
+#[pyfunction]
+fn pickle_plain<'py>(
+    py: Python<'py>,
+    values: &Bound<'py, PyAny>,
+) -> PyResult<Option<Bound<'py, PyList>>> {
+    let mut out = Vec::new();
+    let mut buf = Vec::with_capacity(64);
+    for v in values.try_iter()? {
+        let v = v?;
+        buf.clear();
+        // Exact types only: a subclass must come back as itself, which only pickle can do.
+        let value = if v.is_exact_instance_of::<PyInt>() {
+            match v.extract::<i64>() {
+                Ok(i) => plain::Value::Int(i),
+                Err(_) => return Ok(None),
+            }
+        } else if v.is_exact_instance_of::<PyFloat>() {
+            plain::Value::Float(v.extract::<f64>()?)
+        } else if v.is_none() {
+            plain::Value::None
+        } else if v.is_exact_instance_of::<PyBool>() {
+            plain::Value::Bool(v.is_truthy()?)
+        } else if let Ok(s) = v.cast_exact::<PyString>() {
+            match s.to_str() {
+                Ok(text) => {
+                    if !pickle::write(plain::Value::Str(text), &mut buf) {
+                        return Ok(None);
+                    }
+                    out.push(PyByteArray::new(py, &buf));
+                    continue;
+                }
+                Err(_) => return Ok(None), // lone surrogates: not UTF-8
+            }
+        } else if let Ok(b) = v.cast_exact::<PyBytes>() {
+            if !pickle::write(plain::Value::Bytes(b.as_bytes()), &mut buf) {
+                return Ok(None);
+            }
+            out.push(PyByteArray::new(py, &buf));
+            continue;
+        } else {
+            return Ok(None);
+        };
+        pickle::write(value, &mut buf);
+        out.push(PyByteArray::new(py, &buf));
+    }
+    Ok(Some(PyList::new(py, out)?))
+}
+
 /// Encodes `values` (a list whose first item has input index `start`) in the compact plain
 /// encoding of `shoal_core::plain`, or returns `None` if some value is not a plain one (an int
 /// beyond 64 bits, a subclass, a container...): the caller then pickles the list.
@@ -859,6 +948,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(total_memory, m)?)?;
     m.add_function(wrap_pyfunction!(buffer_span, m)?)?;
     m.add_function(wrap_pyfunction!(content_hash, m)?)?;
+    m.add_function(wrap_pyfunction!(blake2b_many, m)?)?;
+    m.add_function(wrap_pyfunction!(pickle_plain, m)?)?;
     m.add_function(wrap_pyfunction!(pack_plain, m)?)?;
     m.add_function(wrap_pyfunction!(unpack_plain, m)?)?;
     m.add_function(wrap_pyfunction!(at_exit, m)?)?;

@@ -61,7 +61,8 @@ def source_hash(fn: Callable[..., Any]) -> str | None:
     return hashlib.blake2b(source.encode(), digest_size=8).hexdigest()
 
 
-def _pickled(obj: Any) -> bytes:
+def pickled(obj: Any) -> bytes:
+    """``obj`` pickled (protocol 5), with cloudpickle for what pickle cannot do."""
     try:
         return pickle.dumps(obj, protocol=5)
     except Exception:
@@ -76,14 +77,14 @@ def call_key(
     that hashes each item."""
     _, pargs, pkwargs = unwrap_partial(fn)
     fixed = (mode, args, sorted(kwargs.items()), pargs, sorted(pkwargs.items()), seed)
-    return hashlib.blake2b(_pickled(fixed), digest_size=32).digest()
+    return hashlib.blake2b(pickled(fixed), digest_size=32).digest()
 
 
 def item_key(key: bytes, mode: int, item: Any) -> bytes:
     """The identity of one item (``key`` from :func:`call_key`)."""
     if mode == MODE_KW:
         item = (item[0], sorted(item[1].items()))
-    return hashlib.blake2b(_pickled(item), digest_size=16, key=key).digest()
+    return hashlib.blake2b(pickled(item), digest_size=16, key=key).digest()
 
 
 def user_key(key: bytes, name: Any) -> bytes:
@@ -94,12 +95,13 @@ def user_key(key: bytes, name: Any) -> bytes:
     return hashlib.blake2b(data, digest_size=16, key=key).digest()
 
 
-_PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex})
+#: Types whose pickles hold no buffer (their values are pickled without a buffer callback).
+PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex})
 
 
 def encode_value(value: Any) -> tuple[bytes, list[bytes | memoryview]]:
     """``(pickle, raw buffers)``: buffers of :data:`RAW_MIN` bytes or more stay out."""
-    if type(value) in _PLAIN:  # no buffers inside: skip the callback machinery
+    if type(value) in PLAIN_TYPES:  # no buffers inside: skip the callback machinery
         return pickle.dumps(value, protocol=5), []
     raw: list[Any] = []
 
@@ -140,7 +142,7 @@ def describe_error(exc: BaseException) -> tuple[str, str, str, bytes | None]:
 
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
-        data = _pickled(exc)
+        data = pickled(exc)
         pickle.loads(data)  # one that cannot be rebuilt is kept as type and message only
         blob: bytes | None = data
     except Exception:

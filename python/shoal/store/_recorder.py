@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import hashlib
 import json
 import os
 import pickle
@@ -30,18 +29,20 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from itertools import chain, islice, repeat
 from typing import Any
 
 from .._itemcall import hostname
+from .._native import blake2b_many, pickle_plain
 from .._spec import MODE_KW, MODE_SINGLE, MODE_STAR, CallSpec
 from . import _codec, _db
+from ._codec import PLAIN_TYPES as _PLAIN
 from ._db import DONE, FAILED, StoreError, StoreWarning
 
 BATCH_S = 0.1
 BATCH_ITEMS = 1000
 # Status of a key seen in this call (in the in-memory map; the file keeps DONE/FAILED only).
 _SEEN = 10
-_RUNNING = 13
 
 Replay = Callable[[int, list[Any], int], bool]
 
@@ -52,6 +53,8 @@ _ROW_SQL = (
 )
 #: Most stored results one ``take`` reads back (bounds memory on a huge done prefix).
 _REPLAY_MAX = 10_000
+#: Most parameters of one SQL statement (SQLite before 3.32 allows 999).
+_MAX_PARAMETERS = 999
 #: The writer falls this many rows behind before the driver commits itself (back-pressure).
 _BACKLOG = 2 * BATCH_ITEMS
 
@@ -93,10 +96,19 @@ class CallRecorder:
         self.input_error: BaseException | None = None
         self.finished = False
         self.error: BaseException | None = None
-        # identity -> row id << 4 | state (DONE, FAILED, or those + _SEEN, or _RUNNING)
+        # identity -> row id << 4 | state (DONE, FAILED, or those + _SEEN) of the stored rows
         self.status: dict[bytes, int] = {}
+        #: Identities running in this call (apart from the big map: it stays in the caches).
+        self.running: set[bytes] = set()
         self.in_flight: dict[int, tuple[bytes, Any]] = {}  # index -> (identity, user key)
         self.waiting: dict[bytes, list[int]] = {}
+        #: index -> id of the stored failure that the running item's row replaces
+        self.replacing: dict[int, int] = {}
+        # Items read from the input and not taken yet (after a gap), with their identities.
+        self.ahead: list[Any] = []
+        self.ahead_at = 0
+        self.ahead_idents: list[bytes] | None = None
+        self.input_end = False
         self.pending: list[tuple[Any, ...]] = []
         self.pending_buffers: list[tuple[int, int, Any]] = []
         self.pending_deletes: list[tuple[int]] = []
@@ -127,10 +139,8 @@ class CallRecorder:
             raise
         try:
             self.run_id = self._start_run(fn, api, backend, workers, total)
-            self.done_sql = self._done_sql()
-            status = self.status
-            for rid, k, st in self.conn.execute("SELECT id, key, status FROM shoal_items"):
-                status[k] = rid << 4 | st
+            self.done_sql, self.done_sql_many, self.rows_per_insert = self._done_sql()
+            self.status = dict(self.conn.execute("SELECT key, id << 4 | status FROM shoal_items"))
             self.next_id = self.first_pending_id = 1 + (
                 self.conn.execute("SELECT MAX(id) FROM shoal_items").fetchone()[0] or 0
             )
@@ -154,20 +164,21 @@ class CallRecorder:
                 f"to one function; use another file for {name}"
             )
 
-    def _done_sql(self) -> str:
+    def _done_sql(self) -> tuple[str, str, int]:
         """The insert of a done item: only the columns it uses (binding is most of an insert's
-        cost); the run id and the status are constants of the statement."""
+        cost); the run id and the status are constants of the statement. Also the insert of
+        many rows in one statement (a third cheaper per row than one statement per row), and
+        how many: their parameters stay under SQLite's oldest limit (999)."""
         columns = ["id", "key", "idx", "started", "finished", "pid", "host", "attempts", "value"]
         columns.append("nbuf")
         if self.key is not None:
             columns.append("ukey")
         if self.capture:
             columns += ["stdout", "stderr"]
-        marks = ", ".join("?" * len(columns))
-        return (
-            f"INSERT INTO shoal_items ({', '.join(columns)}, run, status) "
-            f"VALUES ({marks}, {int(self.run_id)}, {DONE})"
-        )
+        row = f"({', '.join('?' * len(columns))}, {int(self.run_id)}, {DONE})"
+        head = f"INSERT INTO shoal_items ({', '.join(columns)}, run, status) VALUES "
+        many = _MAX_PARAMETERS // len(columns)
+        return head + row, head + ", ".join([row] * many), many
 
     def _start_run(
         self, fn: Callable[..., Any], api: str, backend: str, workers: int | None, total: Any
@@ -241,57 +252,100 @@ class CallRecorder:
                 return start, chunk, True
             self.index += len(chunk)
             return start, chunk, len(chunk) < size
-        ended = False
         replays: list[tuple[int, int]] = []  # (index, row id) to read back, in input order
-        status, in_flight = self.status, self.in_flight
-        # The common case (no key=, one argument or a tuple of them) is hashed inline: this
-        # loop runs once per item.
-        fast = self.key is None and self.spec.mode != MODE_KW
-        blake2b, dumps, call_key = hashlib.blake2b, pickle.dumps, self.call_key
-        while len(chunk) < size and len(replays) < _REPLAY_MAX:
-            try:
-                item = next(self.items)
-            except StopIteration:
-                ended = True
-                break
-            except Exception as exc:
-                self.input_error = exc
-                ended = True
-                break
-            index = self.index
-            self.index += 1
-            if fast:
-                try:
-                    ident, ukey = (
-                        blake2b(dumps(item, 5), digest_size=16, key=call_key).digest(),
-                        None,
+        status, in_flight, running = self.status, self.in_flight, self.running
+        ahead, at = self.ahead, self.ahead_at
+        gap = False
+        while len(chunk) < size and len(replays) < _REPLAY_MAX and not gap:
+            if at >= len(ahead):
+                if self.input_end:
+                    break
+                want = size - len(chunk)
+                if replays:  # reading back a done stretch: read on in growing batches
+                    want = max(want, min(len(replays), _REPLAY_MAX - len(replays)))
+                ahead, at = self._read_ahead(want), 0
+                self.ahead = ahead
+                if not ahead:
+                    break
+            idents = self.ahead_idents
+            if idents is not None:
+                # The common case: a stretch of new, distinct items goes to the chunk in bulk.
+                m = min(len(ahead) - at, size - len(chunk))
+                part = idents[at : at + m]
+                packs = list(map(status.get, part))
+                if packs.count(None) == m and len(set(part)) == m and running.isdisjoint(part):
+                    if not chunk:
+                        start = self.index
+                    running.update(part)
+                    in_flight.update(
+                        zip(
+                            range(self.index, self.index + m),
+                            zip(part, repeat(None), strict=False),
+                            strict=True,
+                        )
                     )
-                except Exception:
-                    ident, ukey = self.identity(item)
-            else:
-                ident, ukey = self.identity(item)
-            packed = status.get(ident)
-            st = -1 if packed is None else packed & 15
-            if st >= _SEEN and self.key is not None:
-                raise ValueError(f"duplicate key {ukey!r} in one call (item {index})")
-            if st == -1 or (st == FAILED and self.rerun_failed):
+                    chunk.extend(ahead[at : at + m])
+                    self.index += m
+                    at += m
+                    continue
                 if not chunk:
-                    start = index
-                # A failed row to replace keeps its id here until the new row is written.
-                status[ident] = (0 if packed is None else packed & ~15) | _RUNNING
-                in_flight[index] = (ident, ukey)
-                chunk.append(item)
-                continue
-            assert packed is not None
-            if st == _RUNNING:
-                # The same identity is running in this call: it shares that one's result.
-                self.waiting.setdefault(ident, []).append(index)
-            else:
-                if st < _SEEN:
-                    status[ident] = packed + _SEEN
-                replays.append((index, packed >> 4))
-            if chunk:
-                break  # a gap in the positions: the chunk so far goes alone
+                    # A resume: a stretch of done items is read back in bulk.
+                    m = min(len(ahead) - at, _REPLAY_MAX - len(replays))
+                    part = idents[at : at + m]
+                    stored = [p for p in map(status.get, part) if p is not None]
+                    if (
+                        len(stored) == m
+                        and all(p & 15 == DONE for p in stored)
+                        and len(set(part)) == m
+                    ):
+                        replays.extend(
+                            zip(
+                                range(self.index, self.index + m),
+                                [p >> 4 for p in stored],
+                                strict=True,
+                            )
+                        )
+                        status.update(zip(part, [p + _SEEN for p in stored], strict=True))
+                        self.index += m
+                        at += m
+                        continue
+            # Item by item: some are stored, running or repeated.
+            while at < len(ahead) and len(chunk) < size and len(replays) < _REPLAY_MAX:
+                item = ahead[at]
+                if idents is not None:
+                    ident, ukey = idents[at], None
+                else:
+                    ident, ukey = self.identity(item)
+                at += 1
+                index = self.index
+                self.index += 1
+                packed = status.get(ident)
+                st = -1 if packed is None else packed & 15
+                is_running = ident in running
+                if (is_running or st >= _SEEN) and self.key is not None:
+                    raise ValueError(f"duplicate key {ukey!r} in one call (item {index})")
+                if not is_running and (st == -1 or (st == FAILED and self.rerun_failed)):
+                    if not chunk:
+                        start = index
+                    running.add(ident)
+                    if packed is not None:  # a failed row, replaced when the new one is written
+                        self.replacing[index] = packed >> 4
+                    in_flight[index] = (ident, ukey)
+                    chunk.append(item)
+                    continue
+                if is_running:
+                    # The same identity is running in this call: it shares that one's result.
+                    self.waiting.setdefault(ident, []).append(index)
+                else:
+                    assert packed is not None
+                    if st < _SEEN:
+                        status[ident] = packed + _SEEN
+                    replays.append((index, packed >> 4))
+                if chunk:
+                    gap = True  # a gap in the positions: the chunk so far goes alone
+                    break
+        self.ahead_at = at
+        ended = self.input_end and at >= len(ahead)
         if not chunk:
             start = self.index
         stop = self._replay(replays, replay) if replays else None
@@ -299,6 +353,29 @@ class CallRecorder:
             # A stored failure stops the call (on_error="raise"): items before it still run.
             return start, chunk if chunk and start < stop else [], True
         return start, chunk, ended
+
+    def _read_ahead(self, want: int) -> list[Any]:
+        """Read up to ``want`` more items of the input (at least one) into the look-ahead, with
+        their identities when no ``key=`` names them (hashed in one loop: the hot path)."""
+        batch: list[Any] = []
+        try:
+            # extend() keeps what it read even if the input raises midway.
+            batch.extend(islice(self.items, max(1, want)))
+        except Exception as exc:
+            self.input_error = exc
+            self.input_end = True
+        if len(batch) < max(1, want):
+            self.input_end = True
+        self.ahead_idents = None
+        if self.key is None and self.spec.mode != MODE_KW:
+            # The identities of the whole batch in one native call (as _codec.item_key).
+            try:
+                pickles = list(map(pickle.dumps, batch, repeat(5)))
+            except Exception:  # cloudpickle, or the error of an item that cannot be hashed
+                pickles = [_codec.pickled(item) for item in batch]
+            idents = blake2b_many(self.call_key, 16, pickles)
+            self.ahead_idents = idents
+        return batch
 
     def _replay(self, replays: list[tuple[int, int]], replay: Replay) -> int | None:
         """Hand stored results to the driver, consecutive positions as one batch; the index
@@ -379,19 +456,95 @@ class CallRecorder:
                 else:
                     values[offset] = wrapped[0]
             return []
-        rows: list[tuple[Any, ...]] = []
+        if not values:
+            return []
+        stop = start + len(values)
+        entries = list(map(self.in_flight.pop, range(start, stop), repeat(None)))
+        extra: list[tuple[int, list[Any], int]] = []
+        rows = None
+        if not failed and self.key is None and not self.capture and not self.replacing:
+            rows = self._done_rows(start, values, entries, attempts)
         others: list[tuple[Any, ...]] = []  # failures: every column
         buffers: list[tuple[int, int, Any]] = []
-        extra: list[tuple[int, list[Any], int]] = []
-        in_flight, status, positions, run = self.in_flight, self.status, self.positions, self.run_id
+        if rows is None:
+            rows = self._rows(start, values, failed, attempts, entries, others, buffers)
+        if self.waiting:
+            # Items of the same identity that waited for these share their results.
+            for entry, value in zip(entries, values, strict=True):
+                waiters = self.waiting.pop(entry[0], None) if entry is not None else None
+                if waiters:
+                    extra.extend((w, [value], int(failed)) for w in waiters)
+        if rows or others:
+            if others:  # failures are rare: they go on their own, in order with the rest
+                rows = sorted(rows + [("all", *o) for o in others], key=_row_id)
+            with self.buf_lock:
+                if not self.pending:
+                    self.pending_since = time.monotonic()
+                self.pending.extend(rows)
+                self.pending_buffers.extend(buffers)
+                backlog = len(self.pending)
+            if backlog >= _BACKLOG:
+                self.flush()  # the writer thread lags: commit here
+            elif backlog >= BATCH_ITEMS:
+                self.wake.set()
+        return extra
+
+    def _done_rows(
+        self, start: int, values: list[Any], entries: list[Any], attempts: int
+    ) -> list[tuple[Any, ...]] | None:
+        """The rows of done items without ``key=`` or ``capture``, built column by column (the
+        hot path of a run of many cheap items); ``None`` if :meth:`_rows` must do it item by
+        item (a value that is not of a plain type, an item not from this call's input)."""
+        if None in entries:
+            return None
+        # Each wrapped value is (value, pid, host, started, finished): see ItemCall.
+        results, pids, hosts, starts, ends = zip(*values, strict=True)
+        # SQLite binds a bytearray directly; bytes go through its adapter look-up first.
+        data = pickle_plain(results)
+        if data is None:
+            if not _PLAIN.issuperset(map(type, results)):
+                return None  # values that may hold large buffers: _rows stores those raw
+            dumps = pickle.dumps
+            data = [bytearray(dumps(v, 5)) for v in results]
+        n = len(values)
+        values[:] = results
+        idents = [e[0] for e in entries]
+        rid = self.next_id
+        self.next_id = rid + n
+        self.done += n
+        positions = self.positions
+        idx = range(start, start + n) if positions is None else positions[start : start + n]
+        # A row's state in memory: its id << 4 | DONE + _SEEN, consecutive ids.
+        first = rid << 4 | (DONE + _SEEN)
+        self.status.update(zip(idents, range(first, first + 16 * n, 16), strict=True))
+        self.running.difference_update(idents)
+        return list(
+            zip(
+                range(rid, rid + n), map(bytearray, idents), idx, starts, ends, pids, hosts,
+                repeat(attempts), data, repeat(0), strict=False,
+            )
+        )  # fmt: skip
+
+    def _rows(
+        self,
+        start: int,
+        values: list[Any],
+        failed: int,
+        attempts: int,
+        entries: list[Any],
+        others: list[tuple[Any, ...]],
+        buffers: list[tuple[int, int, Any]],
+    ) -> list[tuple[Any, ...]]:
+        """The rows of ``values`` item by item (any kind); failures go to ``others``."""
+        rows: list[tuple[Any, ...]] = []
+        status, positions, run = self.status, self.positions, self.run_id
         capture = self.capture
         named = self.key is not None
         plain = not named and not capture
         next_id = self.next_id
         encode = _codec.encode_value
-        for offset, wrapped in enumerate(values):
+        for offset, (wrapped, entry) in enumerate(zip(values, entries, strict=True)):
             index = start + offset
-            entry = in_flight.pop(index, None)
             result = wrapped if failed else wrapped[0]
             if not failed:
                 values[offset] = result
@@ -400,7 +553,7 @@ class CallRecorder:
             ident, ukey = entry
             rid = next_id
             next_id += 1
-            old = status[ident] >> 4
+            old = self.replacing.pop(index, 0)
             if old:
                 self.pending_deletes.append((old,))
             idx = index if positions is None else positions[index]
@@ -425,7 +578,10 @@ class CallRecorder:
                 else:
                     self.done += 1
                     state = DONE
-                    row = (rid, ident, idx, t0, t1, pid, host, attempts, data, len(raw))
+                    row = (
+                        rid, bytearray(ident), idx, t0, t1, pid, host, attempts,
+                        bytearray(data), len(raw),
+                    )  # fmt: skip
                     if plain:
                         rows.append(row)
                     else:
@@ -435,25 +591,9 @@ class CallRecorder:
                     if raw:
                         buffers.extend((rid, n, b) for n, b in enumerate(raw))
             status[ident] = rid << 4 | (state + _SEEN)
-            if self.waiting:
-                waiters = self.waiting.pop(ident, None)
-                if waiters:
-                    extra.extend((w, [result], int(failed)) for w in waiters)
+            self.running.discard(ident)
         self.next_id = next_id
-        if rows or others:
-            if others:  # failures are rare: they go on their own, in order with the rest
-                rows = sorted(rows + [("all", *o) for o in others], key=_row_id)
-            with self.buf_lock:
-                if not self.pending:
-                    self.pending_since = time.monotonic()
-                self.pending.extend(rows)
-                self.pending_buffers.extend(buffers)
-                backlog = len(self.pending)
-            if backlog >= _BACKLOG:
-                self.flush()  # the writer thread lags: commit here
-            elif backlog >= BATCH_ITEMS:
-                self.wake.set()
-        return extra
+        return rows
 
     def _failure_row(
         self, rid: int, ident: bytes, ukey: Any, idx: int, exc: BaseException
@@ -513,7 +653,7 @@ class CallRecorder:
             if full:
                 self.conn.executemany(_ROW_SQL, full)
             if done:
-                self.conn.executemany(self.done_sql, done)
+                self._insert_done(done)
             if buffers:
                 self.conn.executemany("INSERT INTO shoal_buffers VALUES (?, ?, ?)", buffers)
             self.conn.execute("COMMIT")
@@ -531,6 +671,19 @@ class CallRecorder:
             self.error = err
             raise err from exc
         self.committed += len(rows)
+
+    def _insert_done(self, rows: list[tuple[Any, ...]]) -> None:
+        """Insert done rows (all of the same columns), :attr:`rows_per_insert` per statement."""
+        many = self.rows_per_insert
+        full = len(rows) - len(rows) % many
+        if full:
+            flat = list(chain.from_iterable(rows[:full]))
+            width = len(rows[0]) * many
+            self.conn.executemany(
+                self.done_sql_many, [flat[at : at + width] for at in range(0, len(flat), width)]
+            )
+        if full < len(rows):
+            self.conn.executemany(self.done_sql, rows[full:])
 
     def _background(self) -> None:
         last_beat = time.monotonic()
