@@ -100,7 +100,7 @@ class _Link:
     """Rank 0's connection to its relays: sends, and a thread that routes their replies."""
 
     def __init__(self, comm: Any, relay_ranks: list[int], *, hello_timeout: float = 60.0) -> None:
-        from ..mpi._wire import TAG_REPLY, Backoff
+        from ..mpi._wire import TAG_REPLY, Backoff, Poller
 
         self.comm = comm
         self.relays: dict[int, _RelayInfo] = {}
@@ -126,7 +126,7 @@ class _Link:
             backoff.sleep()
         self.workers = sum(r.workers for r in self.relays.values())
         # A send makes a reply likely soon: the receiver then polls at its fastest again.
-        self._backoff = Backoff()
+        self._poller = Poller()
         self._thread = threading.Thread(target=self._receive, name="shoal-mpi-recv", daemon=True)
         self._thread.start()
 
@@ -138,7 +138,7 @@ class _Link:
             self.comm.send(message, dest=rank, tag=TAG_CONTROL)
             for buf in buffers:
                 self.comm.Send([buf, _mpi_byte()], dest=rank, tag=TAG_DATA)
-        self._backoff.reset()
+        self._poller.reset()
 
     def send_all(self, message: tuple[Any, ...]) -> None:
         for rank in self.relays:
@@ -150,16 +150,17 @@ class _Link:
     def _receive(self) -> None:
         from mpi4py import MPI
 
-        from ..mpi._wire import TAG_REPLY
+        from ..mpi._wire import TAG_REPLY, fine_timer
 
+        fine_timer()
         status = MPI.Status()
-        backoff = self._backoff
+        poller = self._poller
         while not self._stopped:
             try:
                 if not self.comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_REPLY, status=status):
-                    backoff.sleep()
+                    poller.sleep()
                     continue
-                backoff.reset()
+                poller.reset()
                 source = status.Get_source()
                 message = self.comm.recv(source=source, tag=TAG_REPLY)
             except Exception:  # MPI finalised under us at exit

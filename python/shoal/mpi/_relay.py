@@ -26,7 +26,7 @@ from .. import _native
 from .._options import cpu_count
 from ..backends.processes import ProcessPool
 from . import hostname
-from ._wire import TAG_CONTROL, TAG_DATA, TAG_REPLY, Backoff
+from ._wire import TAG_CONTROL, TAG_DATA, TAG_REPLY, Poller, fine_timer
 
 #: Results and arguments always travel in-band between a relay and its workers: a shared-memory
 #: segment of a worker means nothing on rank 0's host.
@@ -181,26 +181,27 @@ class Relay:
         self.pool = ProcessPool(workers, env=env, idle_timeout=None)
         self.sessions: dict[int, _RelaySession] = {}
         self.send_lock = threading.Lock()
-        self.backoff = Backoff()
+        self.poller = Poller()
 
     def reply(self, message: tuple[Any, ...]) -> None:
         with self.send_lock:
             self.comm.send(message, dest=self.root, tag=TAG_REPLY)
         # Rank 0 answers results with more work: poll at the fastest for a while.
-        self.backoff.reset()
+        self.poller.reset()
 
     def serve(self) -> None:
         from mpi4py import MPI
 
         self.pool.prestart()
+        fine_timer()
         self.reply(("hello", self.rank, hostname(), self.workers, os.getpid()))
-        backoff = self.backoff
+        poller = self.poller
         status = MPI.Status()
         while True:
             if not self.comm.iprobe(source=self.root, tag=TAG_CONTROL, status=status):
-                backoff.sleep()
+                poller.sleep()
                 continue
-            backoff.reset()
+            poller.reset()
             message = self.comm.recv(source=self.root, tag=TAG_CONTROL)
             if not self.handle(message):
                 break

@@ -26,6 +26,7 @@ relay -> driver (tag :data:`TAG_REPLY`)::
 
 from __future__ import annotations
 
+import sys
 import time
 
 TAG_CONTROL = 0x5A01
@@ -55,6 +56,51 @@ class Backoff:
     def sleep(self) -> None:
         time.sleep(self.delay)
         self.delay = min(self.longest, self.delay * 1.5)
+
+
+class Poller:
+    """Sleeps between the non-blocking probes of a thread that waits for MPI messages.
+
+    Open MPI's blocking receives spin a core, so a relay and rank 0's receiver probe and sleep
+    instead. Right after traffic the next message is usually an answer that comes within a few
+    tens of microseconds (rank 0 answers a result with the next chunk; a relay answers a chunk
+    with its result), so the sleeps start at ``shortest`` and double up to ``longest``: a quick
+    answer is seen quickly, while an idle thread wakes at most every ``longest`` seconds (a
+    wake-up and probe cost about 15 us of CPU, so about 1.5 % of a core at 1 ms).
+    """
+
+    __slots__ = ("delay", "longest", "shortest")
+
+    def __init__(self, shortest: float = 2e-5, longest: float = 0.001) -> None:
+        self.shortest = shortest
+        self.longest = longest
+        self.delay = shortest
+
+    def reset(self) -> None:
+        """Traffic just passed: probe at the fastest again."""
+        self.delay = self.shortest
+
+    def sleep(self) -> None:
+        time.sleep(self.delay)
+        self.delay = min(self.longest, self.delay * 2)
+
+
+#: Timer slack (ns) of a polling thread; Linux's default of 50 us would more than double the
+#: shortest sleeps of :class:`Poller`.
+POLL_TIMER_SLACK_NS = 5_000
+
+
+def fine_timer() -> None:
+    """Give the calling thread a small timer slack (Linux; a no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(29, POLL_TIMER_SLACK_NS, 0, 0, 0)  # PR_SET_TIMERSLACK
+    except (OSError, AttributeError):  # no libc symbols (static builds): keep the default
+        pass
 
 
 def load_with_path(path: list[str], blob: bytes) -> object:
