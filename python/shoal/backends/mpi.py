@@ -34,12 +34,6 @@ from .._spec import NO_LIMITS, CallSpec, ChunkResult, Crash, ItemError, Limits
 from ._base import Backend, Pool, Session
 
 
-def _mpi_byte() -> Any:
-    from mpi4py import MPI
-
-    return MPI.BYTE
-
-
 def _spec_out_of_band(spec: CallSpec) -> tuple[bytes, list[memoryview]]:
     """The spec pickled for a relay's workers, with its large buffers (a big array in
     ``args=``, a ``functools.partial`` or ``shared=``) left out of the pickle.
@@ -100,13 +94,13 @@ class _Link:
     """Rank 0's connection to its relays: sends, and a thread that routes their replies."""
 
     def __init__(self, comm: Any, relay_ranks: list[int], *, hello_timeout: float = 60.0) -> None:
-        from ..mpi._wire import TAG_REPLY, Backoff, Poller
+        from ..mpi._wire import TAG_REPLY, Backoff, Outbox, Poller
 
         self.comm = comm
         self.relays: dict[int, _RelayInfo] = {}
         self.sessions: dict[int, MpiSession] = {}
         self._sid = itertools.count(1)
-        self._send_lock = threading.Lock()
+        self._outbox = Outbox()
         self._stopped = False
         backoff = Backoff()
         deadline = time.monotonic() + hello_timeout
@@ -131,13 +125,11 @@ class _Link:
         self._thread.start()
 
     def send(self, rank: int, message: tuple[Any, ...], buffers: list[memoryview] = ()) -> None:  # type: ignore[assignment]
-        """Send ``message``, then each of ``buffers`` as a raw message (not pickled)."""
-        from ..mpi._wire import TAG_CONTROL, TAG_DATA
+        """Send ``message``, then each of ``buffers`` as a raw message (not pickled); returns
+        at once (the receiver thread sees the sends complete)."""
+        from ..mpi._wire import TAG_CONTROL
 
-        with self._send_lock:
-            self.comm.send(message, dest=rank, tag=TAG_CONTROL)
-            for buf in buffers:
-                self.comm.Send([buf, _mpi_byte()], dest=rank, tag=TAG_DATA)
+        self._outbox.send(self.comm, message, rank, TAG_CONTROL, buffers)
         self._poller.reset()
 
     def send_all(self, message: tuple[Any, ...]) -> None:
@@ -150,19 +142,21 @@ class _Link:
     def _receive(self) -> None:
         from mpi4py import MPI
 
-        from ..mpi._wire import TAG_REPLY, fine_timer
+        from ..mpi._wire import TAG_REPLY, fine_timer, receive
 
         fine_timer()
         status = MPI.Status()
         poller = self._poller
+        outbox = self._outbox
         while not self._stopped:
             try:
-                if not self.comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_REPLY, status=status):
+                outbox.reap()
+                found, message = receive(self.comm, MPI.ANY_SOURCE, TAG_REPLY, status)
+                if not found:
                     poller.sleep()
                     continue
                 poller.reset()
                 source = status.Get_source()
-                message = self.comm.recv(source=source, tag=TAG_REPLY)
             except Exception:  # MPI finalised under us at exit
                 return
             kind = message[0]
@@ -183,6 +177,8 @@ class _Link:
             with contextlib.suppress(Exception):
                 self.send(rank, ("stop",))
         self._thread.join(1.0)
+        # Relays that are gone never take their last messages: wait a little, not forever.
+        self._outbox.drain(1.0)
         if disconnect:
             with contextlib.suppress(Exception):
                 self.comm.Disconnect()
@@ -190,8 +186,10 @@ class _Link:
 
 #: Work (ns) that may wait on a relay behind its running chunks.
 PIPELINE_NS = 8e6
-#: Chunks longer than this (ns) are never queued behind another on a relay.
-LONG_CHUNK_NS = 20e6
+#: Chunks longer than this (ns) are never queued behind another on a relay (a queued chunk
+#: behind a long one could make a slow tail; for shorter ones, the round trip it hides is worth
+#: more). Chunk times are wall times in a worker, longer on a loaded machine: hence the margin.
+LONG_CHUNK_NS = 50e6
 
 
 class MpiSession(Session):
@@ -202,7 +200,6 @@ class MpiSession(Session):
         self.link = link
         self.ordered = ordered
         self.sid = link.new_sid()
-        self.max_in_flight = 2 * link.workers + 2
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._queue: deque[tuple[int, int, int, bytes, bool]] = deque()
@@ -232,6 +229,17 @@ class MpiSession(Session):
                 lim.max_memory,
             )
         )
+
+    @property
+    def max_in_flight(self) -> int:  # type: ignore[override]
+        """Chunks the driver may hold: few until a chunk has been timed (the first ones are
+        single items of unknown cost), then enough that an early slow item, whose successors
+        finish and wait for it in order, does not hold back new work while the ranks idle
+        (a heavy-tailed call would otherwise lose about a tenth of its time)."""
+        workers = self.link.workers
+        if self._chunk_ns is None:
+            return 2 * workers + 2
+        return 4 * workers + 24
 
     # -- the contract ----------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from .. import _native
 from .._options import cpu_count
 from ..backends.processes import ProcessPool
 from . import hostname
-from ._wire import TAG_CONTROL, TAG_DATA, TAG_REPLY, Poller, fine_timer
+from ._wire import TAG_CONTROL, TAG_DATA, TAG_REPLY, Outbox, Poller, complete, fine_timer, receive
 
 #: Results and arguments always travel in-band between a relay and its workers: a shared-memory
 #: segment of a worker means nothing on rank 0's host.
@@ -180,12 +180,11 @@ class Relay:
         env = {**_IN_BAND, "SHOAL_MPI_RANK": str(rank)}
         self.pool = ProcessPool(workers, env=env, idle_timeout=None)
         self.sessions: dict[int, _RelaySession] = {}
-        self.send_lock = threading.Lock()
+        self.outbox = Outbox()
         self.poller = Poller()
 
     def reply(self, message: tuple[Any, ...]) -> None:
-        with self.send_lock:
-            self.comm.send(message, dest=self.root, tag=TAG_REPLY)
+        self.outbox.send(self.comm, message, self.root, TAG_REPLY)
         # Rank 0 answers results with more work: poll at the fastest for a while.
         self.poller.reset()
 
@@ -196,18 +195,21 @@ class Relay:
         fine_timer()
         self.reply(("hello", self.rank, hostname(), self.workers, os.getpid()))
         poller = self.poller
+        outbox = self.outbox
         status = MPI.Status()
         while True:
-            if not self.comm.iprobe(source=self.root, tag=TAG_CONTROL, status=status):
+            outbox.reap()
+            found, message = receive(self.comm, self.root, TAG_CONTROL, status)
+            if not found:
                 poller.sleep()
                 continue
             poller.reset()
-            message = self.comm.recv(source=self.root, tag=TAG_CONTROL)
             if not self.handle(message):
                 break
         for session in list(self.sessions.values()):
             session.close(True)
         self.pool.shutdown(kill=True)
+        outbox.drain(DRAIN_S)
 
     def receive_segment(self, size: int) -> Any:
         """The next raw buffer from rank 0, received straight into a shared-memory segment."""
@@ -215,7 +217,7 @@ class Relay:
 
         segment = _native.Segment.zeroed(size)
         mapping = _native.Mapping(segment.fd, size, shared=True)
-        self.comm.Recv([mapping, MPI.BYTE], source=self.root, tag=TAG_DATA)
+        complete(self.comm.Irecv([mapping, MPI.BYTE], source=self.root, tag=TAG_DATA), raw=True)
         del mapping
         return segment
 
@@ -260,6 +262,9 @@ class Relay:
             return False
         return True
 
+
+#: Seconds a relay told to stop waits for its last replies to be taken before it leaves.
+DRAIN_S = 1.0
 
 #: Seconds a relay told to terminate waits for rank 0's "stop" before it leaves by itself.
 TERM_GRACE = 1.5

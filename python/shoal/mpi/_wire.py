@@ -27,7 +27,10 @@ relay -> driver (tag :data:`TAG_REPLY`)::
 from __future__ import annotations
 
 import sys
+import threading
 import time
+from collections.abc import Iterable
+from typing import Any
 
 TAG_CONTROL = 0x5A01
 TAG_REPLY = 0x5A02
@@ -101,6 +104,83 @@ def fine_timer() -> None:
         libc.prctl(29, POLL_TIMER_SLACK_NS, 0, 0, 0)  # PR_SET_TIMERSLACK
     except (OSError, AttributeError):  # no libc symbols (static builds): keep the default
         pass
+
+
+class Outbox:
+    """Messages sent without waiting: each is posted with a non-blocking send, and its request
+    is kept (with the buffer it holds) until it completes.
+
+    Open MPI's blocking send of anything but a tiny message returns only once the receiver has
+    taken it (its shared-memory fragments come back from the receiver), spinning a core
+    meanwhile: a send to a relay that sleeps between probes would cost up to a poll interval
+    of busy CPU, and hold up whoever sends. :meth:`reap` is called from a polling loop (which
+    also drives MPI's progress); :meth:`drain` before leaving.
+    """
+
+    __slots__ = ("_lock", "_pending")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: list[Any] = []
+
+    def send(
+        self, comm: Any, message: object, dest: int, tag: int, raw: Iterable[Any] = ()
+    ) -> None:
+        """Post ``message`` (pickled), then each of ``raw`` as a raw byte buffer (same tag
+        order on the receiver, as MPI keeps a sender's messages in order)."""
+        from mpi4py import MPI
+
+        with self._lock:
+            self._pending.append(comm.isend(message, dest=dest, tag=tag))
+            for buf in raw:
+                self._pending.append(comm.Isend([buf, MPI.BYTE], dest=dest, tag=TAG_DATA))
+
+    def reap(self) -> None:
+        """Forget the sends that have completed."""
+        if self._pending:
+            with self._lock:
+                self._pending = [req for req in self._pending if not req.Test()]
+
+    def drain(self, timeout: float) -> bool:
+        """Wait (sleeping, not spinning) until every send completed or ``timeout`` passed;
+        whether all did."""
+        deadline = time.monotonic() + timeout
+        poller = Poller()
+        while True:
+            self.reap()
+            if not self._pending:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            poller.sleep()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+
+def complete(request: Any, *, raw: bool = False) -> Any:
+    """Wait for a receive request without spinning; the object received (``None`` for a
+    ``raw`` buffer receive)."""
+    poller = Poller(shortest=5e-6)
+    while True:
+        if raw:
+            if request.Test():
+                return None
+        else:
+            done, obj = request.test()
+            if done:
+                return obj
+        poller.sleep()
+
+
+def receive(comm: Any, source: int, tag: int, status: Any) -> tuple[bool, Any]:
+    """``(True, message)`` if a message from ``source`` with ``tag`` is there, else
+    ``(False, None)``; never blocks for long, nor spins (a large message is taken with a
+    non-blocking receive that sleeps between tests while the sender transfers it)."""
+    found = comm.improbe(source=source, tag=tag, status=status)
+    if found is None:
+        return False, None
+    return True, complete(found.irecv())
 
 
 def load_with_path(path: list[str], blob: bytes) -> object:
