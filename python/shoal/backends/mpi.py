@@ -101,6 +101,7 @@ class _Link:
         self.sessions: dict[int, MpiSession] = {}
         self._sid = itertools.count(1)
         self._outbox = Outbox()
+        self._data_lock = threading.Lock()
         self._stopped = False
         backoff = Backoff()
         deadline = time.monotonic() + hello_timeout
@@ -125,11 +126,24 @@ class _Link:
         self._thread.start()
 
     def send(self, rank: int, message: tuple[Any, ...], buffers: list[memoryview] = ()) -> None:  # type: ignore[assignment]
-        """Send ``message``, then each of ``buffers`` as a raw message (not pickled); returns
-        at once (the receiver thread sees the sends complete)."""
-        from ..mpi._wire import TAG_CONTROL
+        """Send ``message``, then each of ``buffers`` as a raw message (not pickled).
 
-        self._outbox.send(self.comm, message, rank, TAG_CONTROL, buffers)
+        The message is posted without waiting (the receiver thread sees it complete); raw
+        buffers, large by definition, go with a blocking send, which moves their data fastest.
+        """
+        from ..mpi._wire import TAG_CONTROL, TAG_DATA
+
+        if not buffers:
+            self._outbox.send(self.comm, message, rank, TAG_CONTROL)
+        else:
+            from mpi4py import MPI
+
+            # One setup's buffers follow it in order on their own tag: never interleaved with
+            # another thread's setup to the same rank.
+            with self._data_lock:
+                self._outbox.send(self.comm, message, rank, TAG_CONTROL)
+                for buf in buffers:
+                    self.comm.Send([buf, MPI.BYTE], dest=rank, tag=TAG_DATA)
         self._poller.reset()
 
     def send_all(self, message: tuple[Any, ...]) -> None:

@@ -26,7 +26,7 @@ from .. import _native
 from .._options import cpu_count
 from ..backends.processes import ProcessPool
 from . import hostname
-from ._wire import TAG_CONTROL, TAG_DATA, TAG_REPLY, Outbox, Poller, complete, fine_timer, receive
+from ._wire import TAG_CONTROL, TAG_DATA, TAG_REPLY, Outbox, Poller, fine_timer, receive
 
 #: Results and arguments always travel in-band between a relay and its workers: a shared-memory
 #: segment of a worker means nothing on rank 0's host.
@@ -217,7 +217,8 @@ class Relay:
 
         segment = _native.Segment.zeroed(size)
         mapping = _native.Mapping(segment.fd, size, shared=True)
-        complete(self.comm.Irecv([mapping, MPI.BYTE], source=self.root, tag=TAG_DATA), raw=True)
+        # Sent right after the "setup" message: a blocking receive spins only while it arrives.
+        self.comm.Recv([mapping, MPI.BYTE], source=self.root, tag=TAG_DATA)
         del mapping
         return segment
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Iterable
 from typing import Any
 
 TAG_CONTROL = 0x5A01
@@ -123,17 +122,10 @@ class Outbox:
         self._lock = threading.Lock()
         self._pending: list[Any] = []
 
-    def send(
-        self, comm: Any, message: object, dest: int, tag: int, raw: Iterable[Any] = ()
-    ) -> None:
-        """Post ``message`` (pickled), then each of ``raw`` as a raw byte buffer (same tag
-        order on the receiver, as MPI keeps a sender's messages in order)."""
-        from mpi4py import MPI
-
+    def send(self, comm: Any, message: object, dest: int, tag: int) -> None:
+        """Post ``message`` (pickled)."""
         with self._lock:
             self._pending.append(comm.isend(message, dest=dest, tag=tag))
-            for buf in raw:
-                self._pending.append(comm.Isend([buf, MPI.BYTE], dest=dest, tag=TAG_DATA))
 
     def reap(self) -> None:
         """Forget the sends that have completed."""
@@ -161,7 +153,9 @@ class Outbox:
 def complete(request: Any, *, raw: bool = False) -> Any:
     """Wait for a receive request without spinning; the object received (``None`` for a
     ``raw`` buffer receive)."""
-    poller = Poller(shortest=5e-6)
+    # Called once a probe matched the message: its data is on its way (a large one over TCP
+    # needs this side's progress for each fragment), so the sleeps stay short.
+    poller = Poller(shortest=5e-6, longest=1e-4)
     while True:
         if raw:
             if request.Test():
