@@ -81,20 +81,23 @@ class RemoteCrash(Crash):
 
 
 class _RelayInfo:
-    __slots__ = ("host", "pid", "rank", "workers")
+    __slots__ = ("bell", "host", "pid", "rank", "workers")
 
-    def __init__(self, rank: int, host: str, workers: int, pid: int) -> None:
+    def __init__(self, rank: int, host: str, workers: int, pid: int, bell: str | None) -> None:
         self.rank = rank
         self.host = host
         self.workers = workers
         self.pid = pid
+        #: The relay's doorbell, rung after each message to it; None if it is out of reach.
+        self.bell = bell
 
 
 class _Link:
     """Rank 0's connection to its relays: sends, and a thread that routes their replies."""
 
     def __init__(self, comm: Any, relay_ranks: list[int], *, hello_timeout: float = 60.0) -> None:
-        from ..mpi._wire import TAG_REPLY, Backoff, Outbox, Poller
+        from ..mpi import hostname
+        from ..mpi._wire import TAG_REPLY, Backoff, Bell, Outbox, Poller, Ringer, use_bell
 
         self.comm = comm
         self.relays: dict[int, _RelayInfo] = {}
@@ -112,16 +115,32 @@ class _Link:
             if comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_REPLY):
                 message = comm.recv(source=MPI.ANY_SOURCE, tag=TAG_REPLY)
                 if message[0] == "hello":
-                    _, rank, host, workers, pid = message
-                    self.relays[rank] = _RelayInfo(rank, host, workers, pid)
+                    _, rank, host, workers, pid, bell = message
+                    self.relays[rank] = _RelayInfo(rank, host, workers, pid, bell)
                     waiting.discard(rank)
                 continue
             if time.monotonic() > deadline:
                 raise ShoalError(f"MPI ranks {sorted(waiting)} did not report for service")
             backoff.sleep()
         self.workers = sum(r.workers for r in self.relays.values())
+        # Doorbells between rank 0 and the relays of its host (see Bell): a ring that does not
+        # get through (another host, or another network namespace) leaves that relay to probes.
+        self._bell = Bell.create()
+        self._ringer = Ringer()
+        here = hostname()
+        for relay in self.relays.values():
+            if relay.bell is not None and not (
+                relay.host == here and self._ringer.ring(relay.bell)
+            ):
+                relay.bell = None
         # A send makes a reply likely soon: the receiver then polls at its fastest again.
-        self._poller = Poller()
+        self._poller = Poller(bell=self._bell)
+        if self._bell is not None and all(r.bell for r in self.relays.values()):
+            use_bell(self._poller)
+        mine = None if self._bell is None else self._bell.name
+        for relay in self.relays.values():
+            rung = relay.bell is not None
+            self.send(relay.rank, ("bell", mine if rung else None, rung))
         self._thread = threading.Thread(target=self._receive, name="shoal-mpi-recv", daemon=True)
         self._thread.start()
 
@@ -135,6 +154,9 @@ class _Link:
 
         if not buffers:
             self._outbox.send(self.comm, message, rank, TAG_CONTROL)
+            bell = self.relays[rank].bell
+            if bell is not None:
+                self._ringer.ring(bell)
         else:
             from mpi4py import MPI
 
@@ -142,6 +164,9 @@ class _Link:
             # another thread's setup to the same rank.
             with self._data_lock:
                 self._outbox.send(self.comm, message, rank, TAG_CONTROL)
+                bell = self.relays[rank].bell
+                if bell is not None:
+                    self._ringer.ring(bell)
                 for buf in buffers:
                     self.comm.Send([buf, MPI.BYTE], dest=rank, tag=TAG_DATA)
         self._poller.reset()
@@ -167,7 +192,7 @@ class _Link:
                 outbox.reap()
                 found, message = receive(self.comm, MPI.ANY_SOURCE, TAG_REPLY, status)
                 if not found:
-                    poller.sleep()
+                    poller.sleep(outbox.cap())
                     continue
                 poller.reset()
                 source = status.Get_source()

@@ -26,7 +26,21 @@ from .. import _native
 from .._options import cpu_count
 from ..backends.processes import ProcessPool
 from . import hostname
-from ._wire import TAG_CONTROL, TAG_DATA, TAG_REPLY, Outbox, Poller, fine_timer, receive
+from ._wire import (
+    TAG_CONTROL,
+    TAG_DATA,
+    TAG_REPLY,
+    Bell,
+    Outbox,
+    Poller,
+    Ringer,
+    fine_timer,
+    receive,
+    use_bell,
+)
+
+#: Bytes over which a message may need this side's MPI progress while it travels.
+LARGE_MESSAGE = 4096
 
 #: Results and arguments always travel in-band between a relay and its workers: a shared-memory
 #: segment of a worker means nothing on rank 0's host.
@@ -116,7 +130,8 @@ class _RelaySession:
                         payload = _inline(payload, segments)
                     out.append((gseq, kind, bytes(payload), elapsed, pid, message))
             if out and not self.closed:
-                self.relay.reply(("done", self.sid, out))
+                size = sum(len(o[2]) for o in out)
+                self.relay.reply(("done", self.sid, out), large=size > LARGE_MESSAGE)
 
 
 def _inline(payload: bytes, segments: list[Any]) -> bytes:
@@ -181,10 +196,19 @@ class Relay:
         self.pool = ProcessPool(workers, env=env, idle_timeout=None)
         self.sessions: dict[int, _RelaySession] = {}
         self.outbox = Outbox()
-        self.poller = Poller()
+        self.bell = Bell.create()
+        self.poller = Poller(bell=self.bell)
+        self.ringer = Ringer()
+        #: Rank 0's bell, once rank 0 said it is on this host (see "bell").
+        self.root_bell: str | None = None
 
-    def reply(self, message: tuple[Any, ...]) -> None:
+    def reply(self, message: tuple[Any, ...], *, large: bool = False) -> None:
         self.outbox.send(self.comm, message, self.root, TAG_REPLY)
+        if self.root_bell is not None:
+            self.ringer.ring(self.root_bell)
+        if large and self.bell is not None:
+            # Wake the main thread, which drives MPI's progress for the transfer.
+            self.ringer.ring(self.bell.name)
         # Rank 0 answers results with more work: poll at the fastest for a while.
         self.poller.reset()
 
@@ -193,7 +217,8 @@ class Relay:
 
         self.pool.prestart()
         fine_timer()
-        self.reply(("hello", self.rank, hostname(), self.workers, os.getpid()))
+        bell = None if self.bell is None else self.bell.name
+        self.reply(("hello", self.rank, hostname(), self.workers, os.getpid(), bell))
         poller = self.poller
         outbox = self.outbox
         status = MPI.Status()
@@ -201,7 +226,7 @@ class Relay:
             outbox.reap()
             found, message = receive(self.comm, self.root, TAG_CONTROL, status)
             if not found:
-                poller.sleep()
+                poller.sleep(outbox.cap())
                 continue
             poller.reset()
             if not self.handle(message):
@@ -210,6 +235,8 @@ class Relay:
             session.close(True)
         self.pool.shutdown(kill=True)
         outbox.drain(DRAIN_S)
+        if self.bell is not None:
+            self.bell.close()
 
     def receive_segment(self, size: int) -> Any:
         """The next raw buffer from rank 0, received straight into a shared-memory segment."""
@@ -259,6 +286,12 @@ class Relay:
             from ..spmd._mpi import serve_call
 
             serve_call(message[1])  # rank 0 gathers the results; errors reach every rank
+        elif kind == "bell":
+            _, root_bell, rings_mine = message
+            if root_bell is not None and self.ringer.ring(root_bell):
+                self.root_bell = root_bell
+            if rings_mine and self.bell is not None:
+                use_bell(self.poller)
         elif kind == "stop":
             return False
         return True

@@ -13,19 +13,23 @@ driver -> relay (tag :data:`TAG_CONTROL`)::
     ("drop", sid, spec_key)
     ("task", sid, spec_key, seq, n_items, payload, exclusive)
     ("cancel", sid, seqs)                         seqs: list, or None for all
+    ("bell", name, rings_yours)                   rank 0's Bell (None if the relay is on
+                                                  another host), and whether rank 0 rings
+                                                  the relay's
     ("close", sid, abort)
     ("spmd", call_bytes)                          take part in rank 0's shoal.spmd.run
     ("stop",)
 
 relay -> driver (tag :data:`TAG_REPLY`)::
 
-    ("hello", rank, host, workers, pid)
+    ("hello", rank, host, workers, pid, bell)     bell: the relay's Bell name, or None
     ("done", sid, [(seq, kind, payload, elapsed_ns, pid, message), ...])
     ("broken", sid, message)                      the relay's engine failed for this session
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -69,22 +73,125 @@ class Poller:
     with its result), so the sleeps start at ``shortest`` and double up to ``longest``: a quick
     answer is seen quickly, while an idle thread wakes at most every ``longest`` seconds (a
     wake-up and probe cost about 15 us of CPU, so about 1.5 % of a core at 1 ms).
+
+    With a :class:`Bell` that the peers ring after each message they send, a sleep ends at
+    once when one does, and ``longest`` can be longer (:data:`BELL_LONGEST`): the probes are
+    then a safety net, not what notices messages.
     """
 
-    __slots__ = ("delay", "longest", "shortest")
+    __slots__ = ("bell", "delay", "longest", "shortest")
 
-    def __init__(self, shortest: float = 2e-5, longest: float = 0.001) -> None:
+    def __init__(
+        self, shortest: float = 2e-5, longest: float = 0.001, bell: Bell | None = None
+    ) -> None:
         self.shortest = shortest
         self.longest = longest
         self.delay = shortest
+        self.bell = bell
 
     def reset(self) -> None:
         """Traffic just passed: probe at the fastest again."""
         self.delay = self.shortest
 
-    def sleep(self) -> None:
-        time.sleep(self.delay)
+    def sleep(self, cap: float | None = None) -> None:
+        """Sleep until the next probe (at most ``cap`` seconds)."""
+        delay = self.delay if cap is None else min(self.delay, cap)
+        if self.bell is not None:
+            if self.bell.wait(delay):
+                self.delay = self.shortest
+                return
+        else:
+            time.sleep(delay)
         self.delay = min(self.longest, self.delay * 2)
+
+
+#: Shortest and longest sleeps between probes of a thread whose peers all ring its
+#: :class:`Bell` (after a ring, a message that is not there yet is probed for again soon).
+BELL_SHORTEST = 2e-4
+BELL_LONGEST = 0.005
+#: While its sends of the last :data:`SENDING_WINDOW` seconds are not complete, a thread
+#: probes at least this often: a large message over copy-in/copy-out shared memory or TCP
+#: needs the sender's progress for each fragment.
+SENDING_LONGEST = 1e-4
+SENDING_WINDOW = 0.05
+
+
+def use_bell(poller: Poller) -> None:
+    """Every peer of ``poller``'s thread rings its bell: probes become a safety net."""
+    poller.shortest = BELL_SHORTEST
+    poller.longest = BELL_LONGEST
+
+
+class Bell:
+    """A doorbell: a datagram socket in Linux's abstract namespace that processes of the same
+    host (and network namespace) ring after sending an MPI message to its owner, so that the
+    owner's :class:`Poller` wakes at once instead of at its next probe.
+
+    MPI has no way to wait for a message without spinning; this gives ranks on one node (the
+    usual case, and the bench's) both a low latency and idle threads that seldom wake.
+    Ranks on other hosts cannot ring it, and their messages are seen by the probes.
+    """
+
+    def __init__(self) -> None:
+        import socket
+        import uuid
+
+        self.name = f"\0shoal-{os.getpid()}-{uuid.uuid4().hex[:16]}"
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self._sock.bind(self.name)
+            self._sock.setblocking(False)
+        except OSError:
+            self._sock.close()
+            raise
+
+    @classmethod
+    def create(cls) -> Bell | None:
+        """A bell, or ``None`` where abstract sockets do not exist (not Linux)."""
+        if not sys.platform.startswith("linux"):
+            return None
+        try:
+            return cls()
+        except OSError:
+            return None
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a ring; whether one came (all are consumed)."""
+        import select
+
+        ready, _, _ = select.select([self._sock], [], [], timeout)
+        if not ready:
+            return False
+        while True:
+            try:
+                self._sock.recv(64)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                return True
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class Ringer:
+    """Rings other processes' bells (one socket, shared by the threads of a process)."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.setblocking(False)
+
+    def ring(self, name: str) -> bool:
+        """Ring ``name``; ``False`` if there is no such bell here."""
+        try:
+            self._sock.sendto(b"!", name)
+        except BlockingIOError:  # rung many times already, and not yet woken: it will be
+            return True
+        except OSError:
+            return False
+        return True
 
 
 #: Timer slack (ns) of a polling thread; Linux's default of 50 us would more than double the
@@ -116,16 +223,24 @@ class Outbox:
     also drives MPI's progress); :meth:`drain` before leaving.
     """
 
-    __slots__ = ("_lock", "_pending")
+    __slots__ = ("_lock", "_pending", "_posted")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pending: list[Any] = []
+        self._posted = 0.0
 
     def send(self, comm: Any, message: object, dest: int, tag: int) -> None:
         """Post ``message`` (pickled)."""
         with self._lock:
             self._pending.append(comm.isend(message, dest=dest, tag=tag))
+            self._posted = time.monotonic()
+
+    def cap(self) -> float | None:
+        """The longest sleep for the polling thread that drives these sends' progress."""
+        if self._pending and time.monotonic() - self._posted < SENDING_WINDOW:
+            return SENDING_LONGEST
+        return None
 
     def reap(self) -> None:
         """Forget the sends that have completed."""
