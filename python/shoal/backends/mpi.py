@@ -194,7 +194,7 @@ class _Link:
                 if not found:
                     poller.sleep(outbox.cap())
                     continue
-                poller.reset()
+                poller.received()
                 source = status.Get_source()
             except Exception:  # MPI finalised under us at exit
                 return

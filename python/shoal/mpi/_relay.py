@@ -228,9 +228,9 @@ class Relay:
             if not found:
                 poller.sleep(outbox.cap())
                 continue
-            poller.reset()
             if not self.handle(message):
                 break
+            poller.received()
         for session in list(self.sessions.values()):
             session.close(True)
         self.pool.shutdown(kill=True)

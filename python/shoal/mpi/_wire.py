@@ -79,7 +79,7 @@ class Poller:
     then a safety net, not what notices messages.
     """
 
-    __slots__ = ("bell", "delay", "longest", "shortest")
+    __slots__ = ("bell", "delay", "expected", "longest", "shortest")
 
     def __init__(
         self, shortest: float = 2e-5, longest: float = 0.001, bell: Bell | None = None
@@ -88,17 +88,27 @@ class Poller:
         self.longest = longest
         self.delay = shortest
         self.bell = bell
+        #: Rings not yet matched by a message received: their messages are on their way.
+        self.expected = 0
 
     def reset(self) -> None:
         """Traffic just passed: probe at the fastest again."""
-        self.delay = self.shortest
+        self.delay = AFTER_RING if self.expected else self.shortest
+
+    def received(self) -> None:
+        """A message was received (and handled)."""
+        self.expected = max(0, self.expected - 1)
+        self.reset()
 
     def sleep(self, cap: float | None = None) -> None:
         """Sleep until the next probe (at most ``cap`` seconds)."""
         delay = self.delay if cap is None else min(self.delay, cap)
         if self.bell is not None:
-            if self.bell.wait(delay):
-                self.delay = self.shortest
+            rings = self.bell.wait(delay)
+            if rings:
+                # Its message may reach this side's MPI some microseconds after the ring.
+                self.expected += rings
+                self.delay = AFTER_RING
                 return
         else:
             time.sleep(delay)
@@ -109,6 +119,8 @@ class Poller:
 #: :class:`Bell` (after a ring, a message that is not there yet is probed for again soon).
 BELL_SHORTEST = 2e-4
 BELL_LONGEST = 0.005
+#: First sleep after a ring whose message was not there yet.
+AFTER_RING = 1e-5
 #: While its sends of the last :data:`SENDING_WINDOW` seconds are not complete, a thread
 #: probes at least this often: a large message over copy-in/copy-out shared memory or TCP
 #: needs the sender's progress for each fragment.
@@ -155,20 +167,19 @@ class Bell:
         except OSError:
             return None
 
-    def wait(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for a ring; whether one came (all are consumed)."""
+    def wait(self, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds for a ring; the number of rings (all consumed)."""
         import select
 
         ready, _, _ = select.select([self._sock], [], [], timeout)
-        if not ready:
-            return False
-        while True:
+        rings = 0
+        while ready:
             try:
                 self._sock.recv(64)
-            except (BlockingIOError, InterruptedError):
-                return True
-            except OSError:
-                return True
+            except OSError:  # none left (BlockingIOError), or the socket is closed
+                break
+            rings += 1
+        return rings
 
     def close(self) -> None:
         self._sock.close()
@@ -233,8 +244,12 @@ class Outbox:
     def send(self, comm: Any, message: object, dest: int, tag: int) -> None:
         """Post ``message`` (pickled)."""
         with self._lock:
-            self._pending.append(comm.isend(message, dest=dest, tag=tag))
-            self._posted = time.monotonic()
+            request = comm.isend(message, dest=dest, tag=tag)
+            # A test drives MPI's progress: the message is handed to the transport now rather
+            # than at this process's next probe (the receiver may be woken before that).
+            if not request.Test():
+                self._pending.append(request)
+                self._posted = time.monotonic()
 
     def cap(self) -> float | None:
         """The longest sleep for the polling thread that drives these sends' progress."""
