@@ -64,9 +64,11 @@ needs_mpi = [pytest.mark.engine, pytest.mark.skipif(bool(mpi_missing()), reason=
 
 
 def env(**extra: str) -> dict[str, str]:
-    out = {**os.environ, **MPI_ENV, **extra}
+    out = {**os.environ, **MPI_ENV}
     out["PATH"] = f"{BIN}{os.pathsep}{out.get('PATH', '')}"
+    # The outer run's choice of backends is not the job's; a test's own (extra) is.
     out.pop("SHOAL_TEST_BACKENDS", None)
+    out.update(extra)
     return out
 
 
