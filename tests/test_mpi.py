@@ -556,7 +556,8 @@ def test_idle_ranks_do_not_spin(tmp_path):
     assert got["bells"] == [True, True]  # relays of rank 0's host are rung, not only probed
 
 
-def test_a_bell_wakes_its_waiter_and_a_missing_one_says_so():
+def test_a_bell_wakes_its_waiter_and_a_missing_one_says_so(monkeypatch):
+    from shoal.mpi import _wire
     from shoal.mpi._wire import Bell, Poller, Ringer
 
     bell = Bell.create()
@@ -579,6 +580,11 @@ def test_a_bell_wakes_its_waiter_and_a_missing_one_says_so():
         assert poller.delay < poller.shortest
         poller.received()
         assert (poller.expected, poller.delay) == (0, poller.shortest)
+        # A process with over a thousand files open: the bell is beyond select(), and polled.
+        monkeypatch.setattr(_wire, "SELECT_LIMIT", 0)
+        assert not bell.wait(0.0)
+        ringer.ring(bell.name)
+        assert bell.wait(5.0) == 1
         gone = bell.name
     finally:
         bell.close()

@@ -29,6 +29,7 @@ relay -> driver (tag :data:`TAG_REPLY`)::
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -134,6 +135,10 @@ def use_bell(poller: Poller) -> None:
     poller.longest = BELL_LONGEST
 
 
+#: File descriptors from this number on are beyond ``select()`` (FD_SETSIZE).
+SELECT_LIMIT = 1024
+
+
 class Bell:
     """A doorbell: a datagram socket in Linux's abstract namespace that processes of the same
     host (and network namespace) ring after sending an MPI message to its owner, so that the
@@ -171,7 +176,12 @@ class Bell:
         """Wait up to ``timeout`` seconds for a ring; the number of rings (all consumed)."""
         import select
 
-        ready, _, _ = select.select([self._sock], [], [], timeout)
+        if self._sock.fileno() < SELECT_LIMIT:
+            ready: Any = select.select([self._sock], [], [], timeout)[0]  # microseconds
+        else:  # select() cannot watch it; poll() can, to the millisecond
+            watch = select.poll()
+            watch.register(self._sock, select.POLLIN)
+            ready = watch.poll(max(1, math.ceil(timeout * 1e3)))
         rings = 0
         while ready:
             try:
