@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +42,8 @@ ENV = {
     "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
 }
 ARRAY_BYTES = 100 * 2**20
+#: Where Open MPI puts its shared-memory backing files (sm_segment.*); /dev/shm by default.
+SEGMENTS_VARIABLE = "OMPI_MCA_btl_sm_backing_directory"
 
 
 def best_of(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
@@ -168,6 +172,20 @@ def job(args: list[str], n: int) -> dict[str, Any]:
 
 
 def main() -> None:
+    if "--tool" in sys.argv or SEGMENTS_VARIABLE in os.environ:
+        run()
+        return
+    # The jobs' Open MPI shared-memory backing files (sm_segment.*) go to a directory of this
+    # run, removed at the end, rather than /dev/shm, where they outlive a job that ends abruptly.
+    segments = tempfile.mkdtemp(prefix="shoal-bench-mpi-sm-")
+    os.environ[SEGMENTS_VARIABLE] = segments
+    try:
+        run()
+    finally:
+        shutil.rmtree(segments, ignore_errors=True)
+
+
+def run() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tool", default="")
     parser.add_argument("--repeat", type=int, default=3)

@@ -3,8 +3,10 @@ every process the job started killed by process group afterwards."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +19,22 @@ import pytest
 BIN = Path(sys.executable).parent
 MPIEXEC = BIN / "mpiexec"
 
+
+#: Where Open MPI puts its shared-memory backing files (sm_segment.*); /dev/shm by default.
+SEGMENTS_VARIABLE = "OMPI_MCA_btl_sm_backing_directory"
+
+
+def _segment_directory() -> str:
+    """Where Open MPI's shared-memory backing files go: the run's own directory (set by
+    tests/conftest.py), or else one of this process's, removed when it exits."""
+    inherited = os.environ.get(SEGMENTS_VARIABLE)
+    if inherited:
+        return inherited
+    own = tempfile.mkdtemp(prefix="shoal-test-mpi-sm-")
+    atexit.register(shutil.rmtree, own, ignore_errors=True)
+    return own
+
+
 #: What Open MPI 5 (PRRTE) needs on a 2-core CI machine that runs as root.
 MPI_ENV = {
     "OMPI_ALLOW_RUN_AS_ROOT": "1",
@@ -27,7 +45,7 @@ MPI_ENV = {
     "OMPI_MCA_rmaps_base_oversubscribe": "1",
     # Open MPI's singleton + MPI_Comm_spawn leaves one shared-memory backing file behind (so does
     # mpi4py's MPIPoolExecutor): keep those out of /dev/shm, which the suite checks is left clean.
-    "OMPI_MCA_btl_sm_backing_directory": tempfile.mkdtemp(prefix="shoal-test-mpi-sm-"),
+    SEGMENTS_VARIABLE: _segment_directory(),
 }
 
 
@@ -46,9 +64,11 @@ needs_mpi = [pytest.mark.engine, pytest.mark.skipif(bool(mpi_missing()), reason=
 
 
 def env(**extra: str) -> dict[str, str]:
-    out = {**os.environ, **MPI_ENV, **extra}
+    out = {**os.environ, **MPI_ENV}
     out["PATH"] = f"{BIN}{os.pathsep}{out.get('PATH', '')}"
+    # The outer run's choice of backends is not the job's; a test's own (extra) is.
     out.pop("SHOAL_TEST_BACKENDS", None)
+    out.update(extra)
     return out
 
 

@@ -522,8 +522,9 @@ def test_a_task_may_use_mpi4py_itself(tmp_path):
     assert res.stdout.strip().splitlines()[-1] == "[1, 1]"
 
 
-def test_idle_serving_ranks_do_not_spin(tmp_path):
-    # Open MPI's blocking receives poll at 100 % CPU; relays wait with probes and a back-off.
+def test_idle_ranks_do_not_spin(tmp_path):
+    # Open MPI's blocking receives poll at 100 % CPU; relays, and rank 0's receiver thread, wait
+    # with probes and sleeps (woken by doorbells on one host) instead.
     script = write(
         tmp_path,
         """
@@ -534,15 +535,57 @@ def test_idle_serving_ranks_do_not_spin(tmp_path):
             fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
             return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-        shoal.map(abs, range(100))  # the relays have served: now they wait
-        pids = [relay.pid for relay in shoal.mpi._launch.relays.values()]
-        before, start = [cpu(p) for p in pids], time.monotonic()
-        time.sleep(3.0)
-        wall = time.monotonic() - start
-        print(json.dumps([(cpu(p) - b) / wall for p, b in zip(pids, before)]))
+        with shoal.Executor() as ex:  # an open session: the relays expect work
+            ex.submit(abs, 1).result()
+            shoal.map(abs, range(100))  # the relays have served: now they wait
+            pids = [relay.pid for relay in shoal.mpi._launch.relays.values()] + [os.getpid()]
+            before, start = [cpu(p) for p in pids], time.monotonic()
+            time.sleep(3.0)
+            wall = time.monotonic() - start
+            shares = [(cpu(p) - b) / wall for p, b in zip(pids, before)]
+            bells = [r.bell is not None for r in shoal.mpi._launch.relays.values()]
+        print(json.dumps({"shares": shares, "bells": bells}))
         """,
     )
     res = launch(script, timeout=60)
     assert res.returncode == 0, res.stderr
-    for share in json.loads(res.stdout.strip().splitlines()[-1]):
-        assert share < 0.10  # a spinning relay would use about 1.0
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(got["shares"]) == 3
+    for share in got["shares"]:
+        assert share < 0.10  # a spinning rank would use about 1.0
+    assert got["bells"] == [True, True]  # relays of rank 0's host are rung, not only probed
+
+
+def test_a_bell_wakes_its_waiter_and_a_missing_one_says_so(monkeypatch):
+    from shoal.mpi import _wire
+    from shoal.mpi._wire import Bell, Poller, Ringer
+
+    bell = Bell.create()
+    if bell is None:
+        pytest.skip("doorbells are abstract Unix sockets: Linux only")
+    ringer = Ringer()
+    try:
+        assert not bell.wait(0.0)
+        assert ringer.ring(bell.name)
+        assert ringer.ring(bell.name)
+        assert bell.wait(5.0) == 2  # both rings, consumed by one wake
+        assert not bell.wait(0.0)
+        poller = Poller(shortest=1e-3, longest=30.0, bell=bell)
+        poller.delay = 30.0
+        ringer.ring(bell.name)
+        began = time.monotonic()
+        poller.sleep()
+        assert time.monotonic() - began < 15.0  # woken by the ring, not the 30 s timeout
+        assert poller.expected == 1  # its message is on its way: probe again very soon
+        assert poller.delay < poller.shortest
+        poller.received()
+        assert (poller.expected, poller.delay) == (0, poller.shortest)
+        # A process with over a thousand files open: the bell is beyond select(), and polled.
+        monkeypatch.setattr(_wire, "SELECT_LIMIT", 0)
+        assert not bell.wait(0.0)
+        ringer.ring(bell.name)
+        assert bell.wait(5.0) == 1
+        gone = bell.name
+    finally:
+        bell.close()
+    assert not ringer.ring(gone)

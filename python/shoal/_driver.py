@@ -170,7 +170,7 @@ class Run:
         self.retry_on = limits.retry_on
         self.progress = progress
         self.callback = callback
-        self.window = max(1, session.max_in_flight)
+        self.window = max(1, session.max_in_flight)  # read again as it may grow (mpi)
         # Bytes bound: what in-flight chunks hold, plus results not yet handed over (counted
         # per value at the last measured size of a result).
         self.max_bytes = READ_AHEAD_BYTES
@@ -205,6 +205,7 @@ class Run:
         return self.in_flight_bytes + self.values_held * (self.result_bytes or self.item_bytes)
 
     def has_room(self) -> bool:
+        self.window = max(1, self.session.max_in_flight)
         if len(self.in_flight) + len(self.ready) >= self.window:
             return False
         if self.held() >= self.window * PARKED_WINDOWS:

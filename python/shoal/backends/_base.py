@@ -38,7 +38,8 @@ from .._spec import CallSpec, ChunkResult, Limits
 class Session(abc.ABC):
     """One stream of chunks with one completion queue (see the module docs)."""
 
-    #: How many chunks the driver may have submitted and not yet received.
+    #: How many chunks the driver may have submitted and not yet received (it may grow during
+    #: a call: the driver reads it before each submit).
     max_in_flight: int = 4
 
     #: Bytes of the last chunk passed to :meth:`submit` as it travels to a worker, if the

@@ -26,7 +26,21 @@ from .. import _native
 from .._options import cpu_count
 from ..backends.processes import ProcessPool
 from . import hostname
-from ._wire import TAG_CONTROL, TAG_DATA, TAG_REPLY, Backoff
+from ._wire import (
+    TAG_CONTROL,
+    TAG_DATA,
+    TAG_REPLY,
+    Bell,
+    Outbox,
+    Poller,
+    Ringer,
+    fine_timer,
+    receive,
+    use_bell,
+)
+
+#: Bytes over which a message may need this side's MPI progress while it travels.
+LARGE_MESSAGE = 4096
 
 #: Results and arguments always travel in-band between a relay and its workers: a shared-memory
 #: segment of a worker means nothing on rank 0's host.
@@ -116,7 +130,8 @@ class _RelaySession:
                         payload = _inline(payload, segments)
                     out.append((gseq, kind, bytes(payload), elapsed, pid, message))
             if out and not self.closed:
-                self.relay.reply(("done", self.sid, out))
+                size = sum(len(o[2]) for o in out)
+                self.relay.reply(("done", self.sid, out), large=size > LARGE_MESSAGE)
 
 
 def _inline(payload: bytes, segments: list[Any]) -> bytes:
@@ -180,33 +195,48 @@ class Relay:
         env = {**_IN_BAND, "SHOAL_MPI_RANK": str(rank)}
         self.pool = ProcessPool(workers, env=env, idle_timeout=None)
         self.sessions: dict[int, _RelaySession] = {}
-        self.send_lock = threading.Lock()
-        self.backoff = Backoff()
+        self.outbox = Outbox()
+        self.bell = Bell.create()
+        self.poller = Poller(bell=self.bell)
+        self.ringer = Ringer()
+        #: Rank 0's bell, once rank 0 said it is on this host (see "bell").
+        self.root_bell: str | None = None
 
-    def reply(self, message: tuple[Any, ...]) -> None:
-        with self.send_lock:
-            self.comm.send(message, dest=self.root, tag=TAG_REPLY)
+    def reply(self, message: tuple[Any, ...], *, large: bool = False) -> None:
+        self.outbox.send(self.comm, message, self.root, TAG_REPLY)
+        if self.root_bell is not None:
+            self.ringer.ring(self.root_bell)
+        if large and self.bell is not None:
+            # Wake the main thread, which drives MPI's progress for the transfer.
+            self.ringer.ring(self.bell.name)
         # Rank 0 answers results with more work: poll at the fastest for a while.
-        self.backoff.reset()
+        self.poller.reset()
 
     def serve(self) -> None:
         from mpi4py import MPI
 
         self.pool.prestart()
-        self.reply(("hello", self.rank, hostname(), self.workers, os.getpid()))
-        backoff = self.backoff
+        fine_timer()
+        bell = None if self.bell is None else self.bell.name
+        self.reply(("hello", self.rank, hostname(), self.workers, os.getpid(), bell))
+        poller = self.poller
+        outbox = self.outbox
         status = MPI.Status()
         while True:
-            if not self.comm.iprobe(source=self.root, tag=TAG_CONTROL, status=status):
-                backoff.sleep()
+            outbox.reap()
+            found, message = receive(self.comm, self.root, TAG_CONTROL, status)
+            if not found:
+                poller.sleep(outbox.cap())
                 continue
-            backoff.reset()
-            message = self.comm.recv(source=self.root, tag=TAG_CONTROL)
             if not self.handle(message):
                 break
+            poller.received()
         for session in list(self.sessions.values()):
             session.close(True)
         self.pool.shutdown(kill=True)
+        outbox.drain(DRAIN_S)
+        if self.bell is not None:
+            self.bell.close()
 
     def receive_segment(self, size: int) -> Any:
         """The next raw buffer from rank 0, received straight into a shared-memory segment."""
@@ -214,6 +244,7 @@ class Relay:
 
         segment = _native.Segment.zeroed(size)
         mapping = _native.Mapping(segment.fd, size, shared=True)
+        # Sent right after the "setup" message: a blocking receive spins only while it arrives.
         self.comm.Recv([mapping, MPI.BYTE], source=self.root, tag=TAG_DATA)
         del mapping
         return segment
@@ -255,10 +286,19 @@ class Relay:
             from ..spmd._mpi import serve_call
 
             serve_call(message[1])  # rank 0 gathers the results; errors reach every rank
+        elif kind == "bell":
+            _, root_bell, rings_mine = message
+            if root_bell is not None and self.ringer.ring(root_bell):
+                self.root_bell = root_bell
+            if rings_mine and self.bell is not None:
+                use_bell(self.poller)
         elif kind == "stop":
             return False
         return True
 
+
+#: Seconds a relay told to stop waits for its last replies to be taken before it leaves.
+DRAIN_S = 1.0
 
 #: Seconds a relay told to terminate waits for rank 0's "stop" before it leaves by itself.
 TERM_GRACE = 1.5
