@@ -11,15 +11,18 @@ blocked in a collective, so nothing hangs.
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import pickle
 import socket
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Sequence
+from functools import reduce as _fold
 from typing import Any
 
-from . import _frames
+from . import _arrays, _frames
 from ._comm import Comm, pickled
 
 #: The rank's communicator while its function runs (in a worker process).
@@ -70,10 +73,26 @@ class LocalComm(Comm):
         self._release(self._previous)
         self._release(self._segments)
 
+    def _coll(
+        self,
+        kind: str,
+        root: int,
+        parts: list[bytes] = (),  # type: ignore[assignment]
+        what: str | None = None,
+        desc: str = "",
+        meta: Any = None,
+    ) -> tuple[Any, list[bytearray]]:
+        # ``what`` is the collective the user called (a reduce is a gather underneath) and
+        # ``desc`` describes this rank's object: the coordinator compares them across ranks.
+        return self._ask(("coll", kind, root, what or kind, desc, meta), parts)
+
     def bcast(self, obj: Any = None, root: int = 0) -> Any:
         self._check_root(root, "bcast")
-        parts = [self._pack(obj, "bcast")] if self.rank == root else []
-        _, data = self._ask(("coll", "bcast", root), parts)
+        return self._bcast(obj, root, "bcast")
+
+    def _bcast(self, obj: Any, root: int, what: str) -> Any:
+        parts = [self._pack(obj, what)] if self.rank == root else []
+        _, data = self._coll("bcast", root, parts, what)
         return obj if self.rank == root else _load(data[0])
 
     def scatter(self, seq: Sequence[Any] | None = None, root: int = 0) -> Any:
@@ -86,20 +105,77 @@ class LocalComm(Comm):
                     f"not {type(seq).__name__}"
                 )
             parts = [self._pack(p, "scatter") for p in seq]
-        _, data = self._ask(("coll", "scatter", root), parts)
+        _, data = self._coll("scatter", root, parts)
         return _load(data[0])
 
     def gather(self, obj: Any, root: int = 0) -> list[Any] | None:
         self._check_root(root, "gather")
+        return self._gather(obj, root, "gather")
+
+    def _gather(self, obj: Any, root: int, what: str) -> list[Any] | None:
         # The root keeps its own object: it need not cross (nor be copied) at all.
-        part = b"" if self.rank == root else self._pack(obj, "gather")
-        _, data = self._ask(("coll", "gather", root), [part])
+        part = b"" if self.rank == root else self._pack(obj, what)
+        _, data = self._coll("gather", root, [part], what, _arrays.describe(obj))
         if self.rank != root:
             return None
         return [obj if r == root else _load(d) for r, d in enumerate(data)]
 
+    def reduce(self, obj: Any, op: Callable[[Any, Any], Any] = operator.add, root: int = 0) -> Any:
+        self._check_root(root, "reduce")
+        _check_op(op, "reduce")
+        ufunc = _arrays.ufunc_for(obj, op, self.size)
+        if ufunc is not None:
+            return self._reduce_array("reduce", obj, ufunc, root)
+        parts = self._gather(obj, root, "reduce")
+        return None if parts is None else _fold(op, parts)
+
+    def allreduce(self, obj: Any, op: Callable[[Any, Any], Any] = operator.add) -> Any:
+        _check_op(op, "allreduce")
+        ufunc = _arrays.ufunc_for(obj, op, self.size)
+        if ufunc is not None:
+            return self._reduce_array("allreduce", obj, ufunc, None)
+        parts = self._gather(obj, 0, "allreduce")
+        return self._bcast(None if parts is None else _fold(op, parts), 0, "allreduce")
+
+    def _reduce_array(self, what: str, arr: Any, ufunc: Any, root: int | None) -> Any:
+        """``reduce`` (at ``root``) or ``allreduce`` (``root`` None) of an array through the
+        ranks' shared-memory segments (see :mod:`shoal.spmd._arrays`)."""
+        np = sys.modules["numpy"]
+        rank, size = self.rank, self.size
+        mine = arr.reshape(-1) if arr.flags.c_contiguous else np.ravel(arr)
+        count, dtype = mine.size, arr.dtype
+        at = _arrays.bounds(count, size)
+        buffer, ref = _arrays.own(arr.nbytes)
+        segment = _arrays.flat(buffer, dtype, count)
+        # The parts the other ranks reduce: they read them from this rank's segment.
+        for s in range(size):
+            if s != rank:
+                segment[at[s] : at[s + 1]] = mine[at[s] : at[s + 1]]
+        meta = (dtype.str, arr.shape, ufunc.__name__, ref)
+        reply, _ = self._coll("array", root or 0, [], what, _arrays.describe(arr), meta)
+        segments = [
+            segment if s == rank else _arrays.flat(m, dtype, count)
+            for s, m in enumerate(_arrays.peers(reply[1], rank))
+        ]
+        # Part ``rank`` of every array, in rank order, folded into part ``rank`` of this
+        # rank's segment.
+        lo, hi = at[rank], at[rank + 1]
+        inputs = [mine[lo:hi] if s == rank else segments[s][lo:hi] for s in range(size)]
+        out = segment[lo:hi]
+        ufunc(inputs[0], inputs[1], out=out)
+        for part in inputs[2:]:
+            ufunc(out, part, out=out)
+        self.barrier()  # every part is reduced
+        if root is not None and rank != root:
+            return None
+        result = np.empty(arr.shape, dtype)
+        flat_result = result.reshape(-1)
+        for s in range(size):
+            flat_result[at[s] : at[s + 1]] = segments[s][at[s] : at[s + 1]]
+        return result
+
     def allgather(self, obj: Any) -> list[Any]:
-        _, data = self._ask(("coll", "allgather", 0), [self._pack(obj, "allgather")])
+        _, data = self._coll("allgather", 0, [self._pack(obj, "allgather")])
         return [obj if r == self.rank else _load(d) for r, d in enumerate(data)]
 
     def send(self, obj: Any, dest: int, tag: int = 0) -> None:
@@ -115,6 +191,11 @@ class LocalComm(Comm):
         return pickle.loads(data[0])
 
 
+def _check_op(op: Any, what: str) -> None:
+    if not callable(op):
+        raise TypeError(f"{what}: op must be a binary callable, not {type(op).__name__}")
+
+
 def _load(data: bytearray) -> Any:
     from .._shm import loads
 
@@ -122,10 +203,11 @@ def _load(data: bytearray) -> Any:
 
 
 class _Collective:
-    __slots__ = ("arrived", "kind", "parts", "root")
+    __slots__ = ("arrived",)
 
     def __init__(self) -> None:
-        self.arrived: dict[int, tuple[str, int, list[bytearray]]] = {}
+        # rank -> (kind, root, what, desc, meta, parts); see LocalComm._coll
+        self.arrived: dict[int, tuple[Any, ...]] = {}
 
 
 class Coordinator:
@@ -187,7 +269,7 @@ class Coordinator:
                 k = self.next_coll[rank]
                 self.next_coll[rank] = k + 1
                 coll = self.colls.setdefault(k, _Collective())
-                coll.arrived[rank] = (head[1], head[2], parts)
+                coll.arrived[rank] = (*head[1:], parts)
                 if len(coll.arrived) < self.size:
                     return
                 del self.colls[k]
@@ -220,20 +302,42 @@ class Coordinator:
                 return blob
         return None
 
+    def _error(self, message: str) -> None:
+        for rank in range(self.size):
+            self._reply(rank, ("error", "ValueError", message))
+
     def _complete(self, k: int, coll: _Collective) -> None:
-        calls = {rank: (kind, root) for rank, (kind, root, _) in coll.arrived.items()}
+        arrived = coll.arrived
+        calls = {rank: (a[0], a[1]) for rank, a in arrived.items()}
+        n = self.size
+        whats = {a[2] for a in arrived.values()}
         if len(set(calls.values())) > 1:
+            if len(whats) == 1 and any(kind == "array" for kind, _ in calls.values()):
+                # The same collective, with an array on some ranks and not on others.
+                said = "; ".join(f"rank {r}: {arrived[r][3]}" for r in range(n))
+                self._error(f"{whats.pop()}: the ranks passed different kinds of objects ({said})")
+                return
             # Left unanswered, as MPI would hang; the timeout ends it and the note explains.
             what = ", ".join(f"rank {r}: {kd}(root={rt})" for r, (kd, rt) in sorted(calls.items()))
             self.mismatch = f"the ranks called different collectives (collective #{k}: {what})"
             return
         kind, root = calls[0]
-        n = self.size
-        if kind == "bcast":
+        if kind == "array":
+            metas = [arrived[r][4] for r in range(n)]
+            if len({m[:3] for m in metas}) > 1:
+                said = "; ".join(f"rank {r}: {arrived[r][3]}, op {metas[r][2]}" for r in range(n))
+                self._error(
+                    f"{whats.pop()}: every rank must pass an array of the same dtype and shape, "
+                    f"with the same op ({said})"
+                )
+                return
             for rank in range(n):
-                self._reply(rank, ("ok",), coll.arrived[root][2] if rank != root else [])
+                self._reply(rank, ("ok", [m[3] for m in metas]))
+        elif kind == "bcast":
+            for rank in range(n):
+                self._reply(rank, ("ok",), arrived[root][-1] if rank != root else [])
         elif kind == "scatter":
-            parts = coll.arrived[root][2]
+            parts = arrived[root][-1]
             if len(parts) != n:
                 msg = f"scatter: the root (rank {root}) gave {len(parts)} parts for {n} ranks"
                 for rank in range(n):
@@ -242,11 +346,11 @@ class Coordinator:
             for rank in range(n):
                 self._reply(rank, ("ok",), [parts[rank]])
         elif kind == "gather":
-            everything = [coll.arrived[r][2][0] for r in range(n)]
+            everything = [arrived[r][-1][0] for r in range(n)]
             for rank in range(n):
                 self._reply(rank, ("ok",), everything if rank == root else [])
         elif kind == "allgather":
-            everything = [coll.arrived[r][2][0] for r in range(n)]
+            everything = [arrived[r][-1][0] for r in range(n)]
             for rank in range(n):
                 self._reply(rank, ("ok",), everything)
 
