@@ -40,8 +40,10 @@ _GRANULE = 2 * 2**20
 
 # This process's segment: (segment, shared mapping, reference given to peers).
 _own: tuple[Any, Any, tuple[int, int, int, str]] | None = None
-# Peers' segments mapped here, by token.
-_peers: dict[str, Any] = {}
+# Peers' segments mapped here: token -> (pid, mapping), least recently used first.
+_peers: dict[str, tuple[int, Any]] = {}
+#: Most peers' segments kept mapped (the processes of earlier runs may be gone).
+_MAPPED = 16
 # (ufunc, dtype) -> whether the ufunc maps two arrays of that dtype to one of the same dtype.
 _keeps_dtype: dict[tuple[Any, Any], bool] = {}
 
@@ -139,22 +141,28 @@ def own(nbytes: int) -> tuple[Any, tuple[int, int, int, str]]:
     return _own[1], _own[2]
 
 
-def peers(refs: list[tuple[int, int, int, str]], rank: int) -> list[Any]:
-    """The mappings of the segments ``refs`` (by rank; this rank's own at ``rank``). Peers'
-    segments stay mapped for the next collective; those no longer named are unmapped."""
-    assert _own is not None
-    mappings = []
-    for r, (pid, fd, size, token) in enumerate(refs):
-        if r == rank:
+def peers(refs: list[tuple[int, int, int, str] | None], rank: int) -> list[Any]:
+    """The mappings of the segments ``refs`` (by rank; this rank's own at ``rank``; None where
+    a rank named none). Peers' segments stay mapped for the next collectives; one that a peer
+    replaced is unmapped, and so are the oldest beyond :data:`_MAPPED`."""
+    mappings: list[Any] = []
+    for r, ref in enumerate(refs):
+        if ref is None:
+            mappings.append(None)
+        elif r == rank:
+            assert _own is not None
             mappings.append(_own[1])
-            continue
-        mapping = _peers.get(token)
-        if mapping is None:
-            mapping = _peers[token] = _map(pid, fd, size)
-        mappings.append(mapping)
-    named = {ref[3] for ref in refs}
-    for token in [t for t in _peers if t not in named]:
-        del _peers[token]
+        else:
+            pid, fd, size, token = ref
+            mapping = _peers.pop(token, None)
+            if mapping is None:
+                for old in [t for t, m in _peers.items() if m[0] == pid]:
+                    del _peers[old]  # the peer's earlier, smaller segment
+                mapping = (pid, _map(pid, fd, size))
+            _peers[token] = mapping  # the most recently used last
+            mappings.append(mapping[1])
+    while len(_peers) > _MAPPED:
+        del _peers[next(iter(_peers))]
     return mappings
 
 

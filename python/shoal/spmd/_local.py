@@ -42,6 +42,11 @@ class LocalComm(Comm):
         # collective's segments are closed at the end of the following one.
         self._segments: Any = None
         self._previous: Any = None
+        # After an array reduce, peers may still be copying their result out of this rank's
+        # segment: a collective that would overwrite all of it waits for them first (every
+        # rank has the same value, as every rank makes the same calls).
+        self._reads_pending = False
+        self._layout = (0, 0)  # (items, item size) of the last array reduce
 
     def _pack(self, obj: Any, what: str) -> bytes:
         from .._shm import SegmentCache
@@ -84,16 +89,53 @@ class LocalComm(Comm):
     ) -> tuple[Any, list[bytearray]]:
         # ``what`` is the collective the user called (a reduce is a gather underneath) and
         # ``desc`` describes this rank's object: the coordinator compares them across ranks.
-        return self._ask(("coll", kind, root, what or kind, desc, meta), parts)
+        got = self._ask(("coll", kind, root, what or kind, desc, meta), parts)
+        # Every rank has called this one: none still reads what an earlier one left.
+        self._reads_pending = False
+        return got
+
+    def barrier(self) -> None:
+        self._coll("allgather", 0, [self._pack(None, "barrier")], "barrier")
+
+    def _wait_readers(self) -> None:
+        if self._reads_pending:
+            self.barrier()
 
     def bcast(self, obj: Any = None, root: int = 0) -> Any:
         self._check_root(root, "bcast")
         return self._bcast(obj, root, "bcast")
 
     def _bcast(self, obj: Any, root: int, what: str) -> Any:
-        parts = [self._pack(obj, what)] if self.rank == root else []
-        _, data = self._coll("bcast", root, parts, what)
-        return obj if self.rank == root else _load(data[0])
+        self._wait_readers()
+        parts: list[bytes] = []
+        meta = None
+        if self.rank == root:
+            if self.size > 1 and _arrays.is_plain_array(obj):
+                meta = self._place(obj)
+            else:
+                parts = [self._pack(obj, what)]
+        reply, data = self._coll("bcast", root, parts, what, meta=meta)
+        if reply[1] is None:
+            return obj if self.rank == root else _load(data[0])
+        value = obj if self.rank == root else self._fetch(reply[1], root)
+        self.barrier()  # the root's segment is read
+        return value
+
+    def _place(self, arr: Any) -> tuple[str, tuple[int, ...], Any]:
+        """Copy ``arr`` into this rank's segment; its description for the peers."""
+        buffer, ref = _arrays.own(arr.nbytes)
+        segment = _arrays.flat(buffer, arr.dtype, arr.size)
+        segment.reshape(arr.shape)[...] = arr  # any layout
+        return (arr.dtype.str, arr.shape, ref)
+
+    def _fetch(self, metas: list[Any], rank: int) -> Any:
+        """A new array holding what rank ``rank`` placed in its segment (see :meth:`_place`)."""
+        np = sys.modules["numpy"]
+        dtype, shape, _ = metas[rank]
+        mapping = _arrays.peers([m and m[2] for m in metas], self.rank)[rank]
+        result = np.empty(shape, dtype)
+        result.reshape(-1)[...] = _arrays.flat(mapping, result.dtype, result.size)
+        return result
 
     def scatter(self, seq: Sequence[Any] | None = None, root: int = 0) -> Any:
         self._check_root(root, "scatter")
@@ -112,13 +154,33 @@ class LocalComm(Comm):
         self._check_root(root, "gather")
         return self._gather(obj, root, "gather")
 
-    def _gather(self, obj: Any, root: int, what: str) -> list[Any] | None:
+    def _gather(self, obj: Any, root: int | None, what: str) -> list[Any] | None:
+        """``gather`` at ``root``, or ``allgather`` (``root`` None): arrays through the ranks'
+        segments, anything else pickled."""
+        self._wait_readers()
         # The root keeps its own object: it need not cross (nor be copied) at all.
-        part = b"" if self.rank == root else self._pack(obj, what)
-        _, data = self._coll("gather", root, [part], what, _arrays.describe(obj))
-        if self.rank != root:
-            return None
-        return [obj if r == root else _load(d) for r, d in enumerate(data)]
+        part, meta = b"", None
+        if root != self.rank:
+            if self.size > 1 and _arrays.is_plain_array(obj):
+                meta = self._place(obj)
+            else:
+                part = self._pack(obj, what)
+        kind = "gather" if root is not None else "allgather"
+        reply, data = self._coll(kind, root or 0, [part], what, _arrays.describe(obj), meta)
+        metas = reply[1]
+        values = None
+        if root is None or root == self.rank:
+            values = [
+                obj
+                if r == self.rank
+                else self._fetch(metas, r)
+                if metas[r] is not None
+                else _load(d)
+                for r, d in enumerate(data)
+            ]
+        if any(m is not None for m in metas):
+            self.barrier()  # the segments are read
+        return values
 
     def reduce(self, obj: Any, op: Callable[[Any, Any], Any] = operator.add, root: int = 0) -> Any:
         self._check_root(root, "reduce")
@@ -147,12 +209,25 @@ class LocalComm(Comm):
         at = _arrays.bounds(count, size)
         buffer, ref = _arrays.own(arr.nbytes)
         segment = _arrays.flat(buffer, dtype, count)
-        # The parts the other ranks reduce: they read them from this rank's segment.
-        for s in range(size):
-            if s != rank:
-                segment[at[s] : at[s + 1]] = mine[at[s] : at[s + 1]]
+
+        def place() -> None:
+            # The parts the other ranks reduce: they read them from this rank's segment.
+            for s in range(size):
+                if s != rank:
+                    segment[at[s] : at[s + 1]] = mine[at[s] : at[s + 1]]
+
+        # Peers may still copy their result out of the last reduce: that part of each segment
+        # is the one part not written before the exchange, if the parts fall where they did.
+        # Else the parts are placed after it (every rank decides alike: if their arrays
+        # differ, the exchange fails on every rank).
+        early = not self._reads_pending or self._layout == (count, dtype.itemsize)
+        if early:
+            place()
         meta = (dtype.str, arr.shape, ufunc.__name__, ref)
         reply, _ = self._coll("array", root or 0, [], what, _arrays.describe(arr), meta)
+        if not early:
+            place()
+            self.barrier()
         segments = [
             segment if s == rank else _arrays.flat(m, dtype, count)
             for s, m in enumerate(_arrays.peers(reply[1], rank))
@@ -166,6 +241,7 @@ class LocalComm(Comm):
         for part in inputs[2:]:
             ufunc(out, part, out=out)
         self.barrier()  # every part is reduced
+        self._reads_pending, self._layout = True, (count, dtype.itemsize)
         if root is not None and rank != root:
             return None
         result = np.empty(arr.shape, dtype)
@@ -175,8 +251,7 @@ class LocalComm(Comm):
         return result
 
     def allgather(self, obj: Any) -> list[Any]:
-        _, data = self._coll("allgather", 0, [self._pack(obj, "allgather")])
-        return [obj if r == self.rank else _load(d) for r, d in enumerate(data)]
+        return self._gather(obj, None, "allgather")  # type: ignore[return-value]
 
     def send(self, obj: Any, dest: int, tag: int = 0) -> None:
         self._check_root(dest, "send")
@@ -334,8 +409,9 @@ class Coordinator:
             for rank in range(n):
                 self._reply(rank, ("ok", [m[3] for m in metas]))
         elif kind == "bcast":
+            meta = arrived[root][4]  # where the root placed an array; None if pickled
             for rank in range(n):
-                self._reply(rank, ("ok",), arrived[root][-1] if rank != root else [])
+                self._reply(rank, ("ok", meta), arrived[root][-1] if rank != root else [])
         elif kind == "scatter":
             parts = arrived[root][-1]
             if len(parts) != n:
@@ -347,12 +423,14 @@ class Coordinator:
                 self._reply(rank, ("ok",), [parts[rank]])
         elif kind == "gather":
             everything = [arrived[r][-1][0] for r in range(n)]
+            metas = [arrived[r][4] for r in range(n)]
             for rank in range(n):
-                self._reply(rank, ("ok",), everything if rank == root else [])
+                self._reply(rank, ("ok", metas), everything if rank == root else [])
         elif kind == "allgather":
             everything = [arrived[r][-1][0] for r in range(n)]
+            metas = [arrived[r][4] for r in range(n)]
             for rank in range(n):
-                self._reply(rank, ("ok",), everything)
+                self._reply(rank, ("ok", metas), everything)
 
     def close(self) -> None:
         self.closed = True
