@@ -117,7 +117,8 @@ class LocalComm(Comm):
         reply, data = self._coll("bcast", root, parts, what, meta=meta)
         if reply[1] is None:
             return obj if self.rank == root else _load(data[0])
-        value = obj if self.rank == root else self._fetch(reply[1], root)
+        metas = [reply[1] if r == root else None for r in range(self.size)]
+        value = obj if self.rank == root else self._fetch(metas, root)
         self.barrier()  # the root's segment is read
         return value
 
