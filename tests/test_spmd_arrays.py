@@ -166,6 +166,9 @@ def test_other_ops_and_dtypes_take_the_generic_path():
 
 def mismatched(kind):
     comm = shoal.spmd.comm()
+    if kind.endswith("after an allreduce"):
+        # Peers may still be copying out of this one's segments when the bad call comes.
+        comm.allreduce(np.ones(10 if kind.startswith("same") else 7))
     if kind == "shape":
         arr = np.zeros(10 + comm.rank)
     elif kind == "dtype":
@@ -190,6 +193,11 @@ def mismatched(kind):
         (
             "list",
             "different kinds of objects (rank 0: a float64 array of shape (10,); rank 1: a list",
+        ),
+        ("list after an allreduce", "(rank 0: a float64 array of shape (10,); rank 1: a list)"),
+        (
+            "same list after an allreduce",
+            "(rank 0: a float64 array of shape (10,); rank 1: a list)",
         ),
     ],
 )

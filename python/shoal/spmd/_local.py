@@ -97,16 +97,18 @@ class LocalComm(Comm):
     def barrier(self) -> None:
         self._coll("allgather", 0, [self._pack(None, "barrier")], "barrier")
 
-    def _wait_readers(self) -> None:
+    def _wait_readers(self, what: str, obj: Any) -> None:
+        # A barrier that still names the collective: if the ranks passed an array on some and
+        # something else on others, the coordinator says so at once (a ValueError everywhere).
         if self._reads_pending:
-            self.barrier()
+            self._coll("allgather", 0, [self._pack(None, what)], what, _arrays.describe(obj))
 
     def bcast(self, obj: Any = None, root: int = 0) -> Any:
         self._check_root(root, "bcast")
         return self._bcast(obj, root, "bcast")
 
     def _bcast(self, obj: Any, root: int, what: str) -> Any:
-        self._wait_readers()
+        self._wait_readers(what, obj)
         parts: list[bytes] = []
         meta = None
         if self.rank == root:
@@ -158,7 +160,7 @@ class LocalComm(Comm):
     def _gather(self, obj: Any, root: int | None, what: str) -> list[Any] | None:
         """``gather`` at ``root``, or ``allgather`` (``root`` None): arrays through the ranks'
         segments, anything else pickled."""
-        self._wait_readers()
+        self._wait_readers(what, obj)
         # The root keeps its own object: it need not cross (nor be copied) at all.
         part, meta = b"", None
         if root != self.rank:
