@@ -8,6 +8,8 @@ across runs while the worker process lives (an idle worker exits after 30 s), be
 touch of fresh shared pages costs more than the copy into them. It grows when an array does
 not fit; older segments go once no peer maps them.
 
+A ``bcast``, ``gather`` or ``allgather`` of an array is a copy into the sender's segment, an
+exchange of shapes and dtypes through the coordinator, and a copy out by the receivers.
 An ``allreduce`` on ``n`` ranks is a reduce-scatter followed by an allgather, all in place:
 
 1. every rank copies the parts of its array that the others reduce (part ``s`` of ``n`` for
@@ -20,11 +22,14 @@ An ``allreduce`` on ``n`` ranks is a reduce-scatter followed by an allgather, al
 4. a barrier; then each rank copies part ``s`` of segment ``s``, for every ``s``, into a new
    array of its own, which it returns.
 
-A rank writes its segment only before step 2 and reads peers' segments only after it, so the
-exchange of the next collective also orders this one's reads before the next one's writes
-(part ``s`` of segment ``s`` is the only part read after the barrier, and it is written only
-after the next exchange). The result is a fresh array in private memory: cheaper than mapping
-shared pages (which fault one at a time), and it aliases nothing.
+Part ``s`` of segment ``s`` is the one part read after the barrier, and the next reduce writes
+it only after its own exchange, which every rank has joined, so has finished reading: as long
+as the parts fall where they did (the same number of items of the same size), the next reduce
+places its parts before the exchange, with no extra wait. Otherwise, and when a ``bcast``,
+``gather`` or ``allgather`` (which place a whole array before their exchange) follows a
+reduce, the ranks first meet once more. Those three end with a barrier, after which nothing reads the
+segments. The result is a fresh array in private memory: cheaper than mapping shared pages
+(which fault one at a time), and it aliases nothing.
 """
 
 from __future__ import annotations
