@@ -27,8 +27,8 @@ it only after its own exchange, which every rank has joined, so has finished rea
 as the parts fall where they did (the same number of items of the same size), the next reduce
 places its parts before the exchange, with no extra wait. Otherwise, and when a ``bcast``,
 ``gather`` or ``allgather`` (which place a whole array before their exchange) follows a
-reduce, the ranks first meet once more. Those three end with a barrier, after which nothing reads the
-segments. The result is a fresh array in private memory: cheaper than mapping shared pages
+reduce, the ranks first meet once more. Those three end with a barrier, after which nothing
+reads the segments. The result is a fresh array in private memory: cheaper than mapping shared pages
 (which fault one at a time), and it aliases nothing.
 """
 
@@ -40,6 +40,8 @@ import sys
 import uuid
 from typing import Any
 
+#: Smallest array that ``bcast``, ``gather`` and ``allgather`` place in a segment (bytes).
+PLACE_MIN = 1 << 16
 #: Segments are sized in whole multiples of this, so that slightly larger arrays reuse them.
 _GRANULE = 2 * 2**20
 
@@ -117,6 +119,13 @@ def is_plain_array(obj: Any) -> bool:
         and not obj.dtype.hasobject
         and obj.dtype.fields is None
     )
+
+
+def worth_placing(obj: Any) -> bool:
+    """Whether ``bcast``/``gather``/``allgather`` should pass ``obj`` through the segments: an
+    array of at least :data:`PLACE_MIN` bytes (smaller ones are cheaper pickled, in the
+    coordinator's one round trip, than placed and waited for)."""
+    return is_plain_array(obj) and obj.nbytes >= PLACE_MIN
 
 
 def describe(obj: Any) -> str:

@@ -112,7 +112,7 @@ class LocalComm(Comm):
         parts: list[bytes] = []
         meta = None
         if self.rank == root:
-            if self.size > 1 and _arrays.is_plain_array(obj):
+            if self.size > 1 and _arrays.worth_placing(obj):
                 meta = self._place(obj)
             else:
                 parts = [self._pack(obj, what)]
@@ -164,7 +164,7 @@ class LocalComm(Comm):
         # The root keeps its own object: it need not cross (nor be copied) at all.
         part, meta = b"", None
         if root != self.rank:
-            if self.size > 1 and _arrays.is_plain_array(obj):
+            if self.size > 1 and _arrays.worth_placing(obj):
                 meta = self._place(obj)
             else:
                 part = self._pack(obj, what)
