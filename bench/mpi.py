@@ -10,6 +10,9 @@
 - ``mpiexec -n 2 python bench/mpi.py --tool allreduce`` (mpi4py ``Allreduce`` of a 100 MB
   float64 array) and the same with ``shoal.spmd.run(..., ranks=2)`` on local processes.
 
+``--only pools`` or ``--only allreduce`` runs one part; the allreduce part interleaves the two
+tools over ``--rounds`` rounds and prints the load average after each.
+
 Rows: W1 (100,000 no-op calls), W2 (20,000 x ~100 us), W3 (200 x ~10 ms), W4 (400 heavy-tailed,
 mean ~5 ms) and first result (ms from a new executor to its first result).
 """
