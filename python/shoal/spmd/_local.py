@@ -11,15 +11,18 @@ blocked in a collective, so nothing hangs.
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import pickle
 import socket
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Sequence
+from functools import reduce as _fold
 from typing import Any
 
-from . import _frames
+from . import _arrays, _frames
 from ._comm import Comm, pickled
 
 #: The rank's communicator while its function runs (in a worker process).
@@ -39,6 +42,11 @@ class LocalComm(Comm):
         # collective's segments are closed at the end of the following one.
         self._segments: Any = None
         self._previous: Any = None
+        # After an array reduce, peers may still be copying their result out of this rank's
+        # segment: a collective that would overwrite all of it waits for them first (every
+        # rank has the same value, as every rank makes the same calls).
+        self._reads_pending = False
+        self._layout = (0, 0)  # (items, item size) of the last array reduce
 
     def _pack(self, obj: Any, what: str) -> bytes:
         from .._shm import SegmentCache
@@ -70,11 +78,67 @@ class LocalComm(Comm):
         self._release(self._previous)
         self._release(self._segments)
 
+    def _coll(
+        self,
+        kind: str,
+        root: int,
+        parts: list[bytes] = (),  # type: ignore[assignment]
+        what: str | None = None,
+        desc: str = "",
+        meta: Any = None,
+    ) -> tuple[Any, list[bytearray]]:
+        # ``what`` is the collective the user called (a reduce is a gather underneath) and
+        # ``desc`` describes this rank's object: the coordinator compares them across ranks.
+        got = self._ask(("coll", kind, root, what or kind, desc, meta), parts)
+        # Every rank has called this one: none still reads what an earlier one left.
+        self._reads_pending = False
+        return got
+
+    def barrier(self) -> None:
+        self._coll("allgather", 0, [self._pack(None, "barrier")], "barrier")
+
+    def _wait_readers(self, what: str, obj: Any) -> None:
+        # A barrier that still names the collective: if the ranks passed an array on some and
+        # something else on others, the coordinator says so at once (a ValueError everywhere).
+        if self._reads_pending:
+            self._coll("allgather", 0, [self._pack(None, what)], what, _arrays.describe(obj))
+
     def bcast(self, obj: Any = None, root: int = 0) -> Any:
         self._check_root(root, "bcast")
-        parts = [self._pack(obj, "bcast")] if self.rank == root else []
-        _, data = self._ask(("coll", "bcast", root), parts)
-        return obj if self.rank == root else _load(data[0])
+        return self._bcast(obj, root, "bcast")
+
+    def _bcast(self, obj: Any, root: int, what: str) -> Any:
+        self._wait_readers(what, obj)
+        parts: list[bytes] = []
+        meta = None
+        if self.rank == root:
+            if self.size > 1 and _arrays.worth_placing(obj):
+                meta = self._place(obj)
+            else:
+                parts = [self._pack(obj, what)]
+        reply, data = self._coll("bcast", root, parts, what, meta=meta)
+        if reply[1] is None:
+            return obj if self.rank == root else _load(data[0])
+        metas = [reply[1] if r == root else None for r in range(self.size)]
+        value = obj if self.rank == root else self._fetch(metas, root)
+        self.barrier()  # the root's segment is read
+        return value
+
+    def _place(self, arr: Any) -> tuple[str, tuple[int, ...], Any]:
+        """Copy ``arr`` into this rank's segment; its description for the peers."""
+        buffer, ref = _arrays.own(arr.nbytes)
+        segment = _arrays.flat(buffer, arr.dtype, arr.size)
+        segment.reshape(arr.shape)[...] = arr  # any layout
+        return (arr.dtype.str, arr.shape, ref)
+
+    def _fetch(self, metas: list[Any], rank: int) -> Any:
+        """A new array holding what rank ``rank`` placed in its segment (see :meth:`_place`)."""
+        np = sys.modules["numpy"]
+        dtype, shape, _ = metas[rank]
+        mapping = _arrays.peers([m and m[2] for m in metas], self.rank)[rank]
+        result = np.empty(shape, dtype)
+        result.reshape(-1)[...] = _arrays.flat(mapping, result.dtype, result.size)
+        return result
 
     def scatter(self, seq: Sequence[Any] | None = None, root: int = 0) -> Any:
         self._check_root(root, "scatter")
@@ -86,21 +150,111 @@ class LocalComm(Comm):
                     f"not {type(seq).__name__}"
                 )
             parts = [self._pack(p, "scatter") for p in seq]
-        _, data = self._ask(("coll", "scatter", root), parts)
+        _, data = self._coll("scatter", root, parts)
         return _load(data[0])
 
     def gather(self, obj: Any, root: int = 0) -> list[Any] | None:
         self._check_root(root, "gather")
+        return self._gather(obj, root, "gather")
+
+    def _gather(self, obj: Any, root: int | None, what: str) -> list[Any] | None:
+        """``gather`` at ``root``, or ``allgather`` (``root`` None): arrays through the ranks'
+        segments, anything else pickled."""
+        self._wait_readers(what, obj)
         # The root keeps its own object: it need not cross (nor be copied) at all.
-        part = b"" if self.rank == root else self._pack(obj, "gather")
-        _, data = self._ask(("coll", "gather", root), [part])
-        if self.rank != root:
+        part, meta = b"", None
+        if root != self.rank:
+            if self.size > 1 and _arrays.worth_placing(obj):
+                meta = self._place(obj)
+            else:
+                part = self._pack(obj, what)
+        kind = "gather" if root is not None else "allgather"
+        reply, data = self._coll(kind, root or 0, [part], what, _arrays.describe(obj), meta)
+        metas = reply[1]
+        values = None
+        if root is None or root == self.rank:
+            values = [
+                obj
+                if r == self.rank
+                else self._fetch(metas, r)
+                if metas[r] is not None
+                else _load(d)
+                for r, d in enumerate(data)
+            ]
+        if any(m is not None for m in metas):
+            self.barrier()  # the segments are read
+        return values
+
+    def reduce(self, obj: Any, op: Callable[[Any, Any], Any] = operator.add, root: int = 0) -> Any:
+        self._check_root(root, "reduce")
+        _check_op(op, "reduce")
+        ufunc = _arrays.ufunc_for(obj, op, self.size)
+        if ufunc is not None:
+            return self._reduce_array("reduce", obj, ufunc, root)
+        parts = self._gather(obj, root, "reduce")
+        return None if parts is None else _fold(op, parts)
+
+    def allreduce(self, obj: Any, op: Callable[[Any, Any], Any] = operator.add) -> Any:
+        _check_op(op, "allreduce")
+        ufunc = _arrays.ufunc_for(obj, op, self.size)
+        if ufunc is not None:
+            return self._reduce_array("allreduce", obj, ufunc, None)
+        parts = self._gather(obj, 0, "allreduce")
+        return self._bcast(None if parts is None else _fold(op, parts), 0, "allreduce")
+
+    def _reduce_array(self, what: str, arr: Any, ufunc: Any, root: int | None) -> Any:
+        """``reduce`` (at ``root``) or ``allreduce`` (``root`` None) of an array through the
+        ranks' shared-memory segments (see :mod:`shoal.spmd._arrays`)."""
+        np = sys.modules["numpy"]
+        rank, size = self.rank, self.size
+        mine = arr.reshape(-1) if arr.flags.c_contiguous else np.ravel(arr)
+        count, dtype = mine.size, arr.dtype
+        at = _arrays.bounds(count, size)
+        buffer, ref = _arrays.own(arr.nbytes)
+        segment = _arrays.flat(buffer, dtype, count)
+
+        def place() -> None:
+            # The parts the other ranks reduce: they read them from this rank's segment.
+            for s in range(size):
+                if s != rank:
+                    segment[at[s] : at[s + 1]] = mine[at[s] : at[s + 1]]
+
+        # Peers may still copy their result out of the last reduce: that part of each segment
+        # is the one part not written before the exchange, if the parts fall where they did.
+        # Else the parts are placed after it (every rank decides alike: if their arrays
+        # differ, the exchange fails on every rank).
+        early = not self._reads_pending or self._layout == (count, dtype.itemsize)
+        if early:
+            place()
+        meta = (dtype.str, arr.shape, ufunc.__name__, ref)
+        reply, _ = self._coll("array", root or 0, [], what, _arrays.describe(arr), meta)
+        if not early:
+            place()
+            self.barrier()
+        segments = [
+            segment if s == rank else _arrays.flat(m, dtype, count)
+            for s, m in enumerate(_arrays.peers(reply[1], rank))
+        ]
+        # Part ``rank`` of every array, in rank order, folded into part ``rank`` of this
+        # rank's segment.
+        lo, hi = at[rank], at[rank + 1]
+        inputs = [mine[lo:hi] if s == rank else segments[s][lo:hi] for s in range(size)]
+        out = segment[lo:hi]
+        ufunc(inputs[0], inputs[1], out=out)
+        for part in inputs[2:]:
+            ufunc(out, part, out=out)
+        self.barrier()  # every part is reduced
+        self._reads_pending, self._layout = True, (count, dtype.itemsize)
+        if root is not None and rank != root:
             return None
-        return [obj if r == root else _load(d) for r, d in enumerate(data)]
+        result = np.empty(arr.shape, dtype)
+        flat_result = result.reshape(-1)
+        for s in range(size):
+            flat_result[at[s] : at[s + 1]] = segments[s][at[s] : at[s + 1]]
+        return result
 
     def allgather(self, obj: Any) -> list[Any]:
-        _, data = self._ask(("coll", "allgather", 0), [self._pack(obj, "allgather")])
-        return [obj if r == self.rank else _load(d) for r, d in enumerate(data)]
+        return self._gather(obj, None, "allgather")  # type: ignore[return-value]
 
     def send(self, obj: Any, dest: int, tag: int = 0) -> None:
         self._check_root(dest, "send")
@@ -115,6 +269,11 @@ class LocalComm(Comm):
         return pickle.loads(data[0])
 
 
+def _check_op(op: Any, what: str) -> None:
+    if not callable(op):
+        raise TypeError(f"{what}: op must be a binary callable, not {type(op).__name__}")
+
+
 def _load(data: bytearray) -> Any:
     from .._shm import loads
 
@@ -122,10 +281,11 @@ def _load(data: bytearray) -> Any:
 
 
 class _Collective:
-    __slots__ = ("arrived", "kind", "parts", "root")
+    __slots__ = ("arrived",)
 
     def __init__(self) -> None:
-        self.arrived: dict[int, tuple[str, int, list[bytearray]]] = {}
+        # rank -> (kind, root, what, desc, meta, parts); see LocalComm._coll
+        self.arrived: dict[int, tuple[Any, ...]] = {}
 
 
 class Coordinator:
@@ -187,7 +347,7 @@ class Coordinator:
                 k = self.next_coll[rank]
                 self.next_coll[rank] = k + 1
                 coll = self.colls.setdefault(k, _Collective())
-                coll.arrived[rank] = (head[1], head[2], parts)
+                coll.arrived[rank] = (*head[1:], parts)
                 if len(coll.arrived) < self.size:
                     return
                 del self.colls[k]
@@ -220,20 +380,43 @@ class Coordinator:
                 return blob
         return None
 
+    def _error(self, message: str) -> None:
+        for rank in range(self.size):
+            self._reply(rank, ("error", "ValueError", message))
+
     def _complete(self, k: int, coll: _Collective) -> None:
-        calls = {rank: (kind, root) for rank, (kind, root, _) in coll.arrived.items()}
+        arrived = coll.arrived
+        calls = {rank: (a[0], a[1]) for rank, a in arrived.items()}
+        n = self.size
+        whats = {a[2] for a in arrived.values()}
         if len(set(calls.values())) > 1:
+            if len(whats) == 1 and any(kind == "array" for kind, _ in calls.values()):
+                # The same collective, with an array on some ranks and not on others.
+                said = "; ".join(f"rank {r}: {arrived[r][3]}" for r in range(n))
+                self._error(f"{whats.pop()}: the ranks passed different kinds of objects ({said})")
+                return
             # Left unanswered, as MPI would hang; the timeout ends it and the note explains.
             what = ", ".join(f"rank {r}: {kd}(root={rt})" for r, (kd, rt) in sorted(calls.items()))
             self.mismatch = f"the ranks called different collectives (collective #{k}: {what})"
             return
         kind, root = calls[0]
-        n = self.size
-        if kind == "bcast":
+        if kind == "array":
+            metas = [arrived[r][4] for r in range(n)]
+            if len({m[:3] for m in metas}) > 1:
+                said = "; ".join(f"rank {r}: {arrived[r][3]}, op {metas[r][2]}" for r in range(n))
+                self._error(
+                    f"{whats.pop()}: every rank must pass an array of the same dtype and shape, "
+                    f"with the same op ({said})"
+                )
+                return
             for rank in range(n):
-                self._reply(rank, ("ok",), coll.arrived[root][2] if rank != root else [])
+                self._reply(rank, ("ok", [m[3] for m in metas]))
+        elif kind == "bcast":
+            meta = arrived[root][4]  # where the root placed an array; None if pickled
+            for rank in range(n):
+                self._reply(rank, ("ok", meta), arrived[root][-1] if rank != root else [])
         elif kind == "scatter":
-            parts = coll.arrived[root][2]
+            parts = arrived[root][-1]
             if len(parts) != n:
                 msg = f"scatter: the root (rank {root}) gave {len(parts)} parts for {n} ranks"
                 for rank in range(n):
@@ -242,13 +425,15 @@ class Coordinator:
             for rank in range(n):
                 self._reply(rank, ("ok",), [parts[rank]])
         elif kind == "gather":
-            everything = [coll.arrived[r][2][0] for r in range(n)]
+            everything = [arrived[r][-1][0] for r in range(n)]
+            metas = [arrived[r][4] for r in range(n)]
             for rank in range(n):
-                self._reply(rank, ("ok",), everything if rank == root else [])
+                self._reply(rank, ("ok", metas), everything if rank == root else [])
         elif kind == "allgather":
-            everything = [coll.arrived[r][2][0] for r in range(n)]
+            everything = [arrived[r][-1][0] for r in range(n)]
+            metas = [arrived[r][4] for r in range(n)]
             for rank in range(n):
-                self._reply(rank, ("ok",), everything)
+                self._reply(rank, ("ok", metas), everything)
 
     def close(self) -> None:
         self.closed = True
