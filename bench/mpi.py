@@ -45,8 +45,6 @@ ENV = {
     "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
 }
 ARRAY_BYTES = 100 * 2**20
-#: Where Open MPI puts its shared-memory backing files (sm_segment.*); /dev/shm by default.
-SEGMENTS_VARIABLE = "OMPI_MCA_btl_sm_backing_directory"
 
 
 def best_of(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
@@ -165,8 +163,9 @@ def allreduce_shoal(repeat: int) -> float:
 
 
 def job(args: list[str], n: int) -> Any:
-    # Open MPI's shared-memory transport leaves its sm_segment.* files behind in /dev/shm
-    # unless told where to put them: a directory of this job's own, removed after it.
+    # Open MPI's shared-memory transport puts its sm_segment.* files in /dev/shm, where they
+    # outlive a job that ends abruptly, unless told otherwise: a directory of this job's own,
+    # removed after it.
     segments = tempfile.mkdtemp(prefix="shoal-bench-mpi-sm-")
     env = {
         **os.environ,
@@ -202,20 +201,6 @@ def allreduce_rows(repeat: int, rounds: int) -> None:
 
 
 def main() -> None:
-    if "--tool" in sys.argv or SEGMENTS_VARIABLE in os.environ:
-        run()
-        return
-    # The jobs' Open MPI shared-memory backing files (sm_segment.*) go to a directory of this
-    # run, removed at the end, rather than /dev/shm, where they outlive a job that ends abruptly.
-    segments = tempfile.mkdtemp(prefix="shoal-bench-mpi-sm-")
-    os.environ[SEGMENTS_VARIABLE] = segments
-    try:
-        run()
-    finally:
-        shutil.rmtree(segments, ignore_errors=True)
-
-
-def run() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tool", default="")
     parser.add_argument("--repeat", type=int, default=3)
