@@ -28,6 +28,18 @@ from pytest_markdown_docs._runners import DefaultRunner, register_runner
 
 _GLOBALS = pathlib.Path(__file__).parent / "tests" / "doc_globals.py"
 
+# The MPI examples (spawn mode) start Open MPI, whose shared-memory transport puts its
+# sm_segment.* backing files in /dev/shm, where they outlive the processes: a directory of
+# this run instead, removed when it ends. Spawned ranks inherit the variable.
+_SM_BACKING = "OMPI_MCA_btl_sm_backing_directory"  # Open MPI's name, lower case included
+if _SM_BACKING not in os.environ:
+    import atexit
+    import shutil
+
+    _SEGMENTS = tempfile.mkdtemp(prefix="shoal-doc-mpi-sm-")
+    os.environ[_SM_BACKING] = _SEGMENTS
+    atexit.register(shutil.rmtree, _SEGMENTS, ignore_errors=True)
+
 
 def _doc_globals() -> dict[str, Any]:
     # A module made at run time (no import spec), as a user's script would be: shoal sends its
