@@ -45,6 +45,9 @@ READ_AHEAD_BYTES = int(os.environ.get("SHOAL_READ_AHEAD_BYTES", str(32 * 2**20))
 #: workers). Chunks in flight, and results waiting for a slow consumer, keep one window.
 PARKED_WINDOWS = 16
 
+#: With ``store=``, chunks aim at this many times the engine's chunk length (see next_size).
+STORE_CHUNK_FACTOR = 3
+
 
 def approx_size(obj: Any) -> int:
     """A cheap estimate of the memory an object holds, for backends that do not pickle.
@@ -217,6 +220,14 @@ class Run:
         if self.chunksize:
             return self.chunksize
         size = int(self.session.chunk_size(self.spec_id, self.remaining))
+        if self.store is not None:
+            # A stored item costs the driver a few µs more (its identity, its row), much of it
+            # per chunk (taking input, recording rows): longer chunks spread that. Not in the
+            # tail, where the engine's sizes balance the end of the call.
+            longer = size * STORE_CHUNK_FACTOR
+            if self.remaining is not None:
+                longer = min(longer, max(size, self.remaining // self.window))
+            size = longer
         if self.item_bytes:
             # Cheap items of some size: keep one chunk to a share of the bytes bound.
             size = min(size, max(1, int(self.max_bytes / self.window / self.item_bytes)))
@@ -246,6 +257,8 @@ class Run:
                 start, chunk, ended = self.store.take(size, self.replay)
                 if chunk:
                     self.submit(chunk, start, [])
+                    if self.remaining is not None:
+                        self.remaining = max(0, self.remaining - len(chunk))
                 if ended:
                     self.exhausted = True
                     self.input_error = self.input_error or self.store.input_error
