@@ -65,27 +65,23 @@ pub fn write(value: Value<'_>, out: &mut Vec<u8>) -> bool {
             out.push(BINFLOAT);
             out.extend_from_slice(&v.to_be_bytes());
         }
-        Value::Str(s) => {
-            if s.len() < 256 {
-                out.extend_from_slice(&[SHORT_BINUNICODE, s.len() as u8]);
-            } else {
-                out.push(BINUNICODE);
-                out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-            }
-            out.extend_from_slice(s.as_bytes());
-        }
-        Value::Bytes(b) => {
-            if b.len() < 256 {
-                out.extend_from_slice(&[SHORT_BINBYTES, b.len() as u8]);
-            } else {
-                out.push(BINBYTES);
-                out.extend_from_slice(&(b.len() as u32).to_le_bytes());
-            }
-            out.extend_from_slice(b);
-        }
+        Value::Str(s) => sized(out, SHORT_BINUNICODE, BINUNICODE, s.as_bytes()),
+        Value::Bytes(b) => sized(out, SHORT_BINBYTES, BINBYTES, b),
     }
     out.push(STOP);
     true
+}
+
+/// A length-prefixed payload: the `short` opcode with a 1-byte length under 256 bytes, else
+/// the `long` one with a 4-byte length (`write` refused 4 GiB and more).
+fn sized(out: &mut Vec<u8>, short: u8, long: u8, data: &[u8]) {
+    if data.len() < 256 {
+        out.extend_from_slice(&[short, data.len() as u8]);
+    } else {
+        out.push(long);
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    }
+    out.extend_from_slice(data);
 }
 
 #[cfg(test)]
