@@ -452,3 +452,59 @@ def test_the_driver_raises_its_soft_descriptor_limit():
     assert out.returncode == 0, out.stderr
     now, want = out.stdout.split()
     assert now == want
+
+
+def test_cost_key_names_the_code_through_partials_methods_and_callables():
+    import functools
+    import math
+
+    from shoal.backends._cost_hints import cost_key
+
+    class Model:
+        def step(self, x):
+            return x
+
+        def __call__(self, x):
+            return x
+
+    def make():
+        return lambda x: x
+
+    assert cost_key(square) is square.__code__
+    assert cost_key(functools.partial(functools.partial(square))) is square.__code__
+    assert cost_key(make()) is cost_key(make()), "a lambda made anew is the same code"
+    assert cost_key(Model().step) is Model.step.__code__
+    assert cost_key(Model()) is Model.__call__.__code__
+    assert cost_key(math.sqrt) is math.sqrt
+    assert cost_key(object()) is None
+
+
+def test_a_later_call_of_the_same_function_starts_from_its_measured_cost():
+    from shoal._spec import CallSpec
+    from shoal.backends._cost_hints import cost_key
+
+    pool = shoal.get_backend("processes").pool(2)
+    shoal.map(square, range(20_000), workers=2)
+    hint = pool._cost_hints.get(cost_key(square))
+    assert hint is not None and hint > 0
+    # The next call's first chunk is sized from that cost: no single-item probe.
+    session = pool.open_session(ordered=False)
+    try:
+        first = session.chunk_size(session.register(CallSpec(square)), 20_000)
+    finally:
+        session.close()
+    assert first > 1
+    # Another function has no hint: it probes with one item.
+    session = pool.open_session(ordered=False)
+    try:
+        assert session.chunk_size(session.register(CallSpec(slow_pid)), 20_000) == 1
+    finally:
+        session.close()
+
+
+def test_the_default_backend_and_backend_processes_share_one_pool():
+    # Both used to start their own workers: twice the processes for the same setting.
+    assert shoal.get_backend(None).pool(2) is shoal.get_backend("processes").pool(2)
+    a = set(shoal.map(slow_pid, range(4), workers=2, chunksize=1))
+    b = set(shoal.map(slow_pid, range(4), workers=2, chunksize=1, backend="processes"))
+    assert a == b

@@ -17,7 +17,14 @@
 pub struct ItemTimer {
     weighted_ns: f64,
     weight: f64,
+    /// The estimate is a hint carried over from an earlier call, not yet confirmed by a
+    /// measurement of this one.
+    hinted: bool,
 }
+
+/// The weight of a hint, in items (it only has to be non-zero: the first measurement
+/// replaces it).
+const HINT_WEIGHT: f64 = 1.0;
 
 /// How quickly old measurements fade; 0.5 halves their weight at every new report.
 const DECAY: f64 = 0.5;
@@ -25,14 +32,43 @@ const DECAY: f64 = 0.5;
 impl ItemTimer {
     /// Records that `items` items took `elapsed_ns` nanoseconds in total.
     pub fn record(&mut self, items: u64, elapsed_ns: u64) {
+        if self.hinted {
+            // This call's own first measurement: the hint has done its job.
+            *self = ItemTimer::default();
+        }
         let items = items.max(1) as f64;
         self.weighted_ns = self.weighted_ns * DECAY + elapsed_ns as f64;
         self.weight = self.weight * DECAY + items;
     }
 
-    /// Estimated nanoseconds per item, or `None` before any measurement.
+    /// A timer that starts from `per_item_ns`, the cost an earlier call of the same function
+    /// measured: chunks can be sized at once instead of probing with single items. The first
+    /// real measurement replaces it.
+    pub fn hinted(per_item_ns: f64) -> Self {
+        ItemTimer {
+            weighted_ns: per_item_ns.max(0.0) * HINT_WEIGHT,
+            weight: HINT_WEIGHT,
+            hinted: true,
+        }
+    }
+
+    /// Estimated nanoseconds per item, or `None` before any measurement or hint.
     pub fn per_item_ns(&self) -> Option<f64> {
         (self.weight > 0.0).then(|| self.weighted_ns / self.weight)
+    }
+
+    /// Whether the estimate is only a hint (no chunk of this setup has reported yet).
+    pub fn is_hint(&self) -> bool {
+        self.hinted
+    }
+
+    /// The estimate measured in this setup (`None` while there is only a hint or nothing).
+    pub fn measured_ns(&self) -> Option<f64> {
+        if self.hinted {
+            None
+        } else {
+            self.per_item_ns()
+        }
     }
 }
 
@@ -139,6 +175,17 @@ mod tests {
         assert_eq!(p.chunk_size(Some(50.0), Some(100_000), 2), 25_000);
         assert_eq!(p.chunk_size(Some(50.0), Some(30_000), 2), 20_000);
         assert_eq!(p.chunk_size(Some(50.0), Some(5_000), 2), 5_000);
+    }
+
+    #[test]
+    fn a_hint_sizes_chunks_until_the_first_measurement_replaces_it() {
+        let mut t = ItemTimer::hinted(100.0);
+        assert!(t.is_hint());
+        assert_eq!(t.per_item_ns(), Some(100.0));
+        assert_eq!(t.measured_ns(), None);
+        t.record(10, 10_000_000); // 1 ms per item now
+        assert!(!t.is_hint());
+        assert_eq!(t.measured_ns(), Some(1_000_000.0));
     }
 
     #[test]

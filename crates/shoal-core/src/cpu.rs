@@ -135,9 +135,22 @@ pub fn combine(
     n.max(1)
 }
 
-/// The number of CPUs this process may use (see the module docs).
-pub fn available_cpus() -> usize {
-    let fallback = std::thread::available_parallelism().map_or(1, |n| n.get());
+/// How long a read of the cgroup quota is reused. Every call that picks a pool size asks for
+/// the CPU count, and walking the cgroup tree costs tens of microseconds (several files per
+/// ancestor), a share of a small `map`; a quota changed at run time is seen a second later.
+const QUOTA_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The cgroup CPU quota of this process, read at most once per [`QUOTA_TTL`].
+fn cgroup_quota() -> Option<f64> {
+    use std::sync::Mutex;
+    use std::time::Instant;
+    static CACHE: Mutex<Option<(Instant, Option<f64>)>> = Mutex::new(None);
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((at, quota)) = *cache {
+        if at.elapsed() < QUOTA_TTL {
+            return quota;
+        }
+    }
     let quota = std::fs::read_to_string("/proc/self/cgroup")
         .ok()
         .and_then(|text| {
@@ -145,8 +158,25 @@ pub fn available_cpus() -> usize {
                 std::fs::read_to_string(p).ok()
             })
         });
+    *cache = Some((Instant::now(), quota));
+    quota
+}
+
+/// The number of CPUs this process may use (see the module docs).
+///
+/// The affinity mask and the Slurm variables are read on every call (one system call, a few
+/// environment lookups), so `taskset` and a changed environment apply at once.
+pub fn available_cpus() -> usize {
+    let affinity = affinity_cpus();
+    // The standard library's count reads the cgroup files again: ask only when the affinity
+    // mask could not be read.
+    let fallback = if affinity.is_some() {
+        1
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    };
     let slurm = slurm_cpus(&|name| std::env::var(name).ok());
-    combine(affinity_cpus(), quota, slurm, fallback)
+    combine(affinity, cgroup_quota(), slurm, fallback)
 }
 
 #[cfg(test)]

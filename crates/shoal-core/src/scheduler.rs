@@ -275,6 +275,10 @@ struct Setup {
     timer: ItemTimer,
 }
 
+/// How much costlier than a hint says items are taken to be until a chunk reports (see
+/// [`Scheduler::chunk_size`]).
+const HINT_SHARE: f64 = 8.0;
+
 /// The scheduler state machine. See the module documentation.
 #[derive(Debug)]
 pub struct Scheduler {
@@ -371,6 +375,22 @@ impl Scheduler {
         Ok(id)
     }
 
+    /// Starts `setup`'s cost estimate from `per_item_ns`, measured by an earlier call of the
+    /// same function, so its first chunks need no single-item probes (see
+    /// [`Scheduler::chunk_size`]). Ignored once the setup has a measurement of its own.
+    pub fn hint_setup(&mut self, setup: SetupId, per_item_ns: f64) {
+        if let Some(s) = self.setups.get_mut(&setup) {
+            if s.timer.per_item_ns().is_none() && per_item_ns.is_finite() && per_item_ns > 0.0 {
+                s.timer = ItemTimer::hinted(per_item_ns);
+            }
+        }
+    }
+
+    /// The cost per item that `setup`'s own chunks measured (`None` before any reported).
+    pub fn item_ns(&self, setup: SetupId) -> Option<f64> {
+        self.setups.get(&setup).and_then(|s| s.timer.measured_ns())
+    }
+
     /// Forgets a setup and tells the workers holding it to drop it.
     pub fn remove_setup(&mut self, setup: SetupId) -> Vec<Action> {
         let mut out = Vec::new();
@@ -463,11 +483,20 @@ impl Scheduler {
         let Some(s) = self.setups.get(&setup) else {
             return 1;
         };
-        let size = self.config.policy.chunk_size(
-            s.timer.per_item_ns(),
-            remaining,
-            self.config.max_workers,
-        );
+        // A hint from an earlier call may be wrong (the same function, other inputs): until a
+        // chunk of this call reports, chunks are sized as if items cost HINT_SHARE times more,
+        // which bounds what a wrong hint can put into one chunk.
+        let per_item = s.timer.per_item_ns().map(|ns| {
+            if s.timer.is_hint() {
+                ns * HINT_SHARE
+            } else {
+                ns
+            }
+        });
+        let size = self
+            .config
+            .policy
+            .chunk_size(per_item, remaining, self.config.max_workers);
         let Some(options) = self.sessions.get(&s.session).map(|sess| &sess.options) else {
             return size;
         };
@@ -1501,6 +1530,31 @@ mod tests {
             8,
             "tiny items: the tail is not split"
         );
+    }
+
+    #[test]
+    fn a_hint_skips_the_probe_but_stays_conservative_until_a_chunk_reports() {
+        let mut s = sched(2);
+        let sess = s.open_session(true);
+        let setup = s.add_setup(sess, blob("f")).unwrap();
+        assert_eq!(s.item_ns(setup), None);
+        s.hint_setup(setup, 100.0); // an earlier call measured 100 ns per item
+        let hinted = s.chunk_size(setup, None);
+        assert!(hinted > 1, "no single-item probe with a hint");
+        // HINT_SHARE: the first chunks are sized as if items cost 8x the hint.
+        assert_eq!(hinted, (4_000_000.0 / (100.0 * HINT_SHARE)) as usize);
+        assert_eq!(s.item_ns(setup), None, "a hint is not a measurement");
+        let (workers, sends) = start_with_tasks(&mut s, setup, 1);
+        s.task_finished(workers[0], sends[0].1, 2_000_000, Vec::new(), 1);
+        assert_eq!(
+            s.item_ns(setup),
+            Some(2_000_000.0),
+            "the measurement replaces the hint"
+        );
+        assert_eq!(s.chunk_size(setup, None), 2, "4 ms target / 2 ms per item");
+        // A hint after a measurement changes nothing.
+        s.hint_setup(setup, 1.0);
+        assert_eq!(s.chunk_size(setup, None), 2);
     }
 
     fn limited(options: SessionOptions) -> (Scheduler, SessionId, SetupId) {

@@ -381,6 +381,16 @@ impl Engine {
         self.with_state(|st| Ok((st.sched.add_setup(session, Arc::from(blob))?, Vec::new())))
     }
 
+    /// Starts a setup's cost estimate from an earlier call's (see [`Scheduler::hint_setup`]).
+    pub fn hint_setup(&self, setup: SetupId, per_item_ns: f64) {
+        self.shared.lock().sched.hint_setup(setup, per_item_ns);
+    }
+
+    /// The cost per item that a setup's chunks measured, if any reported.
+    pub fn item_ns(&self, setup: SetupId) -> Option<f64> {
+        self.shared.lock().sched.item_ns(setup)
+    }
+
     /// Releases a setup on every worker.
     ///
     /// # Errors

@@ -170,6 +170,16 @@ impl Engine {
         self.inner.add_setup(session, blob.to_vec()).map_err(to_py)
     }
 
+    /// Starts a setup's cost estimate from an earlier call of the same function.
+    fn hint_setup(&self, setup: u64, per_item_ns: f64) {
+        self.inner.hint_setup(setup, per_item_ns)
+    }
+
+    /// Nanoseconds per item that the setup's chunks measured, or None.
+    fn item_ns(&self, setup: u64) -> Option<f64> {
+        self.inner.item_ns(setup)
+    }
+
     fn remove_setup(&self, setup: u64) -> PyResult<()> {
         self.inner.remove_setup(setup).map_err(to_py)
     }

@@ -95,10 +95,16 @@ def _current() -> Backend:
     chosen = _override.get()
     if chosen is not None:
         return chosen
-    with _default_lock:
-        if _default is None:
-            _default = ProcessBackend()
-        return _default
+    current = _default
+    if current is None:
+        # The default is the process-wide "processes" instance, so that `backend="processes"`
+        # and no backend at all share one pool instead of starting workers twice.
+        shared = _create("processes", {})
+        with _default_lock:
+            if _default is None:
+                _default = shared
+            current = _default
+    return current
 
 
 def get_backend(name: str | Backend | None = None, **options: Any) -> Backend:

@@ -32,6 +32,7 @@ from .._pickling import (
 )
 from .._spec import NO_LIMITS, CallSpec, ChunkResult, Crash, ItemError, Limits
 from ._base import Backend, Pool, Session
+from ._cost_hints import CostHints, cost_key
 
 _WORKER_ARGS = ["-c", "from shoal._worker import main; main()"]
 
@@ -68,11 +69,24 @@ class ProcessSession(Session):
             lim.max_memory,
         )
         self.max_in_flight = 2 * pool.workers + 2
+        self._hints = pool._cost_hints
+        self._cost_keys: dict[int, Any] = {}  # spec id -> its function's key in the hints
 
     def register(self, spec: CallSpec) -> int:
-        return int(self._engine.add_setup(self._id, dumps_spec(spec, self._segments)))
+        spec_id = int(self._engine.add_setup(self._id, dumps_spec(spec, self._segments)))
+        key = cost_key(spec.fn)
+        self._cost_keys[spec_id] = key
+        hint = self._hints.get(key)
+        if hint is not None:
+            self._engine.hint_setup(spec_id, hint)
+        return spec_id
+
+    def _remember_cost(self, spec_id: int) -> None:
+        key = self._cost_keys.pop(spec_id, None)
+        self._hints.put(key, self._engine.item_ns(spec_id))
 
     def unregister(self, spec_id: int) -> None:
+        self._remember_cost(spec_id)
         self._engine.remove_setup(spec_id)
 
     def submit(self, spec_id: int, items: list[Any], start: int, exclusive: bool = False) -> int:
@@ -142,6 +156,8 @@ class ProcessSession(Session):
 
     def close(self, *, abort: bool = False) -> None:
         self._closed = True
+        for spec_id in list(self._cost_keys):
+            self._remember_cost(spec_id)
         self._engine.close_session(self._id, abort)
         # Workers that still run tasks of this call keep their own mappings.
         self._segments.close()
@@ -218,6 +234,7 @@ class ProcessPool(Pool):
             machine_interval=load_check_interval,
         )
         self._lock = threading.Lock()
+        self._cost_hints = CostHints()
         _LIVE_POOLS.add(self)
 
     def open_session(self, *, ordered: bool, limits: Limits | None = None) -> ProcessSession:
