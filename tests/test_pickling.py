@@ -191,6 +191,21 @@ def test_the_plain_encoding_refuses_what_it_cannot_hold():
         _native.unpack_plain(_native.pack_plain(0, [1, 2])[:-3])
 
 
+def test_the_plain_encoding_packs_a_range_of_a_list_as_its_slice():
+    from shoal import _native
+
+    for values in (list(range(-3, 40)), [i / 3 for i in range(40)], ["a", 1, None] * 13):
+        for lo, hi in ((0, None), (5, 17), (17, 17), (30, 99), (45, 50)):
+            expect = values[lo:hi]
+            packed = _native.pack_plain(lo, values, lo, hi)
+            assert packed == _native.pack_plain(lo, expect), (lo, hi)
+            assert _native.unpack_plain(packed) == (lo, expect)
+    # A value that needs pickle anywhere in the range refuses the whole range, not outside it.
+    mixed = [1, 2, [3], 4]
+    assert _native.pack_plain(0, mixed, 0, 3) is None
+    assert _native.pack_plain(3, mixed, 3, 4) is not None
+
+
 def test_blake2b_many_is_hashlibs_keyed_blake2b():
     import hashlib
     import random

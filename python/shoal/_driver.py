@@ -100,15 +100,40 @@ def _describe_crash(crash: Crash) -> str:
 
 class _Pending:
     """A submitted chunk: where it starts in the input, its items, earlier failed attempts,
-    and the bytes it holds while in flight."""
+    and the bytes it holds while in flight.
 
-    __slots__ = ("attempts", "chunk", "nbytes", "start")
+    A chunk sent as a range of the input list (``source``) is sliced from it only if its items
+    are needed again (an error to describe, a crash to re-run): usually they never are.
+    """
 
-    def __init__(self, start: int, chunk: list[Any], attempts: list[str], nbytes: int) -> None:
+    __slots__ = ("_chunk", "attempts", "nbytes", "source", "start", "stop")
+
+    def __init__(
+        self,
+        start: int,
+        chunk: list[Any] | None,
+        attempts: list[str],
+        nbytes: int,
+        source: list[Any] | None = None,
+        stop: int = 0,
+    ) -> None:
         self.start = start
-        self.chunk = chunk
+        self._chunk = chunk
         self.attempts = attempts
         self.nbytes = nbytes
+        self.source = source
+        self.stop = stop
+
+    @property
+    def chunk(self) -> Any:
+        if self._chunk is None:
+            assert self.source is not None
+            self._chunk, self.source = self.source[self.start : self.stop], None
+        return self._chunk
+
+    @chunk.setter
+    def chunk(self, items: Any) -> None:
+        self._chunk, self.source = items, None
 
 
 class Run:
@@ -234,20 +259,32 @@ class Run:
         return size
 
     def submit(self, chunk: Any, start: int, attempts: list[str], exclusive: bool = False) -> None:
-        session = self.session
-        seq = session.submit(self.spec_id, chunk, start, exclusive)
-        nbytes = session.last_submit_nbytes
-        if nbytes is None:
-            if type(chunk) is range:
-                nbytes = 64  # a sub-range travels as a few bytes
-            else:
-                step = max(1, len(chunk) // 3)
-                sample = chunk[::step][:3]
-                nbytes = sum(approx_size(x) for x in sample) * len(chunk) // len(sample)
+        seq = self.session.submit(self.spec_id, chunk, start, exclusive)
+        nbytes = self._sent_bytes(chunk, 0, len(chunk))
         if not exclusive:  # resubmitted single items would skew the per-item estimate
             self.item_bytes = nbytes / len(chunk)
         self.in_flight[seq] = _Pending(start, chunk, attempts, nbytes)
         self.in_flight_bytes += nbytes
+
+    def submit_slice(self, source: list[Any], lo: int, hi: int) -> None:
+        """Submit ``source[lo:hi]`` (the input is the list ``source``) without slicing it."""
+        seq = self.session.submit_slice(self.spec_id, source, lo, hi)
+        nbytes = self._sent_bytes(source, lo, hi)
+        self.item_bytes = nbytes / (hi - lo)
+        self.in_flight[seq] = _Pending(lo, None, [], nbytes, source, hi)
+        self.in_flight_bytes += nbytes
+
+    def _sent_bytes(self, items: Any, lo: int, hi: int) -> int:
+        """Bytes of the chunk ``items[lo:hi]`` just submitted: the session's count, or an
+        estimate from a sample of the items."""
+        nbytes = self.session.last_submit_nbytes
+        if nbytes is not None:
+            return nbytes
+        if type(items) is range:
+            return 64  # a sub-range travels as a few bytes
+        step = max(1, (hi - lo) // 3)
+        sample = items[lo:hi:step][:3]
+        return sum(approx_size(x) for x in sample) * (hi - lo) // len(sample)
 
     def feed(self) -> None:
         while not self.exhausted and self.has_room():
@@ -263,8 +300,20 @@ class Run:
                     self.exhausted = True
                     self.input_error = self.input_error or self.store.input_error
                 continue
-            if self.range_source is not None:
-                chunk = self.range_source[self.next_index : self.next_index + size]
+            source = self.range_source
+            if type(source) is list:
+                lo = self.next_index
+                hi = min(lo + size, len(source))
+                if hi > lo:
+                    self.submit_slice(source, lo, hi)
+                    self.next_index = hi
+                    if self.remaining is not None:
+                        self.remaining = max(0, self.remaining - (hi - lo))
+                if hi - lo < size:
+                    self.exhausted = True
+                continue
+            if source is not None:
+                chunk = source[self.next_index : self.next_index + size]
                 if type(chunk) is tuple:
                     chunk = list(chunk)
             else:

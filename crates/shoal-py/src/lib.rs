@@ -786,23 +786,30 @@ fn pickle_plain<'py>(
     Ok(Some(PyList::new(py, out)?))
 }
 
-/// Encodes `values` (a list whose first item has input index `start`) in the compact plain
-/// encoding of `shoal_core::plain`, or returns `None` if some value is not a plain one (an int
-/// beyond 64 bits, a subclass, a container...): the caller then pickles the list.
+/// Encodes `values[lo:hi]` (whose first item has input index `start`; `hi` defaults to the
+/// end) in the compact plain encoding of `shoal_core::plain`, or returns `None` if some value is
+/// not a plain one (an int beyond 64 bits, a subclass, a container...): the caller then
+/// pickles the items. Packing a range of the caller's list spares it a slice.
 #[pyfunction]
+#[pyo3(signature = (start, values, lo=0, hi=None))]
 fn pack_plain<'py>(
     py: Python<'py>,
     start: u64,
     values: &Bound<'py, PyList>,
+    lo: usize,
+    hi: Option<usize>,
 ) -> PyResult<Option<Bound<'py, PyBytes>>> {
-    let Ok(count) = u32::try_from(values.len()) else {
+    let hi = hi.unwrap_or(usize::MAX).min(values.len());
+    let lo = lo.min(hi);
+    let Ok(count) = u32::try_from(hi - lo) else {
         return Ok(None);
     };
-    if let Some(packed) = pack_array(start, count, values) {
+    if let Some(packed) = pack_array(start, lo, count, values) {
         return Ok(Some(PyBytes::new(py, &packed)));
     }
     let mut w = plain::Writer::new(start, count);
-    for v in values.iter() {
+    for i in lo..hi {
+        let v = values.get_item(i)?;
         // Exact types only: a subclass (a bool is an int, an IntEnum...) must come back as
         // itself, which only pickle can do.
         if v.is_exact_instance_of::<PyInt>() {
@@ -830,27 +837,34 @@ fn pack_plain<'py>(
     Ok(Some(PyBytes::new(py, &w.finish())))
 }
 
-/// The packed array of a list of exact ints (each fitting 64 bits) or exact floats, or `None`.
+/// The packed array of `count` items of a list from `lo` on, all exact ints (each fitting 64
+/// bits) or all exact floats, or `None`.
 ///
 /// The common case of a map over numbers, done with the C API directly: a type-pointer compare
 /// and a conversion per item, faster than pickling the list.
-fn pack_array(start: u64, count: u32, values: &Bound<'_, PyList>) -> Option<Vec<u8>> {
+fn pack_array(start: u64, lo: usize, count: u32, values: &Bound<'_, PyList>) -> Option<Vec<u8>> {
     let list = values.as_ptr();
+    let lo = lo as ffi::Py_ssize_t;
+    let end = lo + count as ffi::Py_ssize_t;
     // SAFETY: the `values` reference holds the list (and the GIL) for this whole call; the
     // items are borrowed references valid while the list is not mutated, and no Python code
-    // runs here that could mutate it. PyLong_Type/PyFloat_Type are static type objects.
+    // runs here that could mutate it. PyLong_Type/PyFloat_Type are static type objects. The
+    // caller clamped `lo + count` to the list's length.
     unsafe {
         let int_type = std::ptr::addr_of_mut!(ffi::PyLong_Type);
         let float_type = std::ptr::addr_of_mut!(ffi::PyFloat_Type);
-        let first = ffi::PyList_GetItem(list, 0);
+        if count == 0 {
+            return None; // an empty list: the tagged layout is as small
+        }
+        let first = ffi::PyList_GetItem(list, lo);
         if first.is_null() {
-            ffi::PyErr_Clear(); // an empty list: the tagged layout is as small
+            ffi::PyErr_Clear();
             return None;
         }
         let kind = ffi::Py_TYPE(first);
         if kind == int_type {
             let mut w = plain::Writer::ints(start, count);
-            for i in 0..count as ffi::Py_ssize_t {
+            for i in lo..end {
                 let item = ffi::PyList_GetItem(list, i);
                 if ffi::Py_TYPE(item) != int_type {
                     return None;
@@ -865,7 +879,7 @@ fn pack_array(start: u64, count: u32, values: &Bound<'_, PyList>) -> Option<Vec<
             Some(w.finish())
         } else if kind == float_type {
             let mut w = plain::Writer::floats(start, count);
-            for i in 0..count as ffi::Py_ssize_t {
+            for i in lo..end {
                 let item = ffi::PyList_GetItem(list, i);
                 if ffi::Py_TYPE(item) != float_type {
                     return None;

@@ -71,6 +71,13 @@ class Session(abc.ABC):
         dies, this chunk is known to be the cause.
         """
 
+    def submit_slice(self, spec_id: int, source: list[Any], lo: int, hi: int) -> int:
+        """Queue ``source[lo:hi]`` as a chunk whose first input index is ``lo`` (the input is
+        one list); as :meth:`submit`. A session that can send a range of the list without
+        slicing it (the processes engine packs plain values straight from it) overrides this.
+        """
+        return self.submit(spec_id, source[lo:hi], lo)
+
     @abc.abstractmethod
     def chunk_size(self, spec_id: int, remaining: int | None) -> int:
         """Items to put in the next chunk (``remaining`` is the count left, if known)."""

@@ -117,6 +117,13 @@ class ProcessSession(Session):
         self.last_submit_nbytes = len(payload) + self._segments.made_bytes - made_before
         return self._engine.submit(spec_id, len(items), payload, exclusive)
 
+    def submit_slice(self, spec_id: int, source: list[Any], lo: int, hi: int) -> int:
+        packed = _native.pack_plain(lo, source, lo, hi)
+        if packed is None or len(packed) > MAX_MESSAGE_BYTES:
+            return self.submit(spec_id, source[lo:hi], lo)
+        self.last_submit_nbytes = len(packed)  # plain values: nothing in shared memory
+        return int(self._engine.submit(spec_id, hi - lo, packed, False))
+
     def chunk_size(self, spec_id: int, remaining: int | None) -> int:
         return int(self._engine.chunk_size(spec_id, remaining))
 
