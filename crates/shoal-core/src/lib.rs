@@ -10,6 +10,7 @@
 //! - [`chunking`]: adaptive chunk sizes from measured item times.
 //! - [`supervisor`]: processes, sockets and threads that carry out the scheduler's decisions.
 //! - [`fdpass`]: file descriptors (shared-memory segments) passed with frames.
+//! - [`heap`]: allocator settings for worker processes (freed heap reused chunk after chunk).
 //! - [`cpu`]: how many CPUs this process may use.
 //! - [`content`]: content hashes of large buffers (to recognise data sent before).
 //! - [`blake2b`]: keyed BLAKE2b of many short messages (the identities of a store's items).
@@ -24,6 +25,7 @@ pub mod content;
 pub mod cpu;
 pub mod error;
 pub mod fdpass;
+pub mod heap;
 pub mod pages;
 pub mod pickle;
 pub mod plain;

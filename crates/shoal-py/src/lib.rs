@@ -302,6 +302,8 @@ impl WorkerChannel {
         // ownership of it here and nothing else in the worker uses it.
         let stream = unsafe { UnixStream::from_raw_fd(fd) };
         let write_half = stream.try_clone()?;
+        // Only a worker makes a channel: its chunks reuse freed heap instead of new pages.
+        shoal_core::heap::tune_for_worker();
         Ok(WorkerChannel {
             reader: BufReader::with_capacity(1 << 16, stream),
             writer: BufWriter::with_capacity(1 << 16, write_half),
