@@ -559,8 +559,31 @@ fn spawner_loop(shared: &Arc<Shared>, rx: Receiver<WorkerId>) {
     }
 }
 
+/// Bytes either end of a worker's socket may have in flight before a send waits (the kernel
+/// caps it at `net.core.wmem_max`). The default (about 208 KiB) is less than one chunk of
+/// results of 25,000 small values: the worker then sleeps in `send` until the driver's reader
+/// has drained the socket, a wake-up per chunk on both sides.
+const SOCKET_BUFFER: libc::c_int = 1 << 20;
+
+fn widen_send_buffer(stream: &UnixStream) {
+    let size = SOCKET_BUFFER;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live local; a failure only
+    // leaves the default size.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            std::ptr::addr_of!(size).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 fn spawn_worker(config: &EngineConfig) -> Result<(Child, UnixStream)> {
     let (ours, theirs) = UnixStream::pair()?;
+    widen_send_buffer(&ours);
+    widen_send_buffer(&theirs);
     let fd = theirs.as_raw_fd();
     // SAFETY: getpid is always safe.
     let parent = unsafe { libc::getpid() };
