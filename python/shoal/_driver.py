@@ -556,13 +556,22 @@ def _handed_over(batches: Iterator[Batch], with_index: bool) -> Iterator[Iterato
 
 
 def collect(gen: Iterable[Batch]) -> list[Any]:
-    """All values of a call, in input order, from batches in any order."""
-    parts = list(gen)
-    if len(parts) > 1 and any(parts[i][0] > parts[i + 1][0] for i in range(len(parts) - 1)):
-        parts.sort(key=lambda part: part[0])
+    """All values of a call, in input order, from batches in any order.
+
+    A batch that continues the list is appended as it arrives, while workers still compute the
+    next ones, rather than all at the end; one that arrived early waits for its turn.
+    """
     out: list[Any] = []
-    for _, values in parts:
-        out.extend(values)
+    early: dict[int, list[Any]] = {}
+    for start, values in gen:
+        if start != len(out):
+            early[start] = values
+            continue
+        out += values
+        while early and len(out) in early:
+            out += early.pop(len(out))
+    for start in sorted(early):  # only if the batches left a gap (they do not)
+        out += early[start]
     return out
 
 
