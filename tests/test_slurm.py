@@ -259,6 +259,20 @@ def test_executor_submit_with_resources_runs_alone_with_them(slurm):
 
 
 @pytest.mark.engine
+def test_a_dependant_task_keeps_its_resources(slurm):
+    # It waits in the driver for its dependency, then is queued: with its resources, not with
+    # a resources= keyword passed on to the function.
+    def where(_):
+        return os.environ.get("SLURM_CPUS_PER_TASK")
+
+    with shoal.Executor(backend=slurm) as ex:
+        first = ex.submit(where, 0)
+        then = ex.submit(where, first, resources={"cpus_per_task": 2, "time": "00:05:00"})
+        assert then.result(timeout=90) == "2"
+        assert first.result() is None
+
+
+@pytest.mark.engine
 def test_a_map_submits_at_most_workers_array_tasks(private_slurm, tmp_path):
     seen = set()
     stop = threading.Event()

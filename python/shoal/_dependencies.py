@@ -308,6 +308,13 @@ class Dependencies:
             if session is None:  # pragma: no cover - the pump keeps it open while nodes wait
                 raise RuntimeError("the executor's session is closed")
             item = (_resolve(args), _resolve(kwargs))
+            if "resources" in item[1] and ex._pool.takes_resources:
+                # Per-task resources (slurm), as a task submitted without dependencies has
+                # them: the session holds them for this item (and its retries).
+                kw = dict(item[1])
+                resources = kw.pop("resources")
+                item = (item[0], kw)
+                session.hold_resources(item, resources)
             ex._queue(session, future, spec_id, item, name, [])
         except Exception as exc:
             error = exc
