@@ -28,11 +28,14 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import _native
 from .._options import resolve_workers
 from .._spec import CallSpec, ChunkResult, Limits
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 
 class Session(abc.ABC):
@@ -105,6 +108,13 @@ class Session(abc.ABC):
 
     def wake(self) -> None:  # noqa: B027 - optional hook
         """Make a blocked :meth:`wait` return early."""
+
+    def hold_resources(self, item: Any, resources: Mapping[str, Any]) -> None:
+        """Run ``item``, once submitted, with its own ``resources`` (and its retries too).
+
+        Only sessions of a pool that :attr:`Pool.takes_resources` are asked (slurm).
+        """
+        raise NotImplementedError(f"{type(self).__name__} takes no per-task resources")
 
     @abc.abstractmethod
     def close(self, *, abort: bool = False) -> None:
