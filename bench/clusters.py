@@ -31,20 +31,9 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [HERE, os.environ.get("P
 import shoal
 
 import workloads
-from workloads import noop, spin
+from workloads import best_of, noop, spin
 
 WORKERS = shoal.cpu_count()
-
-
-def best_of(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-        if best > 5.0:  # a slow one: one run shows it
-            break
-    return best, out
 
 
 def median_ms(fn: Callable[[], Any], runs: int = 15) -> float:

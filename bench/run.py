@@ -29,20 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import shoal
 
 import workloads
-from workloads import noop, spin
+from workloads import best_of, noop, spin
 
 WORKERS = shoal.cpu_count()
-
-
-def best_of(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-        if best > 5.0:  # a very slow peer: one run is enough to show it
-            break
-    return best, out
 
 
 class Peers:
