@@ -90,15 +90,31 @@ def run_chunk(
 
 
 def _run_items(
-    spec: CallSpec, items: list[Any], start: int, seed_lock: Any
+    spec: CallSpec,
+    items: list[Any],
+    start: int,
+    seed_lock: Any,
+    lo: int = 0,
+    hi: int | None = None,
+    values: list[Any] | None = None,
+    errors: list[ItemError] | None = None,
 ) -> tuple[list[Any], list[ItemError]]:
-    values: list[Any] = []
-    errors: list[ItemError] = []
+    """Run ``items[lo:hi]`` (``start`` is the input index of ``items[0]``), appending to
+    ``values`` and ``errors`` (new lists by default; an error's offset is its value's position
+    in ``values``). The items are read in place: a slice of a long chunk is never copied."""
+    values = [] if values is None else values
+    errors = [] if errors is None else errors
+    base = len(values) - lo  # items[i] gives values[base + i]
     call = _invoker(spec)
     fn = spec.fn
     if spec.seed is not None:
-        call = _seeded(call or fn, spec.seed, start, values, seed_lock)
-    it = iter(items)
+        call = _seeded(call or fn, spec.seed, start - base, values, seed_lock)
+    if lo == 0 and hi is None:
+        it = iter(items)
+    else:
+        from itertools import islice
+
+        it = islice(items, lo, hi)
     while True:
         try:
             # A C-level loop: list.extend keeps the values appended before an item raises,
@@ -108,7 +124,7 @@ def _run_items(
         except (Exception, SystemExit) as exc:
             offset = len(values)
             values.append(None)
-            arguments = describe_item(spec, items[offset])
+            arguments = describe_item(spec, items[offset - base])
             errors.append(ItemError(offset, exc, format_remote_traceback(exc), arguments))
             if spec.stop_on_error and not isinstance(exc, spec.retry_on):
                 return values, errors
@@ -134,30 +150,28 @@ def _reporting(
         values: list[Any] = []
         errors: list[ItemError] = []
         pos = 0  # items run so far
-        sent = 0  # items reported so far
         size = 1
         last = perf_counter()
         while pos < n:
             end = min(n, pos + size)
             began = perf_counter()
-            part, part_errors = _run_items(spec, items[pos:end], start + pos, seed_lock)
-            for err in part_errors:
-                err.offset += pos - sent
-            values.extend(part)
-            errors.extend(part_errors)
-            stopped = len(part) < end - pos or (
-                part_errors
+            had_values, had_errors = len(values), len(errors)
+            # Straight into this report's lists: no slice of the chunk, no copy of its values.
+            _run_items(spec, items, start, seed_lock, pos, end, values, errors)
+            ran = len(values) - had_values
+            stopped = ran < end - pos or (
+                len(errors) > had_errors
                 and spec.stop_on_error
-                and not isinstance(part_errors[-1].exc, spec.retry_on)
+                and not isinstance(errors[-1].exc, spec.retry_on)
             )
-            pos += len(part)
+            pos += ran
             if stopped:
                 break
             now = perf_counter()
             if now - last >= REPORT_INTERVAL and pos < n:
                 report(values, errors)
-                values, errors, sent, last = [], [], pos, now
-            per_item = (now - began) / max(1, len(part))
+                values, errors, last = [], [], now
+            per_item = (now - began) / max(1, ran)
             left = REPORT_INTERVAL - (now - last)
             if per_item * (n - pos) < left:
                 size = n - pos  # the rest ends before a report is due: one tight loop
