@@ -39,6 +39,8 @@ if _SM_BACKING not in os.environ:
     _SEGMENTS = tempfile.mkdtemp(prefix="shoal-doc-mpi-sm-")
     os.environ[_SM_BACKING] = _SEGMENTS
     atexit.register(shutil.rmtree, _SEGMENTS, ignore_errors=True)
+# A spawn's TCP transport (parent to spawned ranks) goes over loopback, not the network.
+os.environ.setdefault("OMPI_MCA_btl_tcp_if_include", "lo")
 
 
 def _doc_globals() -> dict[str, Any]:

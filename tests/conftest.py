@@ -19,6 +19,8 @@ from engines import REQUIRED, engine_backend
 #: /dev/shm check below sees only what shoal itself would leave.
 _MPI_SEGMENTS = tempfile.mkdtemp(prefix="shoal-test-mpi-sm-")
 os.environ.setdefault("OMPI_MCA_btl_sm_backing_directory", _MPI_SEGMENTS)
+# A spawn's TCP transport (parent to spawned ranks) goes over loopback, not the network.
+os.environ.setdefault("OMPI_MCA_btl_tcp_if_include", "lo")
 
 #: Cluster engines run the contract suite too, each on a cluster the tests start themselves.
 ENGINES = ["dask", "ray", "slurm"]

@@ -46,7 +46,17 @@ MPI_ENV = {
     # Open MPI's singleton + MPI_Comm_spawn leaves one shared-memory backing file behind (so does
     # mpi4py's MPIPoolExecutor): keep those out of /dev/shm, which the suite checks is left clean.
     SEGMENTS_VARIABLE: _segment_directory(),
+    # A spawn (MPI_Comm_spawn from a singleton) needs the TCP transport between the parent and
+    # the spawned ranks: over loopback, not the machine's network. Its listening socket still
+    # binds every interface: Open MPI's TCP transport has no setting for that (see LAUNCH_ENV).
+    "OMPI_MCA_btl_tcp_if_include": "lo",
 }
+
+#: For jobs that ``mpiexec`` starts on this machine: the ranks talk through shared memory only.
+#: Open MPI's TCP transport would make every rank listen on all interfaces (it binds the
+#: wildcard address whatever ``btl_tcp_if_include`` says), so it is left out. ``prterun``'s
+#: own out-of-band listener still binds every interface: PRRTE has no setting for that.
+LAUNCH_ENV = {"OMPI_MCA_btl": "^tcp"}
 
 
 def mpi_missing() -> str | None:
@@ -93,7 +103,7 @@ def mpiexec(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env(**extra),
+        env=env(**{**LAUNCH_ENV, **extra}),
         cwd=cwd,
         start_new_session=True,
     )
