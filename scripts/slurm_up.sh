@@ -103,11 +103,13 @@ PartitionName=debug Nodes=localnode Default=YES MaxTime=INFINITE State=UP OverSu
 CONF
 mv "$conf.shoal-new" "$conf"
 
-# With NoInAddrAny, Slurm's daemons bind to the address that gethostname() resolves to. Where
-# the host name resolves to a loopback address (Debian's /etc/hosts maps it to 127.0.1.1), they
-# run as they are; elsewhere (a host name in DNS), in a UTS namespace of their own whose host
-# name is "localhost", so that they still listen on 127.0.0.1 only.
-loopback_name() { getent ahostsv4 "$1" 2>/dev/null | awk 'NR == 1 { ok = ($1 ~ /^127\./) } END { exit !ok }'; }
+# With NoInAddrAny, Slurm's daemons bind to the address that gethostname() resolves to, and
+# clients reach them at 127.0.0.1 (SlurmctldHost, NodeAddr). Where the host name resolves to
+# 127.0.0.1 they run as they are; elsewhere (Debian's 127.0.1.1, or an address in DNS), in a UTS
+# namespace of their own whose host name is "localhost", so that they listen on 127.0.0.1 only.
+loopback_name() {
+  getent ahostsv4 "$1" 2>/dev/null | awk 'NR == 1 { ok = ($1 == "127.0.0.1") } END { exit !ok }'
+}
 run_daemon() {
   if loopback_name "$(hostname)"; then
     "$@"
