@@ -70,10 +70,21 @@ def command(pid: int) -> str:
         return "?"
 
 
+def loopback_only_network(pid: int) -> bool:
+    """Whether ``pid`` lives in a network namespace whose only interface is loopback (there, a
+    socket on the wildcard address can be reached from that namespace alone)."""
+    try:
+        with open(f"/proc/{pid}/net/dev") as f:
+            rows = f.read().splitlines()[2:]
+    except OSError:
+        return False
+    return {row.split(":", 1)[0].strip() for row in rows} == {"lo"}
+
+
 def not_on_loopback(pids: set[int]) -> list[str]:
     """The listening sockets of ``pids`` that others could reach: ``"name[pid] address:port"``."""
     return [
         f"{command(pid)}[{pid}] {address}:{port}"
         for pid, address, port in listeners(pids)
-        if not is_loopback(address)
+        if not is_loopback(address) and not loopback_only_network(pid)
     ]

@@ -55,8 +55,28 @@ MPI_ENV = {
 #: For jobs that ``mpiexec`` starts on this machine: the ranks talk through shared memory only.
 #: Open MPI's TCP transport would make every rank listen on all interfaces (it binds the
 #: wildcard address whatever ``btl_tcp_if_include`` says), so it is left out. ``prterun``'s
-#: own out-of-band listener still binds every interface: PRRTE has no setting for that.
+#: own out-of-band listener binds every interface too, with no setting against it: see
+#: :data:`ISOLATE`.
 LAUNCH_ENV = {"OMPI_MCA_btl": "^tcp"}
+
+
+def _isolation() -> list[str]:
+    # A network namespace of the job's own whose only interface is loopback: whatever Open MPI
+    # binds there (PRRTE's out-of-band listener, a spawn's TCP transport: both on the wildcard
+    # address) can be reached from nowhere else, not even from this machine's own 127.0.0.1.
+    # Needs root (CI runs as root); elsewhere jobs run as they are.
+    prefix = ["unshare", "--net", "/bin/sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return []
+    try:
+        probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return prefix if probe.returncode == 0 else []
+
+
+#: Prefix of the commands that start MPI jobs (``[]`` where it cannot be done).
+ISOLATE = _isolation()
 
 
 def mpi_missing() -> str | None:
@@ -97,7 +117,7 @@ def mpiexec(
     args: list[str], n: int = 3, timeout: float = 60, cwd: Path | None = None, **extra: str
 ) -> subprocess.CompletedProcess:
     """``mpiexec -n n ARGS`` to completion; a job past ``timeout`` is killed and fails the test."""
-    cmd = [str(MPIEXEC), "-n", str(n), *args]
+    cmd = [*ISOLATE, str(MPIEXEC), "-n", str(n), *args]
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,

@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 from engines import descendants
 from listening import listeners, not_on_loopback
 
-from mpi_helpers import launch, mpi_missing, write
+from mpi_helpers import ISOLATE, env, launch, mpi_missing, write
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -69,33 +71,62 @@ def test_slurm_daemons_listen_on_loopback_only(slurm):
     assert not_on_loopback(pids) == []
 
 
+_MPI_PROBE = """
+import json, os, sys
+sys.path.insert(0, {here!r})
+from engines import descendants
+from listening import not_on_loopback
+import shoal
+
+def probe(x):
+    return x
+
+if __name__ == "__main__":
+    {start}
+    # While the job runs, list the listening sockets of its processes (the ranks, their
+    # workers, mpiexec's prterun or a spawn's prte) that others could reach.
+    root = {root}
+    print(json.dumps(not_on_loopback(descendants(root) | {{root}})))
+"""
+
+
 @pytest.mark.engine
 @pytest.mark.skipif(bool(mpi_missing()), reason=str(mpi_missing()))
 def test_an_mpi_job_listens_on_loopback_only(tmp_path):
-    script = write(
-        tmp_path,
-        f"""
-        import json, os, sys
-        sys.path.insert(0, {HERE!r})
-        from engines import descendants
-        from listening import not_on_loopback
-        import shoal
-
-        # While rank 0 maps (the other ranks serve it), list the job's listening sockets:
-        # those of the ranks and their workers, and those of mpiexec (prterun) itself.
-        def probe(x):
-            return x
-
-        shoal.map(probe, range(4))
-        prterun = os.getppid()
-        ranks = not_on_loopback(descendants(prterun))
-        print(json.dumps({{"ranks": ranks, "prterun": not_on_loopback({{prterun}})}}))
-        """,
-    )
+    # Launch mode: rank 0 maps while the other ranks serve it; the job is prterun's.
+    start = "shoal.map(probe, range(4))"
+    script = write(tmp_path, _MPI_PROBE.format(here=HERE, start=start, root="os.getppid()"))
     res = launch(script, n=3, timeout=90)
     assert res.returncode == 0, res.stdout + res.stderr
-    got = json.loads(res.stdout.strip().splitlines()[-1])
-    assert got["ranks"] == []
-    # PRRTE's out-of-band listener (how prted daemons on other hosts reach prterun) binds the
-    # wildcard address, IPv4 and IPv6, whatever prte_if_include says; nothing else may.
-    assert all(entry.startswith("prterun[") for entry in got["prterun"]), got["prterun"]
+    exposed = json.loads(res.stdout.strip().splitlines()[-1])
+    if ISOLATE:
+        assert exposed == []
+    else:
+        # Without a network namespace for the job, PRRTE's out-of-band listener (how prted
+        # daemons on other hosts reach prterun) binds the wildcard address, IPv4 and IPv6,
+        # whatever prte_if_include says; nothing else may.
+        assert all(entry.startswith("prterun[") for entry in exposed), exposed
+
+
+@pytest.mark.engine
+@pytest.mark.skipif(bool(mpi_missing()), reason=str(mpi_missing()))
+def test_an_mpi_spawn_listens_on_loopback_only(tmp_path):
+    if not ISOLATE:
+        pytest.skip(
+            "a spawn's prte and TCP transport bind every interface (Open MPI has no setting "
+            "against it); tests confine them to a network namespace, which needs root"
+        )
+    start = (
+        'backend = shoal.get_backend("mpi", workers=2); shoal.map(probe, range(4), backend=backend)'
+    )
+    script = write(tmp_path, _MPI_PROBE.format(here=HERE, start=start, root="os.getpid()"))
+    res = subprocess.run(
+        [*ISOLATE, sys.executable, str(script)],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=90,
+        start_new_session=True,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == []

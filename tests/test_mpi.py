@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from mpi_helpers import (
+    ISOLATE,
     LAUNCH_ENV,
     MPIEXEC,
     env,
@@ -251,6 +252,7 @@ def _start_job(tmp_path, marker):
     )
     proc = subprocess.Popen(
         [
+            *ISOLATE,
             str(env()["PATH"].split(os.pathsep)[0] + "/mpiexec"),
             "-n",
             "3",
@@ -348,7 +350,7 @@ def test_spawn_mode_from_plain_python(tmp_path):
         """,
     )
     res = subprocess.run(
-        [sys.executable, str(script)],
+        [*ISOLATE, sys.executable, str(script)],
         env=env(SHOAL_TEST_JOB=marker),
         capture_output=True,
         text=True,
