@@ -6,12 +6,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 from engines import REQUIRED, engine_backend
+from shm_watch import TAG_VARIABLE, ShmWatch
+
+#: This run's tag, inherited by every process it starts (see the /dev/shm check below).
+_RUN_TAG = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+os.environ[TAG_VARIABLE] = _RUN_TAG
 
 #: Open MPI keeps shared-memory segments in /dev/shm and leaves them behind when its processes
 #: are killed, or run as singletons (a tool under test that imports mpi4py): every process of
@@ -129,22 +135,6 @@ def _dev_shm() -> set[str]:
     return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
 
 
-#: Every shared-memory object that shoal names starts with this (its segments are memfds named
-#: "shoal", which have no file in /dev/shm; a named one would have its file there).
-SHOAL_SHM_PREFIX = "shoal"
-
-
-def shoal_files_left(before: set[str], after: set[str]) -> list[str]:
-    """The files in /dev/shm at the end of a run that shoal made during it.
-
-    Other processes of the machine (another test run, loky's and multiprocessing's semaphores,
-    other tools' segments) come and go in /dev/shm while this run lasts; their names say
-    nothing of who made them, so only names with shoal's prefix count. Those already there at
-    the start belong to someone else.
-    """
-    return sorted(name for name in after - before if name.startswith(SHOAL_SHM_PREFIX))
-
-
 @pytest.fixture(scope="module")
 def mpi_leftovers():
     """Open MPI's shared-memory segments of the jobs a module kills on purpose (rank 0
@@ -160,13 +150,16 @@ def mpi_leftovers():
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_shared_memory_left_behind():
-    """After the whole run (crashes, kills and Ctrl-C tests included), shoal has left nothing
-    in /dev/shm: its segments are memfds, freed with their last holder (tests/test_shm_check.py
-    shows that this check fails on a leak)."""
-    before = _dev_shm()
+    """After the whole run (crashes, kills and Ctrl-C tests included), this run's processes
+    have left nothing in /dev/shm: shoal's segments are memfds, freed with their last holder.
+    Files that other processes of the machine make meanwhile do not count (tests/shm_watch.py;
+    tests/test_shm_check.py shows both sides)."""
+    watch = ShmWatch(_RUN_TAG)
+    watch.start()
     yield
+    watch.stop()
     shutil.rmtree(_MPI_SEGMENTS, ignore_errors=True)
     if "SHOAL_TEST_BACKENDS" in os.environ:
         return  # a run nested in tests/test_mpi.py: the outer run checks /dev/shm
-    left = shoal_files_left(before, _dev_shm())
-    assert not left, f"files left in /dev/shm by shoal in this test run: {left}"
+    left = watch.left()
+    assert not left, f"files left in /dev/shm by this test run: {left}"
