@@ -25,8 +25,10 @@ os.environ[TAG_VARIABLE] = _RUN_TAG
 #: /dev/shm check below sees only what shoal itself would leave.
 _MPI_SEGMENTS = tempfile.mkdtemp(prefix="shoal-test-mpi-sm-")
 os.environ.setdefault("OMPI_MCA_btl_sm_backing_directory", _MPI_SEGMENTS)
-# A spawn's TCP transport (parent to spawned ranks) goes over loopback, not the network.
-os.environ.setdefault("OMPI_MCA_btl_tcp_if_include", "lo")
+# An MPI singleton in this process (a test that imports mpi4py) needs no TCP transport, which
+# would listen on every interface (and be inherited by forked workers): shared memory only. MPI
+# jobs that the tests start choose their own (tests/mpi_helpers.py).
+os.environ.setdefault("OMPI_MCA_btl", "^tcp")
 
 #: Cluster engines run the contract suite too, each on a cluster the tests start themselves.
 ENGINES = ["dask", "ray", "slurm"]

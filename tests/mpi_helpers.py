@@ -95,6 +95,9 @@ needs_mpi = [pytest.mark.engine, pytest.mark.skipif(bool(mpi_missing()), reason=
 
 def env(**extra: str) -> dict[str, str]:
     out = {**os.environ, **MPI_ENV}
+    # The test process's own choice of transports (conftest.py) is not the job's: a spawn needs
+    # TCP, an mpiexec job gets LAUNCH_ENV.
+    out.pop("OMPI_MCA_btl", None)
     out["PATH"] = f"{BIN}{os.pathsep}{out.get('PATH', '')}"
     # The outer run's choice of backends is not the job's; a test's own (extra) is.
     out.pop("SHOAL_TEST_BACKENDS", None)
