@@ -504,7 +504,7 @@ def test_a_spawn_that_fails_names_the_mpi_library(tmp_path):
     for name in ("PRTE_ALLOW_RUN_AS_ROOT", "PRTE_ALLOW_RUN_AS_ROOT_CONFIRM"):
         run_env.pop(name)
     res = subprocess.run(
-        [sys.executable, str(script)],
+        [*ISOLATE, sys.executable, str(script)],
         env=run_env,
         capture_output=True,
         text=True,

@@ -20,6 +20,7 @@ Requires ``pip install 'shoal[ray]'``.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import threading
 import time
@@ -41,6 +42,17 @@ def _ray() -> Any:
             f"the ray backend needs Ray, which cannot be imported ({exc}): pip install 'shoal[ray]'"
         ) from exc
     return ray
+
+
+def _on_loopback(address: str) -> bool:
+    """Whether a Ray address (``"host:port"``, ``"ray://host:port"``) is on loopback."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @contextlib.contextmanager
@@ -70,8 +82,8 @@ def _loopback_node(ray: Any) -> Iterator[None]:
     node = ray.util.get_node_ip_address()
     if node != "127.0.0.1":
         warnings.warn(
-            f"the local Ray that shoal started has node address {node}, not 127.0.0.1: its "
-            f"servers may listen on every interface",
+            f"Ray's node address in this process is {node}, not 127.0.0.1: a Ray that shoal "
+            f"starts may listen on every interface",
             RuntimeWarning,
             stacklevel=4,
         )
@@ -298,7 +310,15 @@ class RayBackend(ClusterBackend):
             if not ray.is_initialized():
                 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
                 if self.address is not None:
-                    ray.init(address=self.address, log_to_driver=True)
+                    # A driver that joins a Ray on loopback must itself have node address
+                    # 127.0.0.1, or Ray looks for a raylet at this machine's first interface.
+                    joining = (
+                        _loopback_node(ray)
+                        if _on_loopback(self.address)
+                        else contextlib.nullcontext()
+                    )
+                    with joining:
+                        ray.init(address=self.address, log_to_driver=True)
                 else:
                     with _loopback_node(ray):
                         ray.init(
