@@ -39,6 +39,9 @@ if _SM_BACKING not in os.environ:
     _SEGMENTS = tempfile.mkdtemp(prefix="shoal-doc-mpi-sm-")
     os.environ[_SM_BACKING] = _SEGMENTS
     atexit.register(shutil.rmtree, _SEGMENTS, ignore_errors=True)
+# An MPI singleton in this process (an example that imports mpi4py) needs no TCP transport, which
+# would listen on every interface (and be inherited by forked workers): shared memory only.
+os.environ.setdefault("OMPI_MCA_btl", "^tcp")
 
 
 def _doc_globals() -> dict[str, Any]:

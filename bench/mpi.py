@@ -43,6 +43,9 @@ ENV = {
     "PRTE_ALLOW_RUN_AS_ROOT": "1",
     "PRTE_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
     "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
+    # One machine: ranks talk through shared memory. Open MPI's TCP transport would make every
+    # rank listen on all interfaces (it binds the wildcard address whatever its settings).
+    "OMPI_MCA_btl": "^tcp",
 }
 ARRAY_BYTES = 100 * 2**20
 

@@ -66,6 +66,9 @@ ClusterName=shoal
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort=6817
 SlurmdPort=6818
+# Listen on the address the host name resolves to (127.0.0.1, see below), not on every
+# interface: NoCtldInAddrAny for slurmctld, NoInAddrAny for slurmd, slurmstepd and srun.
+CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 AuthType=auth/munge
 CredType=cred/munge
 SlurmUser=root
@@ -100,9 +103,24 @@ PartitionName=debug Nodes=localnode Default=YES MaxTime=INFINITE State=UP OverSu
 CONF
 mv "$conf.shoal-new" "$conf"
 
+# With NoInAddrAny, Slurm's daemons bind to the address that gethostname() resolves to, and
+# clients reach them at 127.0.0.1 (SlurmctldHost, NodeAddr). Where the host name resolves to
+# 127.0.0.1 they run as they are; elsewhere (Debian's 127.0.1.1, or an address in DNS), in a UTS
+# namespace of their own whose host name is "localhost", so that they listen on 127.0.0.1 only.
+loopback_name() {
+  getent ahostsv4 "$1" 2>/dev/null | awk 'NR == 1 { ok = ($1 == "127.0.0.1") } END { exit !ok }'
+}
+run_daemon() {
+  if loopback_name "$(hostname)"; then
+    "$@"
+  else
+    unshare --uts /bin/sh -c 'hostname localhost && exec "$@"' sh "$@"
+  fi
+}
+
 # -i: start with empty state (no jobs left from an earlier run); both daemonize.
-alive "$DIR/slurmctld.pid" || slurmctld -i
-alive "$DIR/slurmd.pid" || slurmd -N localnode
+alive "$DIR/slurmctld.pid" || run_daemon slurmctld -i
+alive "$DIR/slurmd.pid" || run_daemon slurmd -N localnode
 
 for i in $(seq 1 120); do
   if controller_up && node_ready; then

@@ -6,12 +6,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 from engines import REQUIRED, engine_backend
+from shm_watch import TAG_VARIABLE, ShmWatch
+
+#: This run's tag, inherited by every process it starts (see the /dev/shm check below).
+_RUN_TAG = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+os.environ[TAG_VARIABLE] = _RUN_TAG
 
 #: Open MPI keeps shared-memory segments in /dev/shm and leaves them behind when its processes
 #: are killed, or run as singletons (a tool under test that imports mpi4py): every process of
@@ -19,6 +25,10 @@ from engines import REQUIRED, engine_backend
 #: /dev/shm check below sees only what shoal itself would leave.
 _MPI_SEGMENTS = tempfile.mkdtemp(prefix="shoal-test-mpi-sm-")
 os.environ.setdefault("OMPI_MCA_btl_sm_backing_directory", _MPI_SEGMENTS)
+# An MPI singleton in this process (a test that imports mpi4py) needs no TCP transport, which
+# would listen on every interface (and be inherited by forked workers): shared memory only. MPI
+# jobs that the tests start choose their own (tests/mpi_helpers.py).
+os.environ.setdefault("OMPI_MCA_btl", "^tcp")
 
 #: Cluster engines run the contract suite too, each on a cluster the tests start themselves.
 ENGINES = ["dask", "ray", "slurm"]
@@ -142,12 +152,16 @@ def mpi_leftovers():
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_shared_memory_left_behind():
-    """After the whole run (crashes, kills and Ctrl-C tests included), /dev/shm holds nothing
-    that was not there before: shoal's segments are memfds, freed with their last holder."""
-    before = _dev_shm()
+    """After the whole run (crashes, kills and Ctrl-C tests included), this run's processes
+    have left nothing in /dev/shm: shoal's segments are memfds, freed with their last holder.
+    Files that other processes of the machine make meanwhile do not count (tests/shm_watch.py;
+    tests/test_shm_check.py shows both sides)."""
+    watch = ShmWatch(_RUN_TAG)
+    watch.start()
     yield
+    watch.stop()
     shutil.rmtree(_MPI_SEGMENTS, ignore_errors=True)
     if "SHOAL_TEST_BACKENDS" in os.environ:
         return  # a run nested in tests/test_mpi.py: the outer run checks /dev/shm
-    left = _dev_shm() - before
-    assert not left, f"files left in /dev/shm by the test run: {sorted(left)}"
+    left = watch.left()
+    assert not left, f"files left in /dev/shm by this test run: {left}"

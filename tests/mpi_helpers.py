@@ -46,7 +46,37 @@ MPI_ENV = {
     # Open MPI's singleton + MPI_Comm_spawn leaves one shared-memory backing file behind (so does
     # mpi4py's MPIPoolExecutor): keep those out of /dev/shm, which the suite checks is left clean.
     SEGMENTS_VARIABLE: _segment_directory(),
+    # A spawn (MPI_Comm_spawn from a singleton) needs the TCP transport between the parent and
+    # the spawned ranks: over loopback, not the machine's network. Its listening socket still
+    # binds every interface: Open MPI's TCP transport has no setting for that (see LAUNCH_ENV).
+    "OMPI_MCA_btl_tcp_if_include": "lo",
 }
+
+#: For jobs that ``mpiexec`` starts on this machine: the ranks talk through shared memory only.
+#: Open MPI's TCP transport would make every rank listen on all interfaces (it binds the
+#: wildcard address whatever ``btl_tcp_if_include`` says), so it is left out. ``prterun``'s
+#: own out-of-band listener binds every interface too, with no setting against it: see
+#: :data:`ISOLATE`.
+LAUNCH_ENV = {"OMPI_MCA_btl": "^tcp"}
+
+
+def _isolation() -> list[str]:
+    # A network namespace of the job's own whose only interface is loopback: whatever Open MPI
+    # binds there (PRRTE's out-of-band listener, a spawn's TCP transport: both on the wildcard
+    # address) can be reached from nowhere else, not even from this machine's own 127.0.0.1.
+    # Needs root (CI runs as root); elsewhere jobs run as they are.
+    prefix = ["unshare", "--net", "/bin/sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return []
+    try:
+        probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return prefix if probe.returncode == 0 else []
+
+
+#: Prefix of the commands that start MPI jobs (``[]`` where it cannot be done).
+ISOLATE = _isolation()
 
 
 def mpi_missing() -> str | None:
@@ -65,6 +95,9 @@ needs_mpi = [pytest.mark.engine, pytest.mark.skipif(bool(mpi_missing()), reason=
 
 def env(**extra: str) -> dict[str, str]:
     out = {**os.environ, **MPI_ENV}
+    # The test process's own choice of transports (conftest.py) is not the job's: a spawn needs
+    # TCP, an mpiexec job gets LAUNCH_ENV.
+    out.pop("OMPI_MCA_btl", None)
     out["PATH"] = f"{BIN}{os.pathsep}{out.get('PATH', '')}"
     # The outer run's choice of backends is not the job's; a test's own (extra) is.
     out.pop("SHOAL_TEST_BACKENDS", None)
@@ -87,13 +120,13 @@ def mpiexec(
     args: list[str], n: int = 3, timeout: float = 60, cwd: Path | None = None, **extra: str
 ) -> subprocess.CompletedProcess:
     """``mpiexec -n n ARGS`` to completion; a job past ``timeout`` is killed and fails the test."""
-    cmd = [str(MPIEXEC), "-n", str(n), *args]
+    cmd = [*ISOLATE, str(MPIEXEC), "-n", str(n), *args]
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env(**extra),
+        env=env(**{**LAUNCH_ENV, **extra}),
         cwd=cwd,
         start_new_session=True,
     )

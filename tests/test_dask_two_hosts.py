@@ -79,14 +79,18 @@ def two_host_cluster(second_host, tmp_path):
             "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--no-nanny",
             "--no-dashboard", "--local-directory", str(tmp_path),
         ]  # fmt: skip
+        # Each on its host's bridge address only; --no-dashboard leaves the worker's HTTP server
+        # (health, metrics) on, so it gets an address too.
         procs.append(
             subprocess.Popen(
-                [py, *worker, "--host", HERE], stdout=log, stderr=subprocess.STDOUT, env=env
+                [py, *worker, "--host", HERE, "--dashboard-address", f"{HERE}:0"],
+                stdout=log, stderr=subprocess.STDOUT, env=env,
             )
-        )
+        )  # fmt: skip
         procs.append(
             subprocess.Popen(
-                ["nsenter", f"--net={second_host}", py, *worker, "--host", THERE],
+                ["nsenter", f"--net={second_host}", py, *worker, "--host", THERE,
+                 "--dashboard-address", f"{THERE}:0"],
                 stdout=log, stderr=subprocess.STDOUT, env=env,
             )
         )  # fmt: skip

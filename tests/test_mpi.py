@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from mpi_helpers import (
+    ISOLATE,
+    LAUNCH_ENV,
     MPIEXEC,
     env,
     kill_group,
@@ -250,6 +252,7 @@ def _start_job(tmp_path, marker):
     )
     proc = subprocess.Popen(
         [
+            *ISOLATE,
             str(env()["PATH"].split(os.pathsep)[0] + "/mpiexec"),
             "-n",
             "3",
@@ -261,7 +264,7 @@ def _start_job(tmp_path, marker):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env(SHOAL_TEST_JOB=marker),
+        env=env(SHOAL_TEST_JOB=marker, **LAUNCH_ENV),
         start_new_session=True,
     )
     # Wait until rank 0 runs the map and the slow tasks run on the relays' workers.
@@ -347,7 +350,7 @@ def test_spawn_mode_from_plain_python(tmp_path):
         """,
     )
     res = subprocess.run(
-        [sys.executable, str(script)],
+        [*ISOLATE, sys.executable, str(script)],
         env=env(SHOAL_TEST_JOB=marker),
         capture_output=True,
         text=True,
@@ -401,6 +404,10 @@ def _netns_problem() -> str | None:
     return None
 
 
+#: The simulated hosts' private network (scripts/netns_hosts.sh).
+BRIDGE = "10.201.0.0/24"
+
+
 @pytest.fixture
 def two_hosts():
     """Two simulated hosts (network namespaces on a private bridge), removed afterwards."""
@@ -452,7 +459,13 @@ def test_ranks_on_two_simulated_hosts_talk_over_the_network(tmp_path, two_hosts)
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env(PRTE_MCA_plm_ssh_agent=os.path.join(ROOT, "scripts", "netns_rsh.sh")),
+        env=env(
+            PRTE_MCA_plm_ssh_agent=os.path.join(ROOT, "scripts", "netns_rsh.sh"),
+            # Ranks and daemons talk over the simulated hosts' private bridge only (their
+            # namespaces have no other network but loopback).
+            OMPI_MCA_btl_tcp_if_include=BRIDGE,
+            PRTE_MCA_prte_if_include=BRIDGE,
+        ),
         start_new_session=True,
     )
     try:
@@ -491,7 +504,7 @@ def test_a_spawn_that_fails_names_the_mpi_library(tmp_path):
     for name in ("PRTE_ALLOW_RUN_AS_ROOT", "PRTE_ALLOW_RUN_AS_ROOT_CONFIRM"):
         run_env.pop(name)
     res = subprocess.run(
-        [sys.executable, str(script)],
+        [*ISOLATE, sys.executable, str(script)],
         env=run_env,
         capture_output=True,
         text=True,

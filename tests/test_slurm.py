@@ -514,7 +514,14 @@ def test_dask_jobqueue_slurmcluster_runs_on_the_local_slurm(tmp_path):
         # in /dev/shm outlive a worker killed by scancel (this node's /dev/shm is the tests').
         nanny=False,
         scheduler_options={"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"},
-        worker_extra_args=["--host", "127.0.0.1", "--no-dashboard"],
+        # The worker's HTTP server (health, metrics; on even with --no-dashboard) on loopback too.
+        worker_extra_args=[
+            "--host",
+            "127.0.0.1",
+            "--no-dashboard",
+            "--dashboard-address",
+            "127.0.0.1:0",
+        ],
         local_directory=str(tmp_path),
         log_directory=str(tmp_path / "logs"),
     )

@@ -2,10 +2,9 @@
 
 Which cluster: the one Ray is already initialised with in this process (``ray.init()``); else
 ``address=`` (``"auto"`` for a cluster started with ``ray start`` on this machine, or
-``"host:port"``); else a local Ray started at first use, advertising 127.0.0.1, with
-``workers`` CPUs and no dashboard, which Ray stops at interpreter exit. (Ray's servers listen
-on every interface whatever the node address; its token authentication, on by default, is
-what keeps others out.)
+``"host:port"``); else a local Ray started at first use on 127.0.0.1 (node address, GCS,
+raylet, workers and the runtime-env agent all listen on loopback only), with ``workers`` CPUs
+and no dashboard, which Ray stops at interpreter exit.
 
 Per call, the spec goes through the object store once (``ray.put``); each chunk is one remote
 task running :func:`shoal.backends._remote.run_remote`. Ray's own retries are off
@@ -21,9 +20,12 @@ Requires ``pip install 'shoal[ray]'``.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import threading
 import time
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from .._options import check_max_tasks, resolve_workers
@@ -40,6 +42,51 @@ def _ray() -> Any:
             f"the ray backend needs Ray, which cannot be imported ({exc}): pip install 'shoal[ray]'"
         ) from exc
     return ray
+
+
+def _on_loopback(address: str) -> bool:
+    """Whether a Ray address (``"host:port"``, ``"ray://host:port"``) is on loopback."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@contextlib.contextmanager
+def _loopback_node(ray: Any) -> Iterator[None]:
+    """While a local Ray starts: its node address is 127.0.0.1, so that its servers listen on
+    loopback only.
+
+    ``ray.init(_node_ip_address="127.0.0.1")`` alone is not enough: Ray replaces a loopback
+    address by the machine's first interface unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``
+    was set before ``ray`` was imported (it is read once, at import), and then its GCS,
+    raylet and workers listen on every interface. Ray reads the value it took at import from
+    ``ray._private.ray_constants`` each time: it is switched off here for the start only, so
+    that a later ``ray.init(address=...)`` in this process still finds a multi-node cluster.
+    """
+    constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    if constants is None or not hasattr(constants, "ENABLE_RAY_CLUSTER"):
+        # Another Ray layout: the environment variable still works if read after this.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        yield
+        return
+    previous = constants.ENABLE_RAY_CLUSTER
+    constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        constants.ENABLE_RAY_CLUSTER = previous
+    node = ray.util.get_node_ip_address()
+    if node != "127.0.0.1":
+        warnings.warn(
+            f"Ray's node address in this process is {node}, not 127.0.0.1: a Ray that shoal "
+            f"starts may listen on every interface",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 _REFUSED = {
@@ -262,16 +309,23 @@ class RayBackend(ClusterBackend):
         with self._lock_init:
             if not ray.is_initialized():
                 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-                # Keeps a Ray that shoal starts on 127.0.0.1 rather than the first interface.
-                os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
                 if self.address is not None:
-                    ray.init(address=self.address, log_to_driver=True)
-                else:
-                    ray.init(
-                        num_cpus=resolve_workers(self.workers),
-                        include_dashboard=False,
-                        _node_ip_address="127.0.0.1",
+                    # A driver that joins a Ray on loopback must itself have node address
+                    # 127.0.0.1, or Ray looks for a raylet at this machine's first interface.
+                    joining = (
+                        _loopback_node(ray)
+                        if _on_loopback(self.address)
+                        else contextlib.nullcontext()
                     )
+                    with joining:
+                        ray.init(address=self.address, log_to_driver=True)
+                else:
+                    with _loopback_node(ray):
+                        ray.init(
+                            num_cpus=resolve_workers(self.workers),
+                            include_dashboard=False,
+                            _node_ip_address="127.0.0.1",
+                        )
                     self._started = True
         return ray
 
