@@ -7,6 +7,7 @@ no running Slurm (options, refusals, state mapping) run everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -540,6 +541,28 @@ def test_dask_jobqueue_slurmcluster_runs_on_the_local_slurm(tmp_path):
     finally:
         cluster.close()
     assert wait_until(lambda: not _jobs(name), timeout=60), _jobs(name)
+    # The job's Dask worker can outlive its job: its batch shell exits first, the worker is
+    # reparented to init, and proctrack/linuxproc no longer finds it. Ours are those whose
+    # environment names this test's job.
+    for pid in _processes_of_job(name):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _processes_of_job(name: str) -> list[int]:
+    """Processes whose environment says they belong to the Slurm job called ``name``."""
+    wanted = f"SLURM_JOB_NAME={name}".encode()
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if wanted in f.read().split(b"\0"):
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
 
 
 def test_a_skipped_engine_test_fails_when_engines_are_required(tmp_path):
