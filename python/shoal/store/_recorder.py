@@ -42,6 +42,8 @@ BATCH_S = 0.1
 BATCH_ITEMS = 1000
 # Status of a key seen in this call (in the in-memory map; the file keeps DONE/FAILED only).
 _SEEN = 10
+# The in-memory state of an identity running in this call (row id 0, a state of its own).
+_RUNNING = 3
 
 Replay = Callable[[int, list[Any], int], bool]
 
@@ -95,10 +97,9 @@ class CallRecorder:
         self.input_error: BaseException | None = None
         self.finished = False
         self.error: BaseException | None = None
-        # identity -> row id << 4 | state (DONE, FAILED, or those + _SEEN) of the stored rows
+        # identity -> row id << 4 | state (DONE, FAILED, or those + _SEEN) of the stored rows,
+        # or _RUNNING: one map (a lookup per item, and no set to add to and remove from)
         self.status: dict[bytes, int] = {}
-        #: Identities running in this call (apart from the big map: it stays in the caches).
-        self.running: set[bytes] = set()
         self.in_flight: dict[int, bytes] = {}  # index -> identity
         self.ukeys: dict[int, Any] = {}  # index -> user key (with key= only)
         self.waiting: dict[bytes, list[int]] = {}
@@ -261,7 +262,7 @@ class CallRecorder:
             self.index += len(chunk)
             return start, chunk, len(chunk) < size
         replays: list[tuple[int, int]] = []  # (index, row id) to read back, in input order
-        status, in_flight, running = self.status, self.in_flight, self.running
+        status, in_flight = self.status, self.in_flight
         ahead, at = self.ahead, self.ahead_at
         gap = False
         while len(chunk) < size and len(replays) < _REPLAY_MAX and not gap:
@@ -280,16 +281,19 @@ class CallRecorder:
                 # The common case: a stretch of new, distinct items goes to the chunk in bulk.
                 m = min(len(ahead) - at, size - len(chunk))
                 part = idents[at : at + m]
-                packs = list(map(status.get, part))
-                if packs.count(None) == m and len(set(part)) == m and running.isdisjoint(part):
-                    if not chunk:
-                        start = self.index
-                    running.update(part)
-                    in_flight.update(zip(range(self.index, self.index + m), part, strict=True))
-                    chunk.extend(ahead[at : at + m])
-                    self.index += m
-                    at += m
-                    continue
+                if list(map(status.get, part)).count(None) == m:
+                    before = len(status)
+                    status.update(zip(part, repeat(_RUNNING)))
+                    if len(status) - before == m:  # no identity twice in the stretch either
+                        if not chunk:
+                            start = self.index
+                        in_flight.update(zip(range(self.index, self.index + m), part, strict=True))
+                        chunk.extend(ahead[at : at + m])
+                        self.index += m
+                        at += m
+                        continue
+                    for ident in part:  # undone: item by item below
+                        status.pop(ident, None)
                 if not chunk:
                     # A resume: a stretch of done items is read back in bulk.
                     m = min(len(ahead) - at, _REPLAY_MAX - len(replays))
@@ -323,15 +327,15 @@ class CallRecorder:
                 self.index += 1
                 packed = status.get(ident)
                 st = -1 if packed is None else packed & 15
-                is_running = ident in running
+                is_running = packed == _RUNNING
                 if (is_running or st >= _SEEN) and self.key is not None:
                     raise ValueError(f"duplicate key {ukey!r} in one call (item {index})")
                 if not is_running and (st == -1 or (st == FAILED and self.rerun_failed)):
                     if not chunk:
                         start = index
-                    running.add(ident)
                     if packed is not None:  # a failed row, replaced when the new one is written
                         self.replacing[index] = packed >> 4
+                    status[ident] = _RUNNING
                     in_flight[index] = ident
                     if ukey is not None:
                         self.ukeys[index] = ukey
@@ -515,7 +519,6 @@ class CallRecorder:
         # A row's state in memory: its id << 4 | DONE + _SEEN, consecutive ids.
         first = rid << 4 | (DONE + _SEEN)
         self.status.update(zip(entries, range(first, first + 16 * n, 16), strict=True))
-        self.running.difference_update(entries)
         return n, flat, True
 
     def _parts(
@@ -613,7 +616,6 @@ class CallRecorder:
                     if raw:
                         buffers.extend((rid, n, b) for n, b in enumerate(raw))
             status[ident] = rid << 4 | (state + _SEEN)
-            self.running.discard(ident)
         self.next_id = next_id
         return rows
 
