@@ -739,8 +739,16 @@ class CallRecorder:
                 self._done_insert(self.rows_per_insert),
                 [flat[at : at + step] for at in range(0, full, step)],
             )
-        if full < len(flat):
-            self.conn.execute(self._done_insert((len(flat) - full) // self.width), flat[full:])
+        # The rest in statements of 64, 32, ... 1 rows: a few statements whose preparation
+        # sqlite3 keeps, not a new one for each size of the rest.
+        at, rest = full, (len(flat) - full) // self.width
+        size = 64
+        while rest:
+            if rest >= size:
+                end = at + size * self.width
+                self.conn.execute(self._done_insert(size), flat[at:end])
+                at, rest = end, rest - size
+            size //= 2
 
     def _background(self) -> None:
         last_beat = time.monotonic()
