@@ -649,3 +649,15 @@ def test_store_rows_builds_flat_parameters_and_unwraps_values():
         before = list(values)
         assert store_rows(1, idents[:2], range(2), values, 1) is None
         assert values == before
+
+
+def test_item_facts_name_the_process_that_ran_it_after_a_fork():
+    from shoal._itemcall import ItemCall
+
+    call = ItemCall(abs, False, "abs")
+    assert call(-1)[:2] == (1, os.getpid())  # caches this process's pid
+    child = os.fork()
+    if child == 0:  # the cached pid is the parent's: the child must not report it
+        os._exit(0 if call(-1)[1] == os.getpid() else 3)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
