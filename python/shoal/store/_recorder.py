@@ -491,7 +491,7 @@ class CallRecorder:
                 self.pending_buffers.extend(buffers)
                 backlog = self.pending_rows
             if backlog >= _BACKLOG:
-                self.flush()  # the writer thread lags: commit here
+                self.flush(whole=True)  # the writer thread lags: commit here
             elif backlog >= BATCH_ITEMS:
                 self.wake.set()
         return extra
@@ -636,13 +636,17 @@ class CallRecorder:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def flush(self) -> None:
-        """Commit the queued rows, in transactions of at most :data:`BATCH_ITEMS` rows."""
+    def flush(self, whole: bool = False) -> None:
+        """Commit the queued rows, in transactions of at most :data:`BATCH_ITEMS` rows; with
+        ``whole``, full transactions only: the rest waits for more rows or for its time
+        (a small transaction after each full one cost a commit and rewrote a page)."""
         if self.path is None:
             return
         with self.db_lock:
             while True:
                 with self.buf_lock:
+                    if whole and self.pending_rows < BATCH_ITEMS:
+                        return  # the rows left keep their pending_since: they wait no longer
                     parts, last = self._take_pending(BATCH_ITEMS)
                     # Buffers and replaced rows of the rows taken (ids up to `last`).
                     cut = 0
@@ -651,7 +655,7 @@ class CallRecorder:
                     buffers = self.pending_buffers[:cut]
                     del self.pending_buffers[:cut]
                     deletes, self.pending_deletes = self.pending_deletes, []
-                    if self.pending:
+                    if self.pending and not whole:
                         self.pending_since = time.monotonic()
                 if not parts and not buffers and not deletes:
                     return
@@ -756,11 +760,10 @@ class CallRecorder:
             self.wake.wait(BATCH_S)
             self.wake.clear()
             try:
-                if self.pending and (
-                    self.pending_rows >= BATCH_ITEMS
-                    or time.monotonic() - self.pending_since >= BATCH_S
-                ):
+                if self.pending and time.monotonic() - self.pending_since >= BATCH_S:
                     self.flush()
+                elif self.pending_rows >= BATCH_ITEMS:
+                    self.flush(whole=True)
                 if time.monotonic() - last_beat >= _db.HEARTBEAT_S:
                     last_beat = time.monotonic()
                     self._heartbeat()
