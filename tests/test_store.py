@@ -625,3 +625,39 @@ def test_a_changed_source_is_warned_about_and_done_items_are_kept(tmp_path):
     with shoal.Store(store) as st:
         hashes = [r["source_hash"] for r in st.runs()]
     assert len(set(hashes)) == 2
+
+
+def test_store_rows_builds_flat_parameters_and_unwraps_values():
+    import pickle
+
+    from shoal._native import store_rows
+
+    values = [(7, 11, "h", 1.0, 2.0), ("é", 12, "h", 3.0, 4.0), (None, 11, "h", 5.0, 6.0)]
+    idents = [b"a" * 16, b"b" * 16, b"c" * 16]
+    flat = store_rows(40, idents, range(5, 8), values, 1)
+    assert values == [7, "é", None]  # unwrapped in place
+    assert flat is not None and len(flat) == 30
+    rows = [flat[i : i + 10] for i in range(0, 30, 10)]
+    assert [r[0] for r in rows] == [40, 41, 42]
+    assert [bytes(r[1]) for r in rows] == idents
+    assert [r[2] for r in rows] == [5, 6, 7]
+    assert rows[1][3:8] == [3.0, 4.0, 12, "h", 1]
+    assert [pickle.loads(r[8]) for r in rows] == [7, "é", None] and rows[0][9] == 0
+    # Anything not plain (or not a fact tuple): None, and the values are left as they were.
+    for odd in [([1], 1, "h", 0.0, 0.0), (2**70, 1, "h", 0.0, 0.0), (True, 1, "h", 0.0), 5]:
+        values = [(1, 1, "h", 0.0, 0.0), odd]
+        before = list(values)
+        assert store_rows(1, idents[:2], range(2), values, 1) is None
+        assert values == before
+
+
+def test_item_facts_name_the_process_that_ran_it_after_a_fork():
+    from shoal._itemcall import ItemCall
+
+    call = ItemCall(abs, False, "abs")
+    assert call(-1)[:2] == (1, os.getpid())  # caches this process's pid
+    child = os.fork()
+    if child == 0:  # the cached pid is the parent's: the child must not report it
+        os._exit(0 if call(-1)[1] == os.getpid() else 3)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -2,7 +2,7 @@
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import final
+from typing import Any, final
 
 __all__ = [
     "KIND_RELEASE",
@@ -30,6 +30,7 @@ __all__ = [
     "pack_plain",
     "pickle_plain",
     "signal_name",
+    "store_rows",
     "total_memory",
     "unpack_plain",
 ]
@@ -160,4 +161,11 @@ def pack_plain(
 ) -> bytes | None: ...
 def unpack_plain(data: bytes) -> tuple[int, list[object]]: ...
 def pickle_plain(values: Iterable[object]) -> list[bytearray] | None: ...
+def store_rows(
+    first_id: int,
+    idents: list[bytes],
+    idx: Iterable[int],
+    values: list[Any],
+    attempts: int,
+) -> list[Any] | None: ...
 def at_exit() -> None: ...

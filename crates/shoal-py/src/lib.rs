@@ -19,7 +19,7 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
-use pyo3::types::{PyBool, PyByteArray, PyBytes, PyFloat, PyInt, PyList, PyString};
+use pyo3::types::{PyBool, PyByteArray, PyBytes, PyFloat, PyInt, PyList, PyString, PyTuple};
 
 use shoal_core::blake2b::Blake2b;
 use shoal_core::chunking::{ChunkPolicy, ItemTimer};
@@ -736,6 +736,34 @@ fn blake2b_many<'py>(
     )
 }
 
+/// Appends the protocol-5 pickle of `v` to `out` if it is a plain value (an exact int of 64
+/// bits, float, string, bytes, boolean, or `None`); `false`, with nothing appended, otherwise.
+fn pickle_into(v: &Bound<'_, PyAny>, out: &mut Vec<u8>) -> PyResult<bool> {
+    // Exact types only: a subclass must come back as itself, which only pickle can do.
+    let value = if v.is_exact_instance_of::<PyInt>() {
+        match v.extract::<i64>() {
+            Ok(i) => plain::Value::Int(i),
+            Err(_) => return Ok(false),
+        }
+    } else if v.is_exact_instance_of::<PyFloat>() {
+        plain::Value::Float(v.extract::<f64>()?)
+    } else if v.is_none() {
+        plain::Value::None
+    } else if v.is_exact_instance_of::<PyBool>() {
+        plain::Value::Bool(v.is_truthy()?)
+    } else if let Ok(s) = v.cast_exact::<PyString>() {
+        return Ok(match s.to_str() {
+            Ok(text) => pickle::write(plain::Value::Str(text), out),
+            Err(_) => false, // lone surrogates: not UTF-8
+        });
+    } else if let Ok(b) = v.cast_exact::<PyBytes>() {
+        return Ok(pickle::write(plain::Value::Bytes(b.as_bytes()), out));
+    } else {
+        return Ok(false);
+    };
+    Ok(pickle::write(value, out))
+}
+
 /// The pickle of each value of `values` (an iterable of plain values: exact ints of 64 bits,
 /// floats, strings, bytes, booleans, `None`) as a bytearray, or `None` if some value is not a
 /// plain one: the caller then pickles them itself. A store keeps each result as a pickle; a
@@ -748,44 +776,79 @@ fn pickle_plain<'py>(
     let mut out = Vec::new();
     let mut buf = Vec::with_capacity(64);
     for v in values.try_iter()? {
-        let v = v?;
         buf.clear();
-        // Exact types only: a subclass must come back as itself, which only pickle can do.
-        let value = if v.is_exact_instance_of::<PyInt>() {
-            match v.extract::<i64>() {
-                Ok(i) => plain::Value::Int(i),
-                Err(_) => return Ok(None),
-            }
-        } else if v.is_exact_instance_of::<PyFloat>() {
-            plain::Value::Float(v.extract::<f64>()?)
-        } else if v.is_none() {
-            plain::Value::None
-        } else if v.is_exact_instance_of::<PyBool>() {
-            plain::Value::Bool(v.is_truthy()?)
-        } else if let Ok(s) = v.cast_exact::<PyString>() {
-            match s.to_str() {
-                Ok(text) => {
-                    if !pickle::write(plain::Value::Str(text), &mut buf) {
-                        return Ok(None);
-                    }
-                    out.push(PyByteArray::new(py, &buf));
-                    continue;
-                }
-                Err(_) => return Ok(None), // lone surrogates: not UTF-8
-            }
-        } else if let Ok(b) = v.cast_exact::<PyBytes>() {
-            if !pickle::write(plain::Value::Bytes(b.as_bytes()), &mut buf) {
-                return Ok(None);
-            }
-            out.push(PyByteArray::new(py, &buf));
-            continue;
-        } else {
+        if !pickle_into(&v?, &mut buf)? {
             return Ok(None);
-        };
-        pickle::write(value, &mut buf);
+        }
         out.push(PyByteArray::new(py, &buf));
     }
     Ok(Some(PyList::new(py, out)?))
+}
+
+/// The parameters of a store's rows for done items, in one flat list, ten per row: `id` (from
+/// `first_id` on), `key` (the identity, as a bytearray), `idx` (from the iterable `idx`),
+/// `started`, `finished`, `pid`, `host`, `attempts`, `value` (the pickle of the result, as a
+/// bytearray) and `nbuf` (0). Each of `values` is an item's `(result, pid, host, started,
+/// finished)` (see `shoal._itemcall.ItemCall`); once every row is built, `values[i]` becomes
+/// the result alone. `None`, with `values` untouched, if some entry is not such a tuple or
+/// some result not a plain value (see [`pickle_plain`]): the caller then does it item by item.
+///
+/// One call per batch of results does what costs a store's driver most per item: no tuple per
+/// row, no Python-level loop, and the GIL is held only for the object handling.
+#[pyfunction]
+fn store_rows<'py>(
+    py: Python<'py>,
+    first_id: i64,
+    idents: &Bound<'py, PyList>,
+    idx: &Bound<'py, PyAny>,
+    values: &Bound<'py, PyList>,
+    attempts: &Bound<'py, PyAny>,
+) -> PyResult<Option<Bound<'py, PyList>>> {
+    let n = values.len();
+    if idents.len() != n {
+        return Err(PyValueError::new_err(
+            "store_rows: idents and values differ in length",
+        ));
+    }
+    let mut data = Vec::with_capacity(16 * n);
+    let mut ends = Vec::with_capacity(n);
+    let mut facts = Vec::with_capacity(n);
+    for wrapped in values.iter() {
+        let Ok(fact) = wrapped.cast_exact::<PyTuple>() else {
+            return Ok(None);
+        };
+        if fact.len() != 5 || !pickle_into(&fact.get_item(0)?, &mut data)? {
+            return Ok(None);
+        }
+        ends.push(data.len());
+        facts.push(fact.clone());
+    }
+    let zero = 0i64.into_pyobject(py)?.into_any();
+    let mut indexes = idx.try_iter()?;
+    let mut flat: Vec<Bound<'py, PyAny>> = Vec::with_capacity(10 * n);
+    let mut at = 0;
+    for (i, (fact, end)) in facts.iter().zip(ends).enumerate() {
+        let ident = idents.get_item(i)?;
+        let index = indexes
+            .next()
+            .ok_or_else(|| PyValueError::new_err("store_rows: idx is shorter than values"))??;
+        flat.push((first_id + i as i64).into_pyobject(py)?.into_any());
+        flat.push(PyByteArray::new(py, ident.cast::<PyBytes>()?.as_bytes()).into_any());
+        flat.push(index);
+        flat.push(fact.get_item(3)?);
+        flat.push(fact.get_item(4)?);
+        flat.push(fact.get_item(1)?);
+        flat.push(fact.get_item(2)?);
+        flat.push(attempts.clone());
+        flat.push(PyByteArray::new(py, &data[at..end]).into_any());
+        flat.push(zero.clone());
+        at = end;
+    }
+    let rows = PyList::new(py, flat)?;
+    for (i, fact) in facts.iter().enumerate() {
+        values.set_item(i, fact.get_item(0)?)?;
+    }
+    Ok(Some(rows))
 }
 
 /// Encodes `values[lo:hi]` (whose first item has input index `start`; `hi` defaults to the
@@ -976,6 +1039,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(content_hash, m)?)?;
     m.add_function(wrap_pyfunction!(blake2b_many, m)?)?;
     m.add_function(wrap_pyfunction!(pickle_plain, m)?)?;
+    m.add_function(wrap_pyfunction!(store_rows, m)?)?;
     m.add_function(wrap_pyfunction!(pack_plain, m)?)?;
     m.add_function(wrap_pyfunction!(unpack_plain, m)?)?;
     m.add_function(wrap_pyfunction!(at_exit, m)?)?;

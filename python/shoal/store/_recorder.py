@@ -33,16 +33,17 @@ from itertools import chain, islice, repeat
 from typing import Any
 
 from .._itemcall import hostname
-from .._native import blake2b_many, pickle_plain
+from .._native import blake2b_many, store_rows
 from .._spec import MODE_KW, MODE_SINGLE, MODE_STAR, CallSpec
 from . import _codec, _db
-from ._codec import PLAIN_TYPES as _PLAIN
 from ._db import DONE, FAILED, StoreError, StoreWarning
 
 BATCH_S = 0.1
 BATCH_ITEMS = 1000
 # Status of a key seen in this call (in the in-memory map; the file keeps DONE/FAILED only).
 _SEEN = 10
+# The in-memory state of an identity running in this call (row id 0, a state of its own).
+_RUNNING = 3
 
 Replay = Callable[[int, list[Any], int], bool]
 
@@ -96,11 +97,11 @@ class CallRecorder:
         self.input_error: BaseException | None = None
         self.finished = False
         self.error: BaseException | None = None
-        # identity -> row id << 4 | state (DONE, FAILED, or those + _SEEN) of the stored rows
+        # identity -> row id << 4 | state (DONE, FAILED, or those + _SEEN) of the stored rows,
+        # or _RUNNING: one map (a lookup per item, and no set to add to and remove from)
         self.status: dict[bytes, int] = {}
-        #: Identities running in this call (apart from the big map: it stays in the caches).
-        self.running: set[bytes] = set()
-        self.in_flight: dict[int, tuple[bytes, Any]] = {}  # index -> (identity, user key)
+        self.in_flight: dict[int, bytes] = {}  # index -> identity
+        self.ukeys: dict[int, Any] = {}  # index -> user key (with key= only)
         self.waiting: dict[bytes, list[int]] = {}
         #: index -> id of the stored failure that the running item's row replaces
         self.replacing: dict[int, int] = {}
@@ -109,7 +110,11 @@ class CallRecorder:
         self.ahead_at = 0
         self.ahead_idents: list[bytes] | None = None
         self.input_end = False
-        self.pending: list[tuple[Any, ...]] = []
+        #: Rows not committed yet, in id order, as parts ``(rows, data, flat)``: done rows'
+        #: parameters in one flat list (:attr:`width` per row), or failures' full rows.
+        self.pending: list[tuple[int, list[Any], bool]] = []
+        self.pending_rows = 0
+        self.pending_at = 0
         self.pending_buffers: list[tuple[int, int, Any]] = []
         self.pending_deletes: list[tuple[int]] = []
         self.pending_since = 0.0
@@ -139,7 +144,7 @@ class CallRecorder:
             raise
         try:
             self.run_id = self._start_run(fn, api, backend, workers, total)
-            self.done_sql, self.done_sql_many, self.rows_per_insert = self._done_sql()
+            self.width, self.rows_per_insert = self._done_sql()
             self.status = dict(self.conn.execute("SELECT key, id << 4 | status FROM shoal_items"))
             self.next_id = self.first_pending_id = 1 + (
                 self.conn.execute("SELECT MAX(id) FROM shoal_items").fetchone()[0] or 0
@@ -164,21 +169,25 @@ class CallRecorder:
                 f"to one function; use another file for {name}"
             )
 
-    def _done_sql(self) -> tuple[str, str, int]:
-        """The insert of a done item: only the columns it uses (binding is most of an insert's
-        cost); the run id and the status are constants of the statement. Also the insert of
-        many rows in one statement (a third cheaper per row than one statement per row), and
-        how many: their parameters stay under SQLite's oldest limit (999)."""
+    def _done_sql(self) -> tuple[int, int]:
+        """The insert of done items (:meth:`_done_insert`): only the columns they use (binding
+        is most of an insert's cost); the run id and the status are constants of the statement.
+        Many rows go in one statement (a third cheaper per row than one statement per row):
+        returns the columns per row and the most rows per statement, whose parameters stay
+        under SQLite's oldest limit (999)."""
         columns = ["id", "key", "idx", "started", "finished", "pid", "host", "attempts", "value"]
         columns.append("nbuf")
         if self.key is not None:
             columns.append("ukey")
         if self.capture:
             columns += ["stdout", "stderr"]
-        row = f"({', '.join('?' * len(columns))}, {int(self.run_id)}, {DONE})"
-        head = f"INSERT INTO shoal_items ({', '.join(columns)}, run, status) VALUES "
-        many = _MAX_PARAMETERS // len(columns)
-        return head + row, head + ", ".join([row] * many), many
+        self._done_row = f"({', '.join('?' * len(columns))}, {int(self.run_id)}, {DONE})"
+        self._done_head = f"INSERT INTO shoal_items ({', '.join(columns)}, run, status) VALUES "
+        return len(columns), _MAX_PARAMETERS // len(columns)
+
+    def _done_insert(self, rows: int) -> str:
+        """The insert of ``rows`` done rows in one statement (sqlite3 caches its preparation)."""
+        return self._done_head + ", ".join([self._done_row] * rows)
 
     def _start_run(
         self, fn: Callable[..., Any], api: str, backend: str, workers: int | None, total: Any
@@ -253,7 +262,7 @@ class CallRecorder:
             self.index += len(chunk)
             return start, chunk, len(chunk) < size
         replays: list[tuple[int, int]] = []  # (index, row id) to read back, in input order
-        status, in_flight, running = self.status, self.in_flight, self.running
+        status, in_flight = self.status, self.in_flight
         ahead, at = self.ahead, self.ahead_at
         gap = False
         while len(chunk) < size and len(replays) < _REPLAY_MAX and not gap:
@@ -272,22 +281,19 @@ class CallRecorder:
                 # The common case: a stretch of new, distinct items goes to the chunk in bulk.
                 m = min(len(ahead) - at, size - len(chunk))
                 part = idents[at : at + m]
-                packs = list(map(status.get, part))
-                if packs.count(None) == m and len(set(part)) == m and running.isdisjoint(part):
-                    if not chunk:
-                        start = self.index
-                    running.update(part)
-                    in_flight.update(
-                        zip(
-                            range(self.index, self.index + m),
-                            zip(part, repeat(None), strict=False),
-                            strict=True,
-                        )
-                    )
-                    chunk.extend(ahead[at : at + m])
-                    self.index += m
-                    at += m
-                    continue
+                if list(map(status.get, part)).count(None) == m:
+                    before = len(status)
+                    status.update(zip(part, repeat(_RUNNING)))
+                    if len(status) - before == m:  # no identity twice in the stretch either
+                        if not chunk:
+                            start = self.index
+                        in_flight.update(zip(range(self.index, self.index + m), part, strict=True))
+                        chunk.extend(ahead[at : at + m])
+                        self.index += m
+                        at += m
+                        continue
+                    for ident in part:  # undone: item by item below
+                        status.pop(ident, None)
                 if not chunk:
                     # A resume: a stretch of done items is read back in bulk.
                     m = min(len(ahead) - at, _REPLAY_MAX - len(replays))
@@ -321,16 +327,18 @@ class CallRecorder:
                 self.index += 1
                 packed = status.get(ident)
                 st = -1 if packed is None else packed & 15
-                is_running = ident in running
+                is_running = packed == _RUNNING
                 if (is_running or st >= _SEEN) and self.key is not None:
                     raise ValueError(f"duplicate key {ukey!r} in one call (item {index})")
                 if not is_running and (st == -1 or (st == FAILED and self.rerun_failed)):
                     if not chunk:
                         start = index
-                    running.add(ident)
                     if packed is not None:  # a failed row, replaced when the new one is written
                         self.replacing[index] = packed >> 4
-                    in_flight[index] = (ident, ukey)
+                    status[ident] = _RUNNING
+                    in_flight[index] = ident
+                    if ukey is not None:
+                        self.ukeys[index] = ukey
                     chunk.append(item)
                     continue
                 if is_running:
@@ -461,69 +469,86 @@ class CallRecorder:
         stop = start + len(values)
         entries = list(map(self.in_flight.pop, range(start, stop), repeat(None)))
         extra: list[tuple[int, list[Any], int]] = []
-        rows = None
-        if not failed and self.key is None and not self.capture and not self.replacing:
-            rows = self._done_rows(start, values, entries, attempts)
-        others: list[tuple[Any, ...]] = []  # failures: every column
+        part = None
         buffers: list[tuple[int, int, Any]] = []
-        if rows is None:
-            rows = self._rows(start, values, failed, attempts, entries, others, buffers)
+        if not failed and self.key is None and not self.capture and not self.replacing:
+            part = self._done_part(start, values, entries, attempts)
+        parts = [part] if part is not None else self._parts(start, values, failed, attempts,
+                                                            entries, buffers)  # fmt: skip
         if self.waiting:
             # Items of the same identity that waited for these share their results.
-            for entry, value in zip(entries, values, strict=True):
-                waiters = self.waiting.pop(entry[0], None) if entry is not None else None
+            for ident, value in zip(entries, values, strict=True):
+                waiters = self.waiting.pop(ident, None) if ident is not None else None
                 if waiters:
                     extra.extend((w, [value], int(failed)) for w in waiters)
-        if rows or others:
-            if others:  # failures are rare: they go on their own, in order with the rest
-                rows = sorted(rows + [("all", *o) for o in others], key=_row_id)
+        if parts:
+            count = sum(p[0] for p in parts)
             with self.buf_lock:
                 if not self.pending:
                     self.pending_since = time.monotonic()
-                self.pending.extend(rows)
+                self.pending.extend(parts)
+                self.pending_rows += count
                 self.pending_buffers.extend(buffers)
-                backlog = len(self.pending)
+                backlog = self.pending_rows
             if backlog >= _BACKLOG:
-                self.flush()  # the writer thread lags: commit here
+                self.flush(whole=True)  # the writer thread lags: commit here
             elif backlog >= BATCH_ITEMS:
                 self.wake.set()
         return extra
 
-    def _done_rows(
+    def _done_part(
         self, start: int, values: list[Any], entries: list[Any], attempts: int
-    ) -> list[tuple[Any, ...]] | None:
-        """The rows of done items without ``key=`` or ``capture``, built column by column (the
-        hot path of a run of many cheap items); ``None`` if :meth:`_rows` must do it item by
-        item (a value that is not of a plain type, an item not from this call's input)."""
+    ) -> tuple[int, list[Any], bool] | None:
+        """The rows of done items without ``key=`` or ``capture``, as one flat list of
+        parameters built in one native call (the hot path of a run of many cheap items);
+        ``None`` if :meth:`_parts` must do it item by item (a value that is not of a plain
+        type, an item not from this call's input)."""
         if None in entries:
             return None
-        # Each wrapped value is (value, pid, host, started, finished): see ItemCall.
-        results, pids, hosts, starts, ends = zip(*values, strict=True)
-        # SQLite binds a bytearray directly; bytes go through its adapter look-up first.
-        data = pickle_plain(results)
-        if data is None:
-            if not _PLAIN.issuperset(map(type, results)):
-                return None  # values that may hold large buffers: _rows stores those raw
-            dumps = pickle.dumps
-            data = [bytearray(dumps(v, 5)) for v in results]
         n = len(values)
-        values[:] = results
-        idents = [e[0] for e in entries]
         rid = self.next_id
-        self.next_id = rid + n
-        self.done += n
         positions = self.positions
         idx = range(start, start + n) if positions is None else positions[start : start + n]
+        # Each wrapped value is (value, pid, host, started, finished): see ItemCall. The call
+        # unwraps them in place.
+        flat = store_rows(rid, entries, idx, values, attempts)
+        if flat is None:
+            return None  # values that are not plain (and may hold large buffers): _rows
+        self.next_id = rid + n
+        self.done += n
         # A row's state in memory: its id << 4 | DONE + _SEEN, consecutive ids.
         first = rid << 4 | (DONE + _SEEN)
-        self.status.update(zip(idents, range(first, first + 16 * n, 16), strict=True))
-        self.running.difference_update(idents)
-        return list(
-            zip(
-                range(rid, rid + n), map(bytearray, idents), idx, starts, ends, pids, hosts,
-                repeat(attempts), data, repeat(0), strict=False,
-            )
-        )  # fmt: skip
+        self.status.update(zip(entries, range(first, first + 16 * n, 16), strict=True))
+        return n, flat, True
+
+    def _parts(
+        self,
+        start: int,
+        values: list[Any],
+        failed: int,
+        attempts: int,
+        entries: list[Any],
+        buffers: list[tuple[int, int, Any]],
+    ) -> list[tuple[int, list[Any], bool]]:
+        """The rows of ``values`` item by item (any kind), as parts of :attr:`pending`."""
+        others: list[tuple[Any, ...]] = []  # failures: every column
+        rows = self._rows(start, values, failed, attempts, entries, others, buffers)
+        if not others:
+            return [(len(rows), list(chain.from_iterable(rows)), True)] if rows else []
+        # Failures are rare: they go on their own, in id order with the rest.
+        tagged = sorted([(r[0], True, r) for r in rows] + [(o[0], False, o) for o in others])
+        parts: list[tuple[int, list[Any], bool]] = []
+        for _, flat, row in tagged:
+            if parts and parts[-1][2] == flat:
+                count, data, _ = parts[-1]
+                if flat:
+                    data.extend(row)
+                else:
+                    data.append(row)
+                parts[-1] = (count + 1, data, flat)
+            else:
+                parts.append((1, list(row) if flat else [row], flat))
+        return parts
 
     def _rows(
         self,
@@ -550,7 +575,7 @@ class CallRecorder:
                 values[offset] = result
             if entry is None:
                 continue  # not from this call's input (cannot happen; be safe)
-            ident, ukey = entry
+            ident, ukey = entry, self.ukeys.pop(index, None)
             rid = next_id
             next_id += 1
             old = self.replacing.pop(index, 0)
@@ -591,7 +616,6 @@ class CallRecorder:
                     if raw:
                         buffers.extend((rid, n, b) for n, b in enumerate(raw))
             status[ident] = rid << 4 | (state + _SEEN)
-            self.running.discard(ident)
         self.next_id = next_id
         return rows
 
@@ -612,16 +636,18 @@ class CallRecorder:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def flush(self) -> None:
-        """Commit the queued rows, in transactions of at most :data:`BATCH_ITEMS` rows."""
+    def flush(self, whole: bool = False) -> None:
+        """Commit the queued rows, in transactions of at most :data:`BATCH_ITEMS` rows; with
+        ``whole``, full transactions only: the rest waits for more rows or for its time
+        (a small transaction after each full one cost a commit and rewrote a page)."""
         if self.path is None:
             return
         with self.db_lock:
             while True:
                 with self.buf_lock:
-                    rows = self.pending[:BATCH_ITEMS]
-                    del self.pending[:BATCH_ITEMS]
-                    last = _row_id(rows[-1]) if rows else self.next_id - 1
+                    if whole and self.pending_rows < BATCH_ITEMS:
+                        return  # the rows left keep their pending_since: they wait no longer
+                    parts, last = self._take_pending(BATCH_ITEMS)
                     # Buffers and replaced rows of the rows taken (ids up to `last`).
                     cut = 0
                     while cut < len(self.pending_buffers) and self.pending_buffers[cut][0] <= last:
@@ -629,14 +655,48 @@ class CallRecorder:
                     buffers = self.pending_buffers[:cut]
                     del self.pending_buffers[:cut]
                     deletes, self.pending_deletes = self.pending_deletes, []
-                    if self.pending:
+                    if self.pending and not whole:
                         self.pending_since = time.monotonic()
-                if not rows and not buffers and not deletes:
+                if not parts and not buffers and not deletes:
                     return
-                self._commit(rows, buffers, deletes)
+                self._commit(parts, buffers, deletes)
                 self.first_pending_id = last + 1
 
-    def _commit(self, rows: list[Any], buffers: list[Any], deletes: list[Any]) -> None:
+    def _take_pending(self, most: int) -> tuple[list[tuple[int, list[Any], bool]], int]:
+        """The first rows of :attr:`pending`, at most ``most``, as parts, and the id of the last
+        row taken. A part is taken whole or in part (:attr:`pending_at` rows of the first part
+        are taken already: a long part is not copied again at each batch). Called with
+        :attr:`buf_lock` held."""
+        pending, width = self.pending, self.width
+        taken: list[tuple[int, list[Any], bool]] = []
+        room = most
+        while pending and room:
+            count, data, flat = pending[0]
+            at = self.pending_at
+            take = min(room, count - at)
+            if at == 0 and take == count:
+                taken.append(pending.pop(0))
+            else:
+                unit = width if flat else 1
+                taken.append((take, data[at * unit : (at + take) * unit], flat))
+                if at + take == count:
+                    pending.pop(0)
+                    at = 0
+                else:
+                    at += take
+                self.pending_at = at
+            room -= take
+        self.pending_rows -= most - room
+        if not taken:
+            return taken, self.next_id - 1
+        _, data, flat = taken[-1]
+        # A flat part's rows start with their id; a failure's row too.
+        return taken, data[-width] if flat else data[-1][0]
+
+    def _commit(
+        self, parts: list[tuple[int, list[Any], bool]], buffers: list[Any], deletes: list[Any]
+    ) -> None:
+        rows = sum(p[0] for p in parts)
         try:
             self.conn.execute("BEGIN IMMEDIATE")
             lock = _db.read_lock(self.conn)
@@ -648,12 +708,12 @@ class CallRecorder:
             if deletes:
                 self.conn.executemany("DELETE FROM shoal_items WHERE id = ?", deletes)
                 self.conn.executemany("DELETE FROM shoal_buffers WHERE item = ?", deletes)
-            full = [r[1:] for r in rows if r[0] == "all"]
-            done = [r for r in rows if r[0] != "all"] if full else rows
+            done = [data for _, data, flat in parts if flat]
+            full = [row for _, data, flat in parts if not flat for row in data]
             if full:
                 self.conn.executemany(_ROW_SQL, full)
             if done:
-                self._insert_done(done)
+                self._insert_done(done[0] if len(done) == 1 else list(chain.from_iterable(done)))
             if buffers:
                 self.conn.executemany("INSERT INTO shoal_buffers VALUES (?, ?, ?)", buffers)
             self.conn.execute("COMMIT")
@@ -661,8 +721,9 @@ class CallRecorder:
             with contextlib.suppress(sqlite3.Error):
                 self.conn.execute("ROLLBACK")
             with self.buf_lock:
-                lost = len(rows) + len(self.pending)
+                lost = rows + self.pending_rows
                 self.pending.clear()
+                self.pending_rows = self.pending_at = 0
                 self.pending_buffers.clear()
             err = StoreError(
                 f"writing to store {self.path!r} failed ({exc}); the {self.committed} results "
@@ -670,20 +731,28 @@ class CallRecorder:
             )
             self.error = err
             raise err from exc
-        self.committed += len(rows)
+        self.committed += rows
 
-    def _insert_done(self, rows: list[tuple[Any, ...]]) -> None:
-        """Insert done rows (all of the same columns), :attr:`rows_per_insert` per statement."""
-        many = self.rows_per_insert
-        full = len(rows) - len(rows) % many
+    def _insert_done(self, flat: list[Any]) -> None:
+        """Insert done rows from the flat list of their parameters, :attr:`rows_per_insert`
+        per statement, and the rest in one more."""
+        step = self.width * self.rows_per_insert
+        full = len(flat) - len(flat) % step
         if full:
-            flat = list(chain.from_iterable(rows[:full]))
-            width = len(rows[0]) * many
             self.conn.executemany(
-                self.done_sql_many, [flat[at : at + width] for at in range(0, len(flat), width)]
+                self._done_insert(self.rows_per_insert),
+                [flat[at : at + step] for at in range(0, full, step)],
             )
-        if full < len(rows):
-            self.conn.executemany(self.done_sql, rows[full:])
+        # The rest in statements of 64, 32, ... 1 rows: a few statements whose preparation
+        # sqlite3 keeps, not a new one for each size of the rest.
+        at, rest = full, (len(flat) - full) // self.width
+        size = 64
+        while rest:
+            if rest >= size:
+                end = at + size * self.width
+                self.conn.execute(self._done_insert(size), flat[at:end])
+                at, rest = end, rest - size
+            size //= 2
 
     def _background(self) -> None:
         last_beat = time.monotonic()
@@ -691,11 +760,10 @@ class CallRecorder:
             self.wake.wait(BATCH_S)
             self.wake.clear()
             try:
-                if self.pending and (
-                    len(self.pending) >= BATCH_ITEMS
-                    or time.monotonic() - self.pending_since >= BATCH_S
-                ):
+                if self.pending and time.monotonic() - self.pending_since >= BATCH_S:
                     self.flush()
+                elif self.pending_rows >= BATCH_ITEMS:
+                    self.flush(whole=True)
                 if time.monotonic() - last_beat >= _db.HEARTBEAT_S:
                     last_beat = time.monotonic()
                     self._heartbeat()
@@ -768,11 +836,6 @@ class CallRecorder:
             self.conn.execute("DELETE FROM shoal_lock WHERE token = ?", (self.token,))
         with contextlib.suppress(sqlite3.Error):
             self.conn.close()
-
-
-def _row_id(row: tuple[Any, ...]) -> int:
-    """The id of a queued row (a failure's row is tagged ``"all"``: every column)."""
-    return row[1] if row[0] == "all" else row[0]  # type: ignore[no-any-return]
 
 
 def _note_output(exc: BaseException, out: str | None, err: str | None) -> None:
