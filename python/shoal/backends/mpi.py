@@ -29,6 +29,7 @@ from typing import Any
 
 from .. import _native
 from .._errors import PicklingError, ShoalError
+from .._options import resolve_workers
 from .._pickling import MAX_MESSAGE_BYTES, decode_outcome, dumps_items, dumps_spec
 from .._spec import NO_LIMITS, CallSpec, ChunkResult, Crash, ItemError, Limits
 from ._base import Backend, Pool, Session
@@ -96,8 +97,7 @@ class _Link:
     """Rank 0's connection to its relays: sends, and a thread that routes their replies."""
 
     def __init__(self, comm: Any, relay_ranks: list[int], *, hello_timeout: float = 60.0) -> None:
-        from ..mpi import hostname
-        from ..mpi._wire import TAG_REPLY, Backoff, Bell, Outbox, Poller, Ringer, use_bell
+        from ..mpi._wire import TAG_CONTROL, Outbox
 
         self.comm = comm
         self.relays: dict[int, _RelayInfo] = {}
@@ -106,11 +106,32 @@ class _Link:
         self._outbox = Outbox()
         self._data_lock = threading.Lock()
         self._stopped = False
+        #: Why the link cannot be used any more (its receiver thread failed), or None.
+        self.failure: str | None = None
+        try:
+            self._connect(relay_ranks, hello_timeout)
+        except BaseException:
+            # Relays that reported, or will, would wait for rank 0's messages forever.
+            outbox = Outbox()
+            with contextlib.suppress(BaseException):
+                for rank in relay_ranks:
+                    outbox.send(comm, ("stop",), rank, TAG_CONTROL)
+                outbox.drain(0.5)
+            raise
+        self._thread = threading.Thread(target=self._receive, name="shoal-mpi-recv", daemon=True)
+        self._thread.start()
+
+    def _connect(self, relay_ranks: list[int], hello_timeout: float) -> None:
+        """Wait for each relay's hello; set up the doorbells."""
+        from mpi4py import MPI
+
+        from ..mpi import hostname
+        from ..mpi._wire import TAG_REPLY, Backoff, Bell, Poller, Ringer, use_bell
+
+        comm = self.comm
         backoff = Backoff()
         deadline = time.monotonic() + hello_timeout
         waiting = set(relay_ranks)
-        from mpi4py import MPI
-
         while waiting:
             if comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_REPLY):
                 message = comm.recv(source=MPI.ANY_SOURCE, tag=TAG_REPLY)
@@ -141,8 +162,6 @@ class _Link:
         for relay in self.relays.values():
             rung = relay.bell is not None
             self.send(relay.rank, ("bell", mine if rung else None, rung))
-        self._thread = threading.Thread(target=self._receive, name="shoal-mpi-recv", daemon=True)
-        self._thread.start()
 
     def send(self, rank: int, message: tuple[Any, ...], buffers: list[memoryview] = ()) -> None:  # type: ignore[assignment]
         """Send ``message``, then each of ``buffers`` as a raw message (not pickled).
@@ -196,16 +215,31 @@ class _Link:
                     continue
                 poller.received()
                 source = status.Get_source()
-            except Exception:  # MPI finalised under us at exit
+            except BaseException as exc:
+                if self._stopped or MPI.Is_finalized():  # MPI finalised under us at exit
+                    return
+                # Nothing would receive the relays' replies any more: every call fails
+                # rather than waits forever.
+                self._fail(f"rank 0's receiver thread failed: {type(exc).__name__}: {exc}")
                 return
-            kind = message[0]
             session = self.sessions.get(message[1])
             if session is None:
                 continue
-            if kind == "done":
-                session._deliver(source, message[2])
-            elif kind == "broken":
-                session._broken(source, message[2])
+            try:
+                if message[0] == "done":
+                    session._deliver(source, message[2])
+                elif message[0] == "broken":
+                    session._broken(source, message[2])
+            except BaseException as exc:
+                session._broken(
+                    source, f"rank 0 could not take its results: {type(exc).__name__}: {exc}"
+                )
+
+    def _fail(self, why: str) -> None:
+        """The link is broken: fail every open call, and refuse new ones."""
+        self.failure = why
+        for session in list(self.sessions.values()):
+            session._broken(None, why)
 
     def stop(self, *, disconnect: bool = False) -> None:
         """Tell every relay to exit; with ``disconnect``, drop the spawn intercommunicator."""
@@ -261,6 +295,8 @@ class MpiSession(Session):
         self._closed = False
         self._failure: str | None = None
         link.sessions[self.sid] = self
+        if link.failure is not None:  # broke meanwhile
+            self._failure = link.failure
         link.send_all(
             (
                 "open",
@@ -361,9 +397,14 @@ class MpiSession(Session):
             self._dispatch()
             self._cond.notify_all()
 
-    def _broken(self, rank: int, message: str) -> None:
+    def _broken(self, rank: int | None, message: str) -> None:
+        """This call cannot go on (``rank``: the relay that says so, or None for rank 0)."""
+        if rank is not None:
+            relay = self.link.relays.get(rank)
+            host = "?" if relay is None else relay.host
+            message = f"rank {rank} (host {host}): {message}"
         with self._cond:
-            self._failure = f"rank {rank}: {message}"
+            self._failure = message
             self._cond.notify_all()
 
     def wait(self, timeout: float | None) -> list[ChunkResult]:
@@ -477,6 +518,8 @@ class MpiPool(Pool):
     def open_session(self, *, ordered: bool, limits: Limits | None = None) -> MpiSession:
         if self.link._stopped:
             raise ShoalError("this MPI pool was shut down")
+        if self.link.failure is not None:
+            raise ShoalError(f"this MPI pool is broken: {self.link.failure}")
         return MpiSession(self.link, ordered=ordered, limits=limits)
 
     def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
@@ -533,6 +576,17 @@ class MpiBackend(Backend):
         from ..mpi import require_mpi
 
         require_mpi()  # fail at choice time, with the install hint, if MPI is missing
+
+    def pool_size(self, workers: int | float | None) -> int:
+        from .. import mpi
+
+        if mpi._launch is None:
+            return super().pool_size(workers)
+        # Launch mode: the serving ranks' workers, whatever the setting (which is still
+        # checked); counting this rank's CPUs would only cost time.
+        if workers is not None:
+            resolve_workers(workers)
+        return int(mpi._launch.workers)
 
     def create_pool(self, workers: int, **options: Any) -> MpiPool:
         self.check_pool_options(options)

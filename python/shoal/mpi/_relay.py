@@ -20,7 +20,7 @@ import pickle
 import signal
 import sys
 import threading
-from typing import Any
+from typing import Any, NoReturn
 
 from .. import _native
 from .._options import cpu_count
@@ -106,32 +106,41 @@ class _RelaySession:
                 seg.close()
 
     def pump(self) -> None:
-        while not self.closed:
-            try:
-                outcomes = self.engine.wait(self.local, 0.25)
-            except _native.EngineError as exc:
-                if not self.closed:
-                    self.relay.reply(("broken", self.sid, str(exc)))
-                return
-            if not outcomes:
-                continue
-            out = []
-            with self.lock:
-                for seq, kind, payload, elapsed, pid, message, segments in outcomes:
-                    if kind == _native.OUTCOME_PARTIAL:  # the chunk goes on: keep its mapping
-                        gseq = self.to_global.get(seq)
-                    else:
-                        gseq = self.to_global.pop(seq, None)
-                        if gseq is not None:
-                            self.to_local.pop(gseq, None)
-                    if gseq is None:
-                        continue
-                    if segments:  # only if a worker ignored the in-band setting
-                        payload = _inline(payload, segments)
-                    out.append((gseq, kind, bytes(payload), elapsed, pid, message))
-            if out and not self.closed:
-                size = sum(len(o[2]) for o in out)
-                self.relay.reply(("done", self.sid, out), large=size > LARGE_MESSAGE)
+        """The session's reply thread: sends outcomes back as the engine reports them."""
+        try:
+            while not self.closed:
+                try:
+                    outcomes = self.engine.wait(self.local, 0.25)
+                except _native.EngineError as exc:
+                    if not self.closed:
+                        self.relay.reply(("broken", self.sid, str(exc)))
+                    return
+                if outcomes:
+                    self.forward(outcomes)
+        except BaseException as exc:
+            # A thread that ended silently would leave rank 0 waiting for these outcomes
+            # forever: the call fails instead, naming this rank.
+            self.relay.failed(self.sid, "reply thread", exc)
+
+    def forward(self, outcomes: list[Any]) -> None:
+        """Send the engine's ``outcomes`` to rank 0, under their global sequence numbers."""
+        out = []
+        with self.lock:
+            for seq, kind, payload, elapsed, pid, message, segments in outcomes:
+                if kind == _native.OUTCOME_PARTIAL:  # the chunk goes on: keep its mapping
+                    gseq = self.to_global.get(seq)
+                else:
+                    gseq = self.to_global.pop(seq, None)
+                    if gseq is not None:
+                        self.to_local.pop(gseq, None)
+                if gseq is None:
+                    continue
+                if segments:  # only if a worker ignored the in-band setting
+                    payload = _inline(payload, segments)
+                out.append((gseq, kind, bytes(payload), elapsed, pid, message))
+        if out and not self.closed:
+            size = sum(len(o[2]) for o in out)
+            self.relay.reply(("done", self.sid, out), large=size > LARGE_MESSAGE)
 
 
 def _inline(payload: bytes, segments: list[Any]) -> bytes:
@@ -249,7 +258,29 @@ class Relay:
         del mapping
         return segment
 
+    def failed(self, sid: int, what: str, exc: BaseException) -> None:
+        """Session ``sid`` cannot go on because ``what`` raised ``exc``: tell rank 0 (its call
+        fails with this message, naming this rank and host); if even that fails, end the job."""
+        message = f"the relay's {what} failed: {type(exc).__name__}: {exc}"
+        try:
+            self.reply(("broken", sid, message))
+        except BaseException as again:
+            fatal(
+                f"on rank {self.rank} (host {hostname()}), {message}; telling rank 0 failed "
+                f"too: {again!r}"
+            )
+
     def handle(self, message: tuple[Any, ...]) -> bool:
+        """Act on one message from rank 0; ``False`` once told to stop."""
+        try:
+            return self._handle(message)
+        except Exception as exc:
+            if message[0] not in _SESSION_MESSAGES:
+                raise  # the relay itself is broken: run_relay ends the job
+            self.failed(message[1], f"handling of {message[0]!r}", exc)
+            return True
+
+    def _handle(self, message: tuple[Any, ...]) -> bool:
         kind = message[0]
         if kind == "task":
             _, sid, key, seq, n, payload, exclusive = message
@@ -297,6 +328,9 @@ class Relay:
         return True
 
 
+#: Messages about one session: a failure handling one fails that session's call only.
+_SESSION_MESSAGES = frozenset({"task", "open", "setup", "drop", "cancel", "close"})
+
 #: Seconds a relay told to stop waits for its last replies to be taken before it leaves.
 DRAIN_S = 1.0
 
@@ -305,14 +339,17 @@ TERM_GRACE = 1.5
 
 
 def run_relay(comm: Any, root: int, rank: int, workers: int) -> None:
-    """Serve rank 0 until it says stop; then exit this process."""
-    relay = Relay(comm, root, rank, workers or cpu_count())
+    """Serve rank 0 until it says stop (then return); leave the process with a failure
+    status if serving fails, which makes the MPI runtime end the job rather than leave rank 0
+    waiting for this rank."""
+    relay: Relay | None = None
 
     def on_term(signum: int, frame: Any) -> None:
         # mpiexec passes Ctrl-C on to every rank as SIGTERM. Stop the tasks at once, but let
         # rank 0 (which sees a KeyboardInterrupt) end first and say stop, so that the job ends
         # with its status; leave anyway after a grace period.
-        relay.pool.shutdown(kill=True)
+        if relay is not None:
+            relay.pool.shutdown(kill=True)
         timer = threading.Timer(TERM_GRACE, os._exit, args=(128 + signum,))
         timer.daemon = True
         timer.start()
@@ -320,7 +357,15 @@ def run_relay(comm: Any, root: int, rank: int, workers: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle
     signal.signal(signal.SIGTERM, on_term)
     try:
+        relay = Relay(comm, root, rank, workers or cpu_count())
         relay.serve()
     except BaseException as exc:  # never hang the job: report and leave
-        print(f"shoal.mpi: relay on rank {rank} failed: {exc!r}", file=sys.stderr, flush=True)
-        os._exit(1)
+        fatal(f"relay on rank {rank} (host {hostname()}) failed: {exc!r}")
+
+
+def fatal(message: str) -> NoReturn:
+    """Say why on stderr and leave at once, with a failure status and without MPI_Finalize
+    (which could wait for ranks that wait for this one)."""
+    with contextlib.suppress(BaseException):
+        print(f"shoal.mpi: {message}", file=sys.stderr, flush=True)
+    os._exit(1)
