@@ -163,8 +163,15 @@ class _Link:
             rung = relay.bell is not None
             self.send(relay.rank, ("bell", mine if rung else None, rung))
 
-    def send(self, rank: int, message: tuple[Any, ...], buffers: list[memoryview] = ()) -> None:  # type: ignore[assignment]
-        """Send ``message``, then each of ``buffers`` as a raw message (not pickled).
+    def send(
+        self,
+        rank: int,
+        message: tuple[Any, ...],
+        buffers: list[memoryview] = (),  # type: ignore[assignment]
+        size: int = 0,
+    ) -> None:
+        """Send ``message`` (of about ``size`` bytes), then each of ``buffers`` as a raw
+        message (not pickled).
 
         The message is posted without waiting (the receiver thread sees it complete); raw
         buffers, large by definition, go with a blocking send, which moves their data fastest.
@@ -172,17 +179,20 @@ class _Link:
         from ..mpi._wire import TAG_CONTROL, TAG_DATA
 
         if not buffers:
-            self._outbox.send(self.comm, message, rank, TAG_CONTROL)
+            in_flight = self._outbox.send(self.comm, message, rank, TAG_CONTROL, size)
             bell = self.relays[rank].bell
             if bell is not None:
                 self._ringer.ring(bell)
+            if in_flight and self._bell is not None:
+                # The receiver thread, which may sleep long, drives the transfer's progress.
+                self._ringer.ring(self._bell.name)
         else:
             from mpi4py import MPI
 
             # One setup's buffers follow it in order on their own tag: never interleaved with
             # another thread's setup to the same rank.
             with self._data_lock:
-                self._outbox.send(self.comm, message, rank, TAG_CONTROL)
+                self._outbox.send(self.comm, message, rank, TAG_CONTROL, size)
                 bell = self.relays[rank].bell
                 if bell is not None:
                     self._ringer.ring(bell)
@@ -234,6 +244,8 @@ class _Link:
                 session._broken(
                     source, f"rank 0 could not take its results: {type(exc).__name__}: {exc}"
                 )
+            if poller.quiet():  # nothing else waits: the next probe comes after a ring
+                poller.sleep(outbox.cap())
 
     def _fail(self, why: str) -> None:
         """The link is broken: fail every open call, and refuse new ones."""
@@ -271,6 +283,11 @@ LONG_CHUNK_NS = 50e6
 
 class MpiSession(Session):
     """One call's chunks on the relays; see the module docs."""
+
+    #: Specs are kept only as the relays' pickled copies: an Executor need not unregister a
+    #: function it no longer runs (each unregistering would cost a message to every relay,
+    #: and the next submit of that function a new registration).
+    holds_specs = False
 
     def __init__(self, link: _Link, *, ordered: bool, limits: Limits | None) -> None:
         lim = limits or NO_LIMITS
@@ -328,7 +345,7 @@ class MpiSession(Session):
         self._sizers[key] = _native.ChunkSizer(self.link.workers, TARGET_CHUNK_S)
         sizes = [b.nbytes for b in buffers]
         for rank in self.link.relays:
-            self.link.send(rank, ("setup", self.sid, key, body, sizes), buffers)
+            self.link.send(rank, ("setup", self.sid, key, body, sizes), buffers, len(body))
         return key
 
     def unregister(self, spec_id: int) -> None:
@@ -363,7 +380,9 @@ class MpiSession(Session):
             seq, key, n, payload, exclusive = self._queue.popleft()
             self._load[rank] += 1
             self._where[seq] = rank
-            self.link.send(rank, ("task", self.sid, key, seq, n, payload, exclusive))
+            self.link.send(
+                rank, ("task", self.sid, key, seq, n, payload, exclusive), size=len(payload)
+            )
 
     def _room(self, rank: int) -> int:
         """Chunks a relay may hold: one per worker, plus some queued behind them so that no

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import queue
 import signal
 import sys
 import threading
@@ -39,9 +40,6 @@ from ._wire import (
     use_bell,
 )
 
-#: Bytes over which a message may need this side's MPI progress while it travels.
-LARGE_MESSAGE = 4096
-
 #: Results and arguments always travel in-band between a relay and its workers: a shared-memory
 #: segment of a worker means nothing on rank 0's host.
 _IN_BAND = {"SHOAL_SHM_THRESHOLD": str(2**62)}
@@ -59,8 +57,7 @@ class _RelaySession:
         self.to_local: dict[int, int] = {}
         self.lock = threading.Lock()
         self.closed = False
-        self.thread = threading.Thread(target=self.pump, name=f"shoal-relay-{sid}", daemon=True)
-        self.thread.start()
+        relay.pumps.start(self)
 
     def setup(self, key: int, body: bytes, segments: list[Any]) -> None:
         blob = body
@@ -139,8 +136,52 @@ class _RelaySession:
                     payload = _inline(payload, segments)
                 out.append((gseq, kind, bytes(payload), elapsed, pid, message))
         if out and not self.closed:
-            size = sum(len(o[2]) for o in out)
-            self.relay.reply(("done", self.sid, out), large=size > LARGE_MESSAGE)
+            self.relay.reply(("done", self.sid, out), sum(len(o[2]) for o in out))
+
+
+class _Pumps:
+    """The sessions' reply threads, kept for the next session once theirs closes.
+
+    Starting a thread costs 0.1-0.5 ms on a busy node, on the path of a call's first result
+    (its "open" comes just before its first chunk): a thread that waits for work takes a new
+    session in microseconds. One waits from the start.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[_RelaySession | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._count = 0
+        self._spawn()
+
+    def _spawn(self) -> None:
+        self._count += 1
+        thread = threading.Thread(target=self._run, name=f"shoal-relay-{self._count}")
+        thread.daemon = True
+        with self._lock:
+            self._idle += 1
+        thread.start()
+
+    def _run(self) -> None:
+        while True:
+            session = self._queue.get()
+            if session is None:
+                return
+            session.pump()  # never raises: a failure is reported to rank 0
+            with self._lock:
+                self._idle += 1
+
+    def start(self, session: _RelaySession) -> None:
+        """Have a thread pump ``session`` (an idle one, else a new one)."""
+        with self._lock:
+            spare = self._idle > 0
+            if spare:
+                self._idle -= 1
+        if not spare:
+            self._spawn()
+            with self._lock:
+                self._idle -= 1
+        self._queue.put(session)
 
 
 def _inline(payload: bytes, segments: list[Any]) -> bytes:
@@ -204,6 +245,7 @@ class Relay:
         env = {**_IN_BAND, "SHOAL_MPI_RANK": str(rank)}
         self.pool = ProcessPool(workers, env=env, idle_timeout=None)
         self.sessions: dict[int, _RelaySession] = {}
+        self.pumps = _Pumps()
         self.outbox = Outbox()
         self.bell = Bell.create()
         self.poller = Poller(bell=self.bell)
@@ -211,11 +253,12 @@ class Relay:
         #: Rank 0's bell, once rank 0 said it is on this host (see "bell").
         self.root_bell: str | None = None
 
-    def reply(self, message: tuple[Any, ...], *, large: bool = False) -> None:
-        self.outbox.send(self.comm, message, self.root, TAG_REPLY)
+    def reply(self, message: tuple[Any, ...], size: int = 0) -> None:
+        """Send ``message`` (of about ``size`` bytes) to rank 0."""
+        in_flight = self.outbox.send(self.comm, message, self.root, TAG_REPLY, size)
         if self.root_bell is not None:
             self.ringer.ring(self.root_bell)
-        if large and self.bell is not None:
+        if in_flight and self.bell is not None:
             # Wake the main thread, which drives MPI's progress for the transfer.
             self.ringer.ring(self.bell.name)
         # Rank 0 answers results with more work: poll at the fastest for a while.
@@ -240,6 +283,8 @@ class Relay:
             if not self.handle(message):
                 break
             poller.received()
+            if poller.quiet():  # nothing else waits: no empty probe
+                poller.sleep(outbox.cap())
         for session in list(self.sessions.values()):
             session.close(True)
         self.pool.shutdown(kill=True)
