@@ -50,12 +50,12 @@ def inject(fault: str, rank: int) -> None:
     elif fault == "reply-thread" and rank == 1:
         reply = _relay.Relay.reply
 
-        def failing(self: Any, message: tuple[Any, ...], **kwargs: Any) -> None:
+        def failing(self: Any, message: tuple[Any, ...], *args: Any, **kwargs: Any) -> None:
             # Only in a session's reply thread, which sends the outcomes ("done").
             if message[0] == "done" and not getattr(self, "fault_fired", False):
                 self.fault_fired = True
                 raise InjectedFaultError(f"injected fault: {fault}")
-            reply(self, message, **kwargs)
+            reply(self, message, *args, **kwargs)
 
         _relay.Relay.reply = failing  # type: ignore[method-assign]
     elif fault == "rank0-receiver" and rank == 0:
