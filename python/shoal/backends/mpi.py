@@ -272,7 +272,7 @@ class _Link:
 #: Wanted compute time of one chunk. A chunk costs rank 0 and a relay about 0.2-0.3 ms of CPU
 #: (messages, pickling, wake-ups), against some 30 us on the processes backend, so chunks are
 #: longer than that backend's 4 ms; near the end of a call they still shrink to balance.
-TARGET_CHUNK_S = 0.01
+TARGET_CHUNK_S = float(os.environ.get("SHOAL_EXP_TARGET", "0.01"))  # EXPERIMENT
 #: Work (ns) that may wait on a relay behind its running chunks.
 PIPELINE_NS = 8e6
 #: Chunks longer than this (ns) are never queued behind another on a relay (a queued chunk
@@ -314,17 +314,39 @@ class MpiSession(Session):
         link.sessions[self.sid] = self
         if link.failure is not None:  # broke meanwhile
             self._failure = link.failure
-        link.send_all(
-            (
-                "open",
-                self.sid,
-                lim.timeout,
-                lim.max_tasks_per_worker,
-                lim.max_worker_memory,
-                lim.max_load,
-                lim.max_memory,
-            )
+        #: The session opens on a relay with the first message it sends there (one message
+        #: fewer per relay and call, on the way to the first result).
+        self._open = (
+            "open",
+            self.sid,
+            lim.timeout,
+            lim.max_tasks_per_worker,
+            lim.max_worker_memory,
+            lim.max_load,
+            lim.max_memory,
         )
+        self._opened: set[int] = set()
+        self._send_lock = threading.Lock()
+
+    def _send(
+        self,
+        rank: int,
+        message: tuple[Any, ...],
+        buffers: list[memoryview] = (),  # type: ignore[assignment]
+        size: int = 0,
+    ) -> None:
+        """Send one of this session's messages to ``rank``, opening the session there first."""
+        with self._send_lock:  # an "open" is never overtaken by the session's next message
+            if rank not in self._opened:
+                if message[0] == "close":
+                    return  # never opened there
+                self._opened.add(rank)
+                message = (*self._open, message)
+            self.link.send(rank, message, buffers, size)
+
+    def _send_all(self, message: tuple[Any, ...]) -> None:
+        for rank in self.link.relays:
+            self._send(rank, message)
 
     @property
     def max_in_flight(self) -> int:  # type: ignore[override]
@@ -345,13 +367,13 @@ class MpiSession(Session):
         self._sizers[key] = _native.ChunkSizer(self.link.workers, TARGET_CHUNK_S)
         sizes = [b.nbytes for b in buffers]
         for rank in self.link.relays:
-            self.link.send(rank, ("setup", self.sid, key, body, sizes), buffers, len(body))
+            self._send(rank, ("setup", self.sid, key, body, sizes), buffers, len(body))
         return key
 
     def unregister(self, spec_id: int) -> None:
         self._sizers.pop(spec_id, None)
         if not self._closed:
-            self.link.send_all(("drop", self.sid, spec_id))
+            self._send_all(("drop", self.sid, spec_id))
 
     def chunk_size(self, spec_id: int, remaining: int | None) -> int:
         return int(self._sizers[spec_id].size(remaining))
@@ -380,9 +402,7 @@ class MpiSession(Session):
             seq, key, n, payload, exclusive = self._queue.popleft()
             self._load[rank] += 1
             self._where[seq] = rank
-            self.link.send(
-                rank, ("task", self.sid, key, seq, n, payload, exclusive), size=len(payload)
-            )
+            self._send(rank, ("task", self.sid, key, seq, n, payload, exclusive), size=len(payload))
 
     def _room(self, rank: int) -> int:
         """Chunks a relay may hold: one per worker, plus some queued behind them so that no
@@ -501,7 +521,7 @@ class MpiSession(Session):
                 self._sizes.pop(seq, None)
             self._dispatch()
         for rank, on_rank in by_rank.items():
-            self.link.send(rank, ("cancel", self.sid, None if seqs is None else on_rank))
+            self._send(rank, ("cancel", self.sid, None if seqs is None else on_rank))
         return sorted(dropped)
 
     def wake(self) -> None:
@@ -518,7 +538,7 @@ class MpiSession(Session):
             self._cond.notify_all()
         self.link.sessions.pop(self.sid, None)
         if not self.link._stopped:
-            self.link.send_all(("close", self.sid, abort))
+            self._send_all(("close", self.sid, abort))
 
 
 class MpiPool(Pool):

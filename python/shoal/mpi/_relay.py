@@ -336,7 +336,9 @@ class Relay:
                 except Exception as exc:
                     self.reply(("broken", sid, f"{type(exc).__name__}: {exc}"))
         elif kind == "open":
-            self.sessions[message[1]] = _RelaySession(self, message[1], message[2:])
+            self.sessions[message[1]] = _RelaySession(self, message[1], message[2:7])
+            if len(message) > 7:  # the session's first message came with it
+                return self._handle(message[7])
         elif kind == "setup":
             _, sid, key, body, sizes = message
             segments = [self.receive_segment(size) for size in sizes]

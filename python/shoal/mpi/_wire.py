@@ -6,7 +6,9 @@ own (a duplicate of the world, or the spawn intercommunicator), so user code tha
 
 driver -> relay (tag :data:`TAG_CONTROL`)::
 
-    ("open", sid, timeout, max_tasks_per_worker, max_worker_memory, max_load, max_memory)
+    ("open", sid, timeout, max_tasks_per_worker, max_worker_memory, max_load, max_memory,
+     first)                                       first: the session's first message to
+                                                  this relay, handled right after
     ("setup", sid, spec_key, body, sizes)         once per call and relay; then one raw
                                                   message (TAG_DATA) per size: the spec's
                                                   large buffers, out of band
