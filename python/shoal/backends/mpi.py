@@ -269,10 +269,12 @@ class _Link:
                 self.comm.Disconnect()
 
 
-#: Wanted compute time of one chunk. A chunk costs rank 0 and a relay about 0.2-0.3 ms of CPU
-#: (messages, pickling, wake-ups), against some 30 us on the processes backend, so chunks are
-#: longer than that backend's 4 ms; near the end of a call they still shrink to balance.
-TARGET_CHUNK_S = float(os.environ.get("SHOAL_EXP_TARGET", "0.01"))  # EXPERIMENT
+#: Wanted compute time of one chunk. A chunk costs rank 0 and a relay about 0.1-0.25 ms of CPU
+#: each (messages, pickling, wake-ups), against some 30 us on the processes backend, so chunks
+#: are longer than that backend's 4 ms; near the end of a call they still shrink to balance.
+#: On 2 cores with 2 relays, 20 ms rather than 10 ms took a quarter to a third off that CPU
+#: (W2, W4 of bench/mpi.py), which the workers of the node get back.
+TARGET_CHUNK_S = 0.02
 #: Work (ns) that may wait on a relay behind its running chunks.
 PIPELINE_NS = 8e6
 #: Chunks longer than this (ns) are never queued behind another on a relay (a queued chunk
