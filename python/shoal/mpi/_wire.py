@@ -148,6 +148,8 @@ AFTER_RING = 1e-5
 #: needs the sender's progress for each fragment.
 SENDING_LONGEST = 1e-4
 SENDING_WINDOW = 0.05
+#: The longest sleep of a polling thread while a small send of its process is in flight.
+SMALL_SENDING_LONGEST = 0.005
 #: Messages under this many bytes go by MPI's eager protocol (Open MPI's shared-memory and
 #: TCP transports send at least 4 KiB eagerly): no progress of the sender is needed.
 EAGER_BYTES = 4096
@@ -300,9 +302,13 @@ class Outbox:
 
     def cap(self) -> float | None:
         """The longest sleep for the polling thread that drives these sends' progress."""
-        if self._pending and time.monotonic() - self._posted < SENDING_WINDOW:
+        if not self._pending:
+            return None
+        if time.monotonic() - self._posted < SENDING_WINDOW:
             return SENDING_LONGEST
-        return None
+        # Small sends only: should the transport have had no room for one (it then waits in
+        # this side's queue for MPI's progress), it still goes within this bound.
+        return SMALL_SENDING_LONGEST
 
     def reap(self) -> None:
         """Forget the sends that have completed."""
