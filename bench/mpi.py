@@ -10,8 +10,9 @@
 - ``mpiexec -n 2 python bench/mpi.py --tool allreduce`` (mpi4py ``Allreduce`` of a 100 MB
   float64 array) and the same with ``shoal.spmd.run(..., ranks=2)`` on local processes.
 
-``--only pools`` or ``--only allreduce`` runs one part; the allreduce part interleaves the two
-tools over ``--rounds`` rounds and prints the load average after each.
+``--only pools`` or ``--only allreduce`` runs one part. ``--rounds N`` interleaves the tools over
+N rounds (pool rows: shoal's job, then MPIPoolExecutor's, in each round), prints each round with
+the load average after it, then the best of each cell.
 
 Rows: W1 (100,000 no-op calls), W2 (20,000 x ~100 us), W3 (200 x ~10 ms), W4 (400 heavy-tailed,
 mean ~5 ms) and first result (ms from a new executor to its first result).
@@ -48,6 +49,8 @@ ENV = {
     "OMPI_MCA_btl": "^tcp",
 }
 ARRAY_BYTES = 100 * 2**20
+#: Samples of the time to first result (the median is shown).
+FIRST_SAMPLES = 21
 
 
 def best_of(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
@@ -80,7 +83,9 @@ def measure(mappers: dict[str, Callable[..., list[Any]]], first: Callable[[], An
             assert got == expected, f"{tool} gave wrong results on {name}"
             out.setdefault(name, {})[tool] = took / serial
     times = []
-    for _ in range(max(3, repeat)):
+    # A median of many: one start-up is a fraction of a millisecond, easily hit by a wake-up
+    # that comes late on a busy machine.
+    for _ in range(max(FIRST_SAMPLES, repeat)):
         start = time.perf_counter()
         first()
         times.append((time.perf_counter() - start) * 1e3)
@@ -210,7 +215,12 @@ def main() -> None:
     parser.add_argument(
         "--only", choices=["pools", "allreduce"], help="run only the pool rows or the allreduce"
     )
-    parser.add_argument("--rounds", type=int, default=3, help="allreduce: interleaved rounds")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="interleaved rounds (default: 1 for the pool rows, 3 for the allreduce)",
+    )
     opts = parser.parse_args()
     me = os.path.abspath(__file__)
     if opts.tool:
@@ -226,20 +236,37 @@ def main() -> None:
             print("RESULT " + json.dumps(result), flush=True)
         return
     if opts.only != "allreduce":
-        pool_rows(me, opts.repeat)
+        pool_rows(me, opts.repeat, opts.rounds or 1)
     if opts.only != "pools":
         print()
-        allreduce_rows(opts.repeat, opts.rounds)
+        allreduce_rows(opts.repeat, opts.rounds or 3)
 
 
-def pool_rows(me: str, repeat_n: int) -> None:
+def pool_rows(me: str, repeat_n: int, rounds: int = 1) -> None:
+    """The pool rows: shoal's job and MPIPoolExecutor's, interleaved over ``rounds`` (each
+    round's ratios with the load average after it, then the best of each cell)."""
     repeat = ["--repeat", str(repeat_n)]
-    table = job(["-m", "shoal.mpi", me, "--tool", "shoal", *repeat], 3)
-    for name, cells in job(["-m", "mpi4py.futures", me, "--tool", "futures", *repeat], 3).items():
-        table[name].update(cells)
     tools = ["shoal", "MPIPool", "MPIPool cs=64", "MPIPool cs=512", "shoal local"]
+    best: dict[str, dict[str, float]] = {}
     print("ratio to a serial loop (lower is better); mpiexec -n 3: rank 0 + 2 serving ranks")
-    print(f"{'row':28}" + "".join(f"{t:>16}" for t in tools))
+    for i in range(rounds):
+        table = job(["-m", "shoal.mpi", me, "--tool", "shoal", *repeat], 3)
+        for name, cells in job(
+            ["-m", "mpi4py.futures", me, "--tool", "futures", *repeat], 3
+        ).items():
+            table[name].update(cells)
+        for name, cells in table.items():
+            for tool, value in cells.items():
+                row = best.setdefault(name, {})
+                row[tool] = min(row.get(tool, value), value)
+        title = f"round {i + 1} (load {os.getloadavg()[0]:.2f})" if rounds > 1 else "row"
+        _print_table(title, table, tools)
+    if rounds > 1:
+        _print_table(f"best of {rounds}", best, tools)
+
+
+def _print_table(title: str, table: dict[str, dict[str, float]], tools: list[str]) -> None:
+    print(f"{title:28}" + "".join(f"{t:>16}" for t in tools))
     for name, cells in table.items():
         line = f"{name:28}"
         for t in tools:

@@ -50,10 +50,16 @@ def test_launch_mode_runs_the_script_on_rank_0_with_mpi_as_default(tmp_path):
             rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
             pool = shoal.get_backend().pool()
             places = shoal.map(where, range(300), chunksize=1)
+            # The pool size on MPI is the relays' workers: rank 0's CPUs are not counted.
+            import shoal._options as options
+            counted, real_count = [], options.cpu_count
+            options.cpu_count = lambda: counted.append(1) or real_count()
             with shoal.Executor() as ex:
                 future = ex.submit(square, 9)
                 got = future.result()
+            options.cpu_count = real_count
             print(json.dumps({
+                "executor_cpu_counts": len(counted),
                 "argv": sys.argv,
                 "backend": shoal.get_backend().name,
                 "rank": rank,
@@ -77,6 +83,7 @@ def test_launch_mode_runs_the_script_on_rank_0_with_mpi_as_default(tmp_path):
     assert got["starmap"] == [32, 9]
     assert got["imap"] == [0, 1, 4, 9, 16]
     assert got["executor"] == 81
+    assert got["executor_cpu_counts"] == 0
     assert sorted(r[0] for r in got["relays"]) == [1, 2]
     assert got["ranks_used"] == [1, 2]  # tasks ran on the serving ranks, never on rank 0
     assert got["workers_used"] >= 2

@@ -37,7 +37,6 @@ from ._options import (
     check_seed,
     check_timeout,
     parse_memory,
-    resolve_workers,
 )
 from ._spec import MODE_KW, CallSpec, ChunkResult, Limits, describe_item
 from .backends import Backend, get_backend
@@ -349,7 +348,9 @@ class Executor(cf.Executor):
             refuse = getattr(be, "name", "")
             if refuse in ("threads", "serial"):
                 refuse_engine_limits(refuse, self._limits)
-        n = resolve_workers(be.workers if workers is None else workers)
+        # The backend's reading of the setting: on MPI in launch mode, the ranks' workers
+        # (no cpu_count() of rank 0 needed); on a cluster, the whole cluster.
+        n = be.pool_size(be.workers if workers is None else workers)
         threads = check_max_tasks(threads_per_worker, "threads_per_worker")
         self._pool = be.create_pool(n, **be.check_pool_options({"threads_per_worker": threads}))
         self._lock = threading.Lock()

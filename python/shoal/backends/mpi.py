@@ -29,6 +29,7 @@ from typing import Any
 
 from .. import _native
 from .._errors import PicklingError, ShoalError
+from .._options import resolve_workers
 from .._pickling import MAX_MESSAGE_BYTES, decode_outcome, dumps_items, dumps_spec
 from .._spec import NO_LIMITS, CallSpec, ChunkResult, Crash, ItemError, Limits
 from ._base import Backend, Pool, Session
@@ -96,8 +97,7 @@ class _Link:
     """Rank 0's connection to its relays: sends, and a thread that routes their replies."""
 
     def __init__(self, comm: Any, relay_ranks: list[int], *, hello_timeout: float = 60.0) -> None:
-        from ..mpi import hostname
-        from ..mpi._wire import TAG_REPLY, Backoff, Bell, Outbox, Poller, Ringer, use_bell
+        from ..mpi._wire import TAG_CONTROL, Outbox
 
         self.comm = comm
         self.relays: dict[int, _RelayInfo] = {}
@@ -106,11 +106,32 @@ class _Link:
         self._outbox = Outbox()
         self._data_lock = threading.Lock()
         self._stopped = False
+        #: Why the link cannot be used any more (its receiver thread failed), or None.
+        self.failure: str | None = None
+        try:
+            self._connect(relay_ranks, hello_timeout)
+        except BaseException:
+            # Relays that reported, or will, would wait for rank 0's messages forever.
+            outbox = Outbox()
+            with contextlib.suppress(BaseException):
+                for rank in relay_ranks:
+                    outbox.send(comm, ("stop",), rank, TAG_CONTROL)
+                outbox.drain(0.5)
+            raise
+        self._thread = threading.Thread(target=self._receive, name="shoal-mpi-recv", daemon=True)
+        self._thread.start()
+
+    def _connect(self, relay_ranks: list[int], hello_timeout: float) -> None:
+        """Wait for each relay's hello; set up the doorbells."""
+        from mpi4py import MPI
+
+        from ..mpi import hostname
+        from ..mpi._wire import TAG_REPLY, Backoff, Bell, Poller, Ringer, use_bell
+
+        comm = self.comm
         backoff = Backoff()
         deadline = time.monotonic() + hello_timeout
         waiting = set(relay_ranks)
-        from mpi4py import MPI
-
         while waiting:
             if comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_REPLY):
                 message = comm.recv(source=MPI.ANY_SOURCE, tag=TAG_REPLY)
@@ -141,11 +162,16 @@ class _Link:
         for relay in self.relays.values():
             rung = relay.bell is not None
             self.send(relay.rank, ("bell", mine if rung else None, rung))
-        self._thread = threading.Thread(target=self._receive, name="shoal-mpi-recv", daemon=True)
-        self._thread.start()
 
-    def send(self, rank: int, message: tuple[Any, ...], buffers: list[memoryview] = ()) -> None:  # type: ignore[assignment]
-        """Send ``message``, then each of ``buffers`` as a raw message (not pickled).
+    def send(
+        self,
+        rank: int,
+        message: tuple[Any, ...],
+        buffers: list[memoryview] = (),  # type: ignore[assignment]
+        size: int = 0,
+    ) -> None:
+        """Send ``message`` (of about ``size`` bytes), then each of ``buffers`` as a raw
+        message (not pickled).
 
         The message is posted without waiting (the receiver thread sees it complete); raw
         buffers, large by definition, go with a blocking send, which moves their data fastest.
@@ -153,17 +179,20 @@ class _Link:
         from ..mpi._wire import TAG_CONTROL, TAG_DATA
 
         if not buffers:
-            self._outbox.send(self.comm, message, rank, TAG_CONTROL)
+            in_flight = self._outbox.send(self.comm, message, rank, TAG_CONTROL, size)
             bell = self.relays[rank].bell
             if bell is not None:
                 self._ringer.ring(bell)
+            if in_flight and self._bell is not None:
+                # The receiver thread, which may sleep long, drives the transfer's progress.
+                self._ringer.ring(self._bell.name)
         else:
             from mpi4py import MPI
 
             # One setup's buffers follow it in order on their own tag: never interleaved with
             # another thread's setup to the same rank.
             with self._data_lock:
-                self._outbox.send(self.comm, message, rank, TAG_CONTROL)
+                self._outbox.send(self.comm, message, rank, TAG_CONTROL, size)
                 bell = self.relays[rank].bell
                 if bell is not None:
                     self._ringer.ring(bell)
@@ -196,16 +225,33 @@ class _Link:
                     continue
                 poller.received()
                 source = status.Get_source()
-            except Exception:  # MPI finalised under us at exit
+            except BaseException as exc:
+                if self._stopped or MPI.Is_finalized():  # MPI finalised under us at exit
+                    return
+                # Nothing would receive the relays' replies any more: every call fails
+                # rather than waits forever.
+                self._fail(f"rank 0's receiver thread failed: {type(exc).__name__}: {exc}")
                 return
-            kind = message[0]
             session = self.sessions.get(message[1])
             if session is None:
                 continue
-            if kind == "done":
-                session._deliver(source, message[2])
-            elif kind == "broken":
-                session._broken(source, message[2])
+            try:
+                if message[0] == "done":
+                    session._deliver(source, message[2])
+                elif message[0] == "broken":
+                    session._broken(source, message[2])
+            except BaseException as exc:
+                session._broken(
+                    source, f"rank 0 could not take its results: {type(exc).__name__}: {exc}"
+                )
+            if poller.quiet():  # nothing else waits: the next probe comes after a ring
+                poller.sleep(outbox.cap())
+
+    def _fail(self, why: str) -> None:
+        """The link is broken: fail every open call, and refuse new ones."""
+        self.failure = why
+        for session in list(self.sessions.values()):
+            session._broken(None, why)
 
     def stop(self, *, disconnect: bool = False) -> None:
         """Tell every relay to exit; with ``disconnect``, drop the spawn intercommunicator."""
@@ -223,10 +269,12 @@ class _Link:
                 self.comm.Disconnect()
 
 
-#: Wanted compute time of one chunk. A chunk costs rank 0 and a relay about 0.2-0.3 ms of CPU
-#: (messages, pickling, wake-ups), against some 30 us on the processes backend, so chunks are
-#: longer than that backend's 4 ms; near the end of a call they still shrink to balance.
-TARGET_CHUNK_S = 0.01
+#: Wanted compute time of one chunk. A chunk costs rank 0 and a relay about 0.1-0.25 ms of CPU
+#: each (messages, pickling, wake-ups), against some 30 us on the processes backend, so chunks
+#: are longer than that backend's 4 ms; near the end of a call they still shrink to balance.
+#: On 2 cores with 2 relays, 20 ms rather than 10 ms took a quarter to a third off that CPU
+#: (W2, W4 of bench/mpi.py), which the workers of the node get back.
+TARGET_CHUNK_S = 0.02
 #: Work (ns) that may wait on a relay behind its running chunks.
 PIPELINE_NS = 8e6
 #: Chunks longer than this (ns) are never queued behind another on a relay (a queued chunk
@@ -237,6 +285,11 @@ LONG_CHUNK_NS = 50e6
 
 class MpiSession(Session):
     """One call's chunks on the relays; see the module docs."""
+
+    #: Specs are kept only as the relays' pickled copies: an Executor need not unregister a
+    #: function it no longer runs (each unregistering would cost a message to every relay,
+    #: and the next submit of that function a new registration).
+    holds_specs = False
 
     def __init__(self, link: _Link, *, ordered: bool, limits: Limits | None) -> None:
         lim = limits or NO_LIMITS
@@ -261,17 +314,41 @@ class MpiSession(Session):
         self._closed = False
         self._failure: str | None = None
         link.sessions[self.sid] = self
-        link.send_all(
-            (
-                "open",
-                self.sid,
-                lim.timeout,
-                lim.max_tasks_per_worker,
-                lim.max_worker_memory,
-                lim.max_load,
-                lim.max_memory,
-            )
+        if link.failure is not None:  # broke meanwhile
+            self._failure = link.failure
+        #: The session opens on a relay with the first message it sends there (one message
+        #: fewer per relay and call, on the way to the first result).
+        self._open = (
+            "open",
+            self.sid,
+            lim.timeout,
+            lim.max_tasks_per_worker,
+            lim.max_worker_memory,
+            lim.max_load,
+            lim.max_memory,
         )
+        self._opened: set[int] = set()
+        self._send_lock = threading.Lock()
+
+    def _send(
+        self,
+        rank: int,
+        message: tuple[Any, ...],
+        buffers: list[memoryview] = (),  # type: ignore[assignment]
+        size: int = 0,
+    ) -> None:
+        """Send one of this session's messages to ``rank``, opening the session there first."""
+        with self._send_lock:  # an "open" is never overtaken by the session's next message
+            if rank not in self._opened:
+                if message[0] == "close":
+                    return  # never opened there
+                self._opened.add(rank)
+                message = (*self._open, message)
+            self.link.send(rank, message, buffers, size)
+
+    def _send_all(self, message: tuple[Any, ...]) -> None:
+        for rank in self.link.relays:
+            self._send(rank, message)
 
     @property
     def max_in_flight(self) -> int:  # type: ignore[override]
@@ -292,13 +369,13 @@ class MpiSession(Session):
         self._sizers[key] = _native.ChunkSizer(self.link.workers, TARGET_CHUNK_S)
         sizes = [b.nbytes for b in buffers]
         for rank in self.link.relays:
-            self.link.send(rank, ("setup", self.sid, key, body, sizes), buffers)
+            self._send(rank, ("setup", self.sid, key, body, sizes), buffers, len(body))
         return key
 
     def unregister(self, spec_id: int) -> None:
         self._sizers.pop(spec_id, None)
         if not self._closed:
-            self.link.send_all(("drop", self.sid, spec_id))
+            self._send_all(("drop", self.sid, spec_id))
 
     def chunk_size(self, spec_id: int, remaining: int | None) -> int:
         return int(self._sizers[spec_id].size(remaining))
@@ -327,7 +404,7 @@ class MpiSession(Session):
             seq, key, n, payload, exclusive = self._queue.popleft()
             self._load[rank] += 1
             self._where[seq] = rank
-            self.link.send(rank, ("task", self.sid, key, seq, n, payload, exclusive))
+            self._send(rank, ("task", self.sid, key, seq, n, payload, exclusive), size=len(payload))
 
     def _room(self, rank: int) -> int:
         """Chunks a relay may hold: one per worker, plus some queued behind them so that no
@@ -361,9 +438,14 @@ class MpiSession(Session):
             self._dispatch()
             self._cond.notify_all()
 
-    def _broken(self, rank: int, message: str) -> None:
+    def _broken(self, rank: int | None, message: str) -> None:
+        """This call cannot go on (``rank``: the relay that says so, or None for rank 0)."""
+        if rank is not None:
+            relay = self.link.relays.get(rank)
+            host = "?" if relay is None else relay.host
+            message = f"rank {rank} (host {host}): {message}"
         with self._cond:
-            self._failure = f"rank {rank}: {message}"
+            self._failure = message
             self._cond.notify_all()
 
     def wait(self, timeout: float | None) -> list[ChunkResult]:
@@ -441,7 +523,7 @@ class MpiSession(Session):
                 self._sizes.pop(seq, None)
             self._dispatch()
         for rank, on_rank in by_rank.items():
-            self.link.send(rank, ("cancel", self.sid, None if seqs is None else on_rank))
+            self._send(rank, ("cancel", self.sid, None if seqs is None else on_rank))
         return sorted(dropped)
 
     def wake(self) -> None:
@@ -458,7 +540,7 @@ class MpiSession(Session):
             self._cond.notify_all()
         self.link.sessions.pop(self.sid, None)
         if not self.link._stopped:
-            self.link.send_all(("close", self.sid, abort))
+            self._send_all(("close", self.sid, abort))
 
 
 class MpiPool(Pool):
@@ -477,6 +559,8 @@ class MpiPool(Pool):
     def open_session(self, *, ordered: bool, limits: Limits | None = None) -> MpiSession:
         if self.link._stopped:
             raise ShoalError("this MPI pool was shut down")
+        if self.link.failure is not None:
+            raise ShoalError(f"this MPI pool is broken: {self.link.failure}")
         return MpiSession(self.link, ordered=ordered, limits=limits)
 
     def shutdown(self, *, wait: bool = True, kill: bool = False) -> None:
@@ -533,6 +617,17 @@ class MpiBackend(Backend):
         from ..mpi import require_mpi
 
         require_mpi()  # fail at choice time, with the install hint, if MPI is missing
+
+    def pool_size(self, workers: int | float | None) -> int:
+        from .. import mpi
+
+        if mpi._launch is None:
+            return super().pool_size(workers)
+        # Launch mode: the serving ranks' workers, whatever the setting (which is still
+        # checked); counting this rank's CPUs would only cost time.
+        if workers is not None:
+            resolve_workers(workers)
+        return int(mpi._launch.workers)
 
     def create_pool(self, workers: int, **options: Any) -> MpiPool:
         self.check_pool_options(options)

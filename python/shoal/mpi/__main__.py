@@ -10,6 +10,7 @@ is rank 0's, and an unhandled exception prints one traceback, from rank 0.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import runpy
 import signal
@@ -18,7 +19,7 @@ import threading
 import time
 import traceback
 import warnings
-from typing import Any
+from typing import Any, NoReturn
 
 USAGE = "usage: mpiexec -n N python -m shoal.mpi (script.py | -m module) [args...]"
 
@@ -27,7 +28,7 @@ USAGE = "usage: mpiexec -n N python -m shoal.mpi (script.py | -m module) [args..
 FINALIZE_GRACE = 5.0
 
 
-def _exit_after_finalize(code: int) -> None:
+def _exit_after_finalize(code: int) -> NoReturn:
     """Exit normally (mpi4py finalises MPI at exit), but never hang there: a peer that is gone
     or a message still in flight must not keep this rank alive."""
     from mpi4py import MPI
@@ -150,14 +151,56 @@ def main(argv: list[str] | None = None) -> None:
         )
         sys.exit(_run_main(argv))
     control = world.Dup()  # shoal's messages never mix with the script's own MPI traffic
-    workers = _workers_per_relay(mpi, control, rank)
     if rank != 0:
-        from ._relay import run_relay
+        _serve(mpi, control, rank)
+    try:
+        _workers_per_relay(mpi, control, rank)
+        link = _open_link(control, size)
+    except BaseException as exc:
+        _setup_failed(control, size, exc)
+    _lead(link, argv)
 
-        run_relay(control, 0, rank, workers)
-        control.Free()
-        _exit_after_finalize(0)
-    _lead(control, size, argv)
+
+def _serve(mpi: Any, control: Any, rank: int) -> NoReturn:
+    """A serving rank, to the end of the job; it never returns."""
+    from ._relay import run_relay
+
+    try:
+        workers = _workers_per_relay(mpi, control, rank)
+    except BaseException as exc:
+        # Leaving without MPI_Finalize and with a failure status makes the MPI runtime end
+        # every rank (rank 0 included) rather than leave them waiting for this one.
+        print(f"shoal.mpi: rank {rank} could not start serving: {exc!r}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)
+    run_relay(control, 0, rank, workers)
+    control.Free()
+    _exit_after_finalize(0)
+
+
+def _setup_failed(control: Any, size: int, exc: BaseException) -> NoReturn:
+    """Rank 0 could not set up the link to the serving ranks: end the job with its error.
+
+    Leaving normally would hang: MPI_Finalize at exit waits for ranks that wait for rank 0.
+    Every serving rank that already waits for rank 0's messages is told to stop; the MPI
+    runtime ends any other (say, one still in a setup collective) when rank 0 leaves without
+    finalising and with a failure status.
+    """
+    from ._wire import TAG_CONTROL, Outbox
+
+    code = 130 if isinstance(exc, KeyboardInterrupt) else 1
+    if isinstance(exc, SystemExit) and isinstance(exc.code, int):
+        code = exc.code
+    traceback.print_exception(type(exc), exc, exc.__traceback__)
+    print("shoal.mpi: rank 0 could not set up its link to the serving ranks", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with contextlib.suppress(BaseException):
+        outbox = Outbox()
+        for rank in range(1, size):
+            outbox.send(control, ("stop",), rank, TAG_CONTROL)
+        outbox.drain(0.5)
+    os._exit(code or 1)
 
 
 def _workers_per_relay(mpi: Any, control: Any, rank: int) -> int:
@@ -183,7 +226,8 @@ def _workers_per_relay(mpi: Any, control: Any, rank: int) -> int:
     return max(1, cpu_count() // max(1, len(overlapping)))
 
 
-def _lead(control: Any, size: int, argv: list[str]) -> None:
+def _open_link(control: Any, size: int) -> Any:
+    """Rank 0's link to the serving ranks, made the default backend's."""
     from .. import mpi
     from ..backends import set_backend
     from ..backends.mpi import MpiBackend, _Link
@@ -191,6 +235,10 @@ def _lead(control: Any, size: int, argv: list[str]) -> None:
     link = _Link(control, list(range(1, size)))
     mpi._launch = link
     set_backend(MpiBackend())
+    return link
+
+
+def _lead(link: Any, argv: list[str]) -> None:
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         # Open MPI's mpiexec turns Ctrl-C into SIGTERM for the ranks: rank 0 sees it as the
         # KeyboardInterrupt a local run would get.

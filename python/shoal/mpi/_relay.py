@@ -17,10 +17,11 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import queue
 import signal
 import sys
 import threading
-from typing import Any
+from typing import Any, NoReturn
 
 from .. import _native
 from .._options import cpu_count
@@ -39,9 +40,6 @@ from ._wire import (
     use_bell,
 )
 
-#: Bytes over which a message may need this side's MPI progress while it travels.
-LARGE_MESSAGE = 4096
-
 #: Results and arguments always travel in-band between a relay and its workers: a shared-memory
 #: segment of a worker means nothing on rank 0's host.
 _IN_BAND = {"SHOAL_SHM_THRESHOLD": str(2**62)}
@@ -59,8 +57,7 @@ class _RelaySession:
         self.to_local: dict[int, int] = {}
         self.lock = threading.Lock()
         self.closed = False
-        self.thread = threading.Thread(target=self.pump, name=f"shoal-relay-{sid}", daemon=True)
-        self.thread.start()
+        relay.pumps.start(self)
 
     def setup(self, key: int, body: bytes, segments: list[Any]) -> None:
         blob = body
@@ -106,32 +103,85 @@ class _RelaySession:
                 seg.close()
 
     def pump(self) -> None:
-        while not self.closed:
-            try:
-                outcomes = self.engine.wait(self.local, 0.25)
-            except _native.EngineError as exc:
-                if not self.closed:
-                    self.relay.reply(("broken", self.sid, str(exc)))
+        """The session's reply thread: sends outcomes back as the engine reports them."""
+        try:
+            while not self.closed:
+                try:
+                    outcomes = self.engine.wait(self.local, 0.25)
+                except _native.EngineError as exc:
+                    if not self.closed:
+                        self.relay.reply(("broken", self.sid, str(exc)))
+                    return
+                if outcomes:
+                    self.forward(outcomes)
+        except BaseException as exc:
+            # A thread that ended silently would leave rank 0 waiting for these outcomes
+            # forever: the call fails instead, naming this rank.
+            self.relay.failed(self.sid, "reply thread", exc)
+
+    def forward(self, outcomes: list[Any]) -> None:
+        """Send the engine's ``outcomes`` to rank 0, under their global sequence numbers."""
+        out = []
+        with self.lock:
+            for seq, kind, payload, elapsed, pid, message, segments in outcomes:
+                if kind == _native.OUTCOME_PARTIAL:  # the chunk goes on: keep its mapping
+                    gseq = self.to_global.get(seq)
+                else:
+                    gseq = self.to_global.pop(seq, None)
+                    if gseq is not None:
+                        self.to_local.pop(gseq, None)
+                if gseq is None:
+                    continue
+                if segments:  # only if a worker ignored the in-band setting
+                    payload = _inline(payload, segments)
+                out.append((gseq, kind, bytes(payload), elapsed, pid, message))
+        if out and not self.closed:
+            self.relay.reply(("done", self.sid, out), sum(len(o[2]) for o in out))
+
+
+class _Pumps:
+    """The sessions' reply threads, kept for the next session once theirs closes.
+
+    Starting a thread costs 0.1-0.5 ms on a busy node, on the path of a call's first result
+    (its "open" comes just before its first chunk): a thread that waits for work takes a new
+    session in microseconds. One waits from the start.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[_RelaySession | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._count = 0
+        self._spawn()
+
+    def _spawn(self) -> None:
+        self._count += 1
+        thread = threading.Thread(target=self._run, name=f"shoal-relay-{self._count}")
+        thread.daemon = True
+        with self._lock:
+            self._idle += 1
+        thread.start()
+
+    def _run(self) -> None:
+        while True:
+            session = self._queue.get()
+            if session is None:
                 return
-            if not outcomes:
-                continue
-            out = []
-            with self.lock:
-                for seq, kind, payload, elapsed, pid, message, segments in outcomes:
-                    if kind == _native.OUTCOME_PARTIAL:  # the chunk goes on: keep its mapping
-                        gseq = self.to_global.get(seq)
-                    else:
-                        gseq = self.to_global.pop(seq, None)
-                        if gseq is not None:
-                            self.to_local.pop(gseq, None)
-                    if gseq is None:
-                        continue
-                    if segments:  # only if a worker ignored the in-band setting
-                        payload = _inline(payload, segments)
-                    out.append((gseq, kind, bytes(payload), elapsed, pid, message))
-            if out and not self.closed:
-                size = sum(len(o[2]) for o in out)
-                self.relay.reply(("done", self.sid, out), large=size > LARGE_MESSAGE)
+            session.pump()  # never raises: a failure is reported to rank 0
+            with self._lock:
+                self._idle += 1
+
+    def start(self, session: _RelaySession) -> None:
+        """Have a thread pump ``session`` (an idle one, else a new one)."""
+        with self._lock:
+            spare = self._idle > 0
+            if spare:
+                self._idle -= 1
+        if not spare:
+            self._spawn()
+            with self._lock:
+                self._idle -= 1
+        self._queue.put(session)
 
 
 def _inline(payload: bytes, segments: list[Any]) -> bytes:
@@ -195,6 +245,7 @@ class Relay:
         env = {**_IN_BAND, "SHOAL_MPI_RANK": str(rank)}
         self.pool = ProcessPool(workers, env=env, idle_timeout=None)
         self.sessions: dict[int, _RelaySession] = {}
+        self.pumps = _Pumps()
         self.outbox = Outbox()
         self.bell = Bell.create()
         self.poller = Poller(bell=self.bell)
@@ -202,11 +253,12 @@ class Relay:
         #: Rank 0's bell, once rank 0 said it is on this host (see "bell").
         self.root_bell: str | None = None
 
-    def reply(self, message: tuple[Any, ...], *, large: bool = False) -> None:
-        self.outbox.send(self.comm, message, self.root, TAG_REPLY)
+    def reply(self, message: tuple[Any, ...], size: int = 0) -> None:
+        """Send ``message`` (of about ``size`` bytes) to rank 0."""
+        in_flight = self.outbox.send(self.comm, message, self.root, TAG_REPLY, size)
         if self.root_bell is not None:
             self.ringer.ring(self.root_bell)
-        if large and self.bell is not None:
+        if in_flight and self.bell is not None:
             # Wake the main thread, which drives MPI's progress for the transfer.
             self.ringer.ring(self.bell.name)
         # Rank 0 answers results with more work: poll at the fastest for a while.
@@ -231,6 +283,8 @@ class Relay:
             if not self.handle(message):
                 break
             poller.received()
+            if poller.quiet():  # nothing else waits: no empty probe
+                poller.sleep(outbox.cap())
         for session in list(self.sessions.values()):
             session.close(True)
         self.pool.shutdown(kill=True)
@@ -249,7 +303,29 @@ class Relay:
         del mapping
         return segment
 
+    def failed(self, sid: int, what: str, exc: BaseException) -> None:
+        """Session ``sid`` cannot go on because ``what`` raised ``exc``: tell rank 0 (its call
+        fails with this message, naming this rank and host); if even that fails, end the job."""
+        message = f"the relay's {what} failed: {type(exc).__name__}: {exc}"
+        try:
+            self.reply(("broken", sid, message))
+        except BaseException as again:
+            fatal(
+                f"on rank {self.rank} (host {hostname()}), {message}; telling rank 0 failed "
+                f"too: {again!r}"
+            )
+
     def handle(self, message: tuple[Any, ...]) -> bool:
+        """Act on one message from rank 0; ``False`` once told to stop."""
+        try:
+            return self._handle(message)
+        except Exception as exc:
+            if message[0] not in _SESSION_MESSAGES:
+                raise  # the relay itself is broken: run_relay ends the job
+            self.failed(message[1], f"handling of {message[0]!r}", exc)
+            return True
+
+    def _handle(self, message: tuple[Any, ...]) -> bool:
         kind = message[0]
         if kind == "task":
             _, sid, key, seq, n, payload, exclusive = message
@@ -260,7 +336,9 @@ class Relay:
                 except Exception as exc:
                     self.reply(("broken", sid, f"{type(exc).__name__}: {exc}"))
         elif kind == "open":
-            self.sessions[message[1]] = _RelaySession(self, message[1], message[2:])
+            self.sessions[message[1]] = _RelaySession(self, message[1], message[2:7])
+            if len(message) > 7:  # the session's first message came with it
+                return self._handle(message[7])
         elif kind == "setup":
             _, sid, key, body, sizes = message
             segments = [self.receive_segment(size) for size in sizes]
@@ -297,6 +375,9 @@ class Relay:
         return True
 
 
+#: Messages about one session: a failure handling one fails that session's call only.
+_SESSION_MESSAGES = frozenset({"task", "open", "setup", "drop", "cancel", "close"})
+
 #: Seconds a relay told to stop waits for its last replies to be taken before it leaves.
 DRAIN_S = 1.0
 
@@ -305,14 +386,17 @@ TERM_GRACE = 1.5
 
 
 def run_relay(comm: Any, root: int, rank: int, workers: int) -> None:
-    """Serve rank 0 until it says stop; then exit this process."""
-    relay = Relay(comm, root, rank, workers or cpu_count())
+    """Serve rank 0 until it says stop (then return); leave the process with a failure
+    status if serving fails, which makes the MPI runtime end the job rather than leave rank 0
+    waiting for this rank."""
+    relay: Relay | None = None
 
     def on_term(signum: int, frame: Any) -> None:
         # mpiexec passes Ctrl-C on to every rank as SIGTERM. Stop the tasks at once, but let
         # rank 0 (which sees a KeyboardInterrupt) end first and say stop, so that the job ends
         # with its status; leave anyway after a grace period.
-        relay.pool.shutdown(kill=True)
+        if relay is not None:
+            relay.pool.shutdown(kill=True)
         timer = threading.Timer(TERM_GRACE, os._exit, args=(128 + signum,))
         timer.daemon = True
         timer.start()
@@ -320,7 +404,15 @@ def run_relay(comm: Any, root: int, rank: int, workers: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle
     signal.signal(signal.SIGTERM, on_term)
     try:
+        relay = Relay(comm, root, rank, workers or cpu_count())
         relay.serve()
     except BaseException as exc:  # never hang the job: report and leave
-        print(f"shoal.mpi: relay on rank {rank} failed: {exc!r}", file=sys.stderr, flush=True)
-        os._exit(1)
+        fatal(f"relay on rank {rank} (host {hostname()}) failed: {exc!r}")
+
+
+def fatal(message: str) -> NoReturn:
+    """Say why on stderr and leave at once, with a failure status and without MPI_Finalize
+    (which could wait for ranks that wait for this one)."""
+    with contextlib.suppress(BaseException):
+        print(f"shoal.mpi: {message}", file=sys.stderr, flush=True)
+    os._exit(1)

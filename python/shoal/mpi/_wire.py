@@ -6,7 +6,9 @@ own (a duplicate of the world, or the spawn intercommunicator), so user code tha
 
 driver -> relay (tag :data:`TAG_CONTROL`)::
 
-    ("open", sid, timeout, max_tasks_per_worker, max_worker_memory, max_load, max_memory)
+    ("open", sid, timeout, max_tasks_per_worker, max_worker_memory, max_load, max_memory,
+     first)                                       first: the session's first message to
+                                                  this relay, handled right after
     ("setup", sid, spec_key, body, sizes)         once per call and relay; then one raw
                                                   message (TAG_DATA) per size: the spec's
                                                   large buffers, out of band
@@ -80,7 +82,7 @@ class Poller:
     then a safety net, not what notices messages.
     """
 
-    __slots__ = ("bell", "delay", "expected", "longest", "shortest")
+    __slots__ = ("bell", "delay", "expected", "longest", "rung", "shortest")
 
     def __init__(
         self, shortest: float = 2e-5, longest: float = 0.001, bell: Bell | None = None
@@ -91,6 +93,8 @@ class Poller:
         self.bell = bell
         #: Rings not yet matched by a message received: their messages are on their way.
         self.expected = 0
+        #: Whether every peer rings the bell after each message (see :func:`use_bell`).
+        self.rung = False
 
     def reset(self) -> None:
         """Traffic just passed: probe at the fastest again."""
@@ -100,6 +104,15 @@ class Poller:
         """A message was received (and handled)."""
         self.expected = max(0, self.expected - 1)
         self.reset()
+
+    def quiet(self) -> bool:
+        """Whether no message can be waiting: every peer rings, and no ring is unmatched.
+
+        A probe then would find nothing, and an empty probe is not free: besides the wake-up,
+        Open MPI with more ranks than cores yields the CPU in it (``sched_yield``), a context
+        switch on a node whose cores the workers keep busy.
+        """
+        return self.rung and not self.expected
 
     def sleep(self, cap: float | None = None) -> None:
         """Sleep until the next probe (at most ``cap`` seconds)."""
@@ -111,6 +124,10 @@ class Poller:
                 self.expected += rings
                 self.delay = AFTER_RING
                 return
+            if delay >= STALE_RING:
+                # A ring's message would be here by now: it was taken with an earlier one
+                # (or the ring was this process's own, to wake it).
+                self.expected = 0
         else:
             time.sleep(delay)
         self.delay = min(self.longest, self.delay * 2)
@@ -118,8 +135,12 @@ class Poller:
 
 #: Shortest and longest sleeps between probes of a thread whose peers all ring its
 #: :class:`Bell` (after a ring, a message that is not there yet is probed for again soon).
-BELL_SHORTEST = 2e-4
-BELL_LONGEST = 0.005
+#: Equal: every message is rung for, so a probe soon after traffic would find nothing; each
+#: one costs a wake-up (15-40 us of CPU) that the workers of a busy node need.
+BELL_SHORTEST = 0.05
+BELL_LONGEST = 0.05
+#: Seconds after which a ring whose message was not found is forgotten.
+STALE_RING = 1e-3
 #: First sleep after a ring whose message was not there yet.
 AFTER_RING = 1e-5
 #: While its sends of the last :data:`SENDING_WINDOW` seconds are not complete, a thread
@@ -127,12 +148,18 @@ AFTER_RING = 1e-5
 #: needs the sender's progress for each fragment.
 SENDING_LONGEST = 1e-4
 SENDING_WINDOW = 0.05
+#: The longest sleep of a polling thread while a small send of its process is in flight.
+SMALL_SENDING_LONGEST = 0.005
+#: Messages under this many bytes go by MPI's eager protocol (Open MPI's shared-memory and
+#: TCP transports send at least 4 KiB eagerly): no progress of the sender is needed.
+EAGER_BYTES = 4096
 
 
 def use_bell(poller: Poller) -> None:
     """Every peer of ``poller``'s thread rings its bell: probes become a safety net."""
     poller.shortest = BELL_SHORTEST
     poller.longest = BELL_LONGEST
+    poller.rung = True
 
 
 #: File descriptors from this number on are beyond ``select()`` (FD_SETSIZE).
@@ -251,21 +278,37 @@ class Outbox:
         self._pending: list[Any] = []
         self._posted = 0.0
 
-    def send(self, comm: Any, message: object, dest: int, tag: int) -> None:
-        """Post ``message`` (pickled)."""
+    def send(self, comm: Any, message: object, dest: int, tag: int, size: int = 0) -> bool:
+        """Post ``message`` (pickled; ``size``: about how many bytes that makes). Whether its
+        transfer needs this side's progress: the polling thread, if it sleeps long, must then
+        be woken to drive it.
+
+        A small message is copied to the receiver at once (MPI's eager protocol); its request
+        completes only once the receiver has taken it, which needs nothing more from this
+        side, so it is reaped at the next wake-up that comes anyway. Polling fast for it
+        would cost a wake-up and an empty probe every :data:`SENDING_LONGEST`.
+        """
         with self._lock:
             request = comm.isend(message, dest=dest, tag=tag)
             # A test drives MPI's progress: the message is handed to the transport now rather
             # than at this process's next probe (the receiver may be woken before that).
-            if not request.Test():
-                self._pending.append(request)
-                self._posted = time.monotonic()
+            if request.Test():
+                return False
+            self._pending.append(request)
+            if size < EAGER_BYTES:
+                return False
+            self._posted = time.monotonic()
+            return True
 
     def cap(self) -> float | None:
         """The longest sleep for the polling thread that drives these sends' progress."""
-        if self._pending and time.monotonic() - self._posted < SENDING_WINDOW:
+        if not self._pending:
+            return None
+        if time.monotonic() - self._posted < SENDING_WINDOW:
             return SENDING_LONGEST
-        return None
+        # Small sends only: should the transport have had no room for one (it then waits in
+        # this side's queue for MPI's progress), it still goes within this bound.
+        return SMALL_SENDING_LONGEST
 
     def reap(self) -> None:
         """Forget the sends that have completed."""
