@@ -42,9 +42,10 @@ def _spec_out_of_band(spec: CallSpec) -> tuple[bytes, list[memoryview]]:
     They cross MPI once per call and relay as raw buffers; the relay puts them in shared memory
     that all its workers map. Rank 0's ``sys.path`` travels in the same pickle.
     """
-    import cloudpickle
+    import pickle
 
     from .. import _shm
+    from .._pickling import _by_value_pickler, needs_by_value
     from ..mpi._wire import PathFirst
 
     buffers: list[memoryview] = []
@@ -59,8 +60,19 @@ def _spec_out_of_band(spec: CallSpec) -> tuple[bytes, list[memoryview]]:
         buffers.append(view)
         return False
 
+    payload = PathFirst(list(sys.path), spec)
+    # The standard pickle first (C, a tenth of cloudpickle's time on a fresh Executor's first
+    # submit); cloudpickle, by value, for what it cannot do or what the relays could not import
+    # (a function of __main__ or of a module made at run time), as for any call (_pickling).
     try:
-        body = cloudpickle.dumps(PathFirst(list(sys.path), spec), 5, buffer_callback=out_of_band)
+        body = pickle.dumps(payload, 5, buffer_callback=out_of_band)
+        if not needs_by_value(body):
+            return body, buffers
+    except Exception:
+        pass
+    buffers.clear()
+    try:
+        body = _by_value_pickler().dumps(payload, 5, buffer_callback=out_of_band)
     except Exception:
         dumps_spec(spec)  # raises a PicklingError that names what failed
         raise
@@ -310,6 +322,9 @@ class MpiSession(Session):
         self._seq = itertools.count()
         self._keys = itertools.count(1)
         self._sizers: dict[int, Any] = {}
+        #: Registered specs: key -> (pickle, out-of-band buffers, their sizes, the relays that
+        #: have it); see register().
+        self._specs: dict[int, tuple[bytes, list[memoryview], list[int], set[int]]] = {}
         self._woken = False
         self._closed = False
         self._failure: str | None = None
@@ -364,18 +379,45 @@ class MpiSession(Session):
     # -- the contract ----------------------------------------------------------------------
 
     def register(self, spec: CallSpec) -> int:
+        # Pickled now, so that a spec that cannot travel fails here; sent to a relay only with
+        # the first task that goes there: a call that one relay serves alone (a single
+        # future, a short map) neither wakes nor burdens the others.
+        # A spec with large buffers (raw, blocking sends) goes everywhere now, from this
+        # thread: _dispatch may run on the receiver thread, which must never block.
         body, buffers = _spec_out_of_band(spec)
         key = next(self._keys)
         self._sizers[key] = _native.ChunkSizer(self.link.workers, TARGET_CHUNK_S)
-        sizes = [b.nbytes for b in buffers]
-        for rank in self.link.relays:
-            self._send(rank, ("setup", self.sid, key, body, sizes), buffers, len(body))
+        self._specs[key] = (body, buffers, [b.nbytes for b in buffers], set())
+        if buffers:
+            with self._lock:
+                for rank in self.link.relays:
+                    self._ensure_setup(rank, key)
         return key
+
+    def _ensure_setup(
+        self, rank: int, key: int, then: tuple[Any, ...] | None = None, size: int = 0
+    ) -> bool:
+        """Send spec ``key`` to ``rank`` before its first task there (lock held); a spec without
+        raw buffers carries ``then`` (that task, of ``size`` bytes) in the same message. Whether
+        ``then`` went with it."""
+        spec = self._specs.get(key)
+        if spec is None or rank in spec[3]:
+            return False
+        body, buffers, sizes, sent_to = spec
+        sent_to.add(rank)
+        if buffers or then is None:
+            self._send(rank, ("setup", self.sid, key, body, sizes), buffers, len(body))
+            return False
+        self._send(rank, ("setup", self.sid, key, body, sizes, then), size=len(body) + size)
+        return True
 
     def unregister(self, spec_id: int) -> None:
         self._sizers.pop(spec_id, None)
-        if not self._closed:
-            self._send_all(("drop", self.sid, spec_id))
+        with self._lock:
+            spec = self._specs.pop(spec_id, None)
+        if spec is not None and not self._closed:
+            for rank in spec[3]:
+                self._send(rank, ("drop", self.sid, spec_id))
 
     def chunk_size(self, spec_id: int, remaining: int | None) -> int:
         return int(self._sizers[spec_id].size(remaining))
@@ -404,7 +446,9 @@ class MpiSession(Session):
             seq, key, n, payload, exclusive = self._queue.popleft()
             self._load[rank] += 1
             self._where[seq] = rank
-            self._send(rank, ("task", self.sid, key, seq, n, payload, exclusive), size=len(payload))
+            task = ("task", self.sid, key, seq, n, payload, exclusive)
+            if not self._ensure_setup(rank, key, task, len(payload)):
+                self._send(rank, task, size=len(payload))
 
     def _room(self, rank: int) -> int:
         """Chunks a relay may hold: one per worker, plus some queued behind them so that no
@@ -541,6 +585,7 @@ class MpiSession(Session):
         self.link.sessions.pop(self.sid, None)
         if not self.link._stopped:
             self._send_all(("close", self.sid, abort))
+        self._specs.clear()  # the buffers of the call's arguments
 
 
 class MpiPool(Pool):

@@ -340,7 +340,7 @@ class Relay:
             if len(message) > 7:  # the session's first message came with it
                 return self._handle(message[7])
         elif kind == "setup":
-            _, sid, key, body, sizes = message
+            _, sid, key, body, sizes = message[:5]
             segments = [self.receive_segment(size) for size in sizes]
             session = self.sessions.get(sid)
             if session is not None:
@@ -348,6 +348,8 @@ class Relay:
             else:
                 for seg in segments:
                     seg.close()
+            if len(message) > 5:  # the first task of this spec here came with it
+                return self._handle(message[5])
         elif kind == "drop":
             session = self.sessions.get(message[1])
             if session is not None:
