@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -228,19 +229,24 @@ shoal.map(sleep_then, range(6), kwargs={{"seconds": 60}}, chunksize=1, backend=b
     assert wait_until(lambda: not _processes_mentioning(str(root)), timeout=30)
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    """Live processes whose command line contains ``text`` (an array task's batch dir)."""
+def _processes_where(what: str, holds: Callable[[bytes], bool]) -> list[int]:
+    """Live processes whose ``/proc/<pid>/<what>`` file (cmdline, environ) ``holds``."""
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if text.encode() in f.read():
+            with open(f"/proc/{pid}/{what}", "rb") as f:
+                if holds(f.read()):
                     found.append(int(pid))
         except OSError:
             pass
     return found
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains ``text`` (an array task's batch dir)."""
+    return _processes_where("cmdline", lambda data: text.encode() in data)
 
 
 @pytest.mark.engine
@@ -552,17 +558,7 @@ def test_dask_jobqueue_slurmcluster_runs_on_the_local_slurm(tmp_path):
 def _processes_of_job(name: str) -> list[int]:
     """Processes whose environment says they belong to the Slurm job called ``name``."""
     wanted = f"SLURM_JOB_NAME={name}".encode()
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if wanted in f.read().split(b"\0"):
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
+    return _processes_where("environ", lambda data: wanted in data.split(b"\0"))
 
 
 def test_a_skipped_engine_test_fails_when_engines_are_required(tmp_path):
