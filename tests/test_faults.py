@@ -82,7 +82,9 @@ def test_random_sigkills_during_a_large_map_lose_nothing(pool_backend):
     thread.start()
     try:
         xs = list(range(30_000))
-        got = shoal.map(busy, xs, kwargs={"n": 3000}, retries=5, backend=pool_backend)
+        # Long enough (a few seconds) for several kills: a replacement worker is a victim only
+        # once it is 0.5 s old, and a quicker map ended after two kills on an idle machine.
+        got = shoal.map(busy, xs, kwargs={"n": 10_000}, retries=5, backend=pool_backend)
     finally:
         stop.set()
         thread.join()

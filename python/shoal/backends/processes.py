@@ -90,10 +90,29 @@ class ProcessSession(Session):
         self._engine.remove_setup(spec_id)
 
     def submit(self, spec_id: int, items: list[Any], start: int, exclusive: bool = False) -> int:
-        made_before = self._segments.made_bytes
         # Plain data (numbers, strings, bytes) is packed by Rust; a range chunk is already a
         # few bytes; anything else is pickled.
         packed = _native.pack_plain(start, items) if type(items) is list else None
+        return self._submit(spec_id, len(items), start, exclusive, packed, items)
+
+    def submit_slice(self, spec_id: int, source: list[Any], lo: int, hi: int) -> int:
+        packed = _native.pack_plain(lo, source, lo, hi)
+        # Only a chunk that must be pickled is sliced.
+        items = source[lo:hi] if packed is None else None
+        return self._submit(spec_id, hi - lo, lo, False, packed, items)
+
+    def _submit(
+        self,
+        spec_id: int,
+        count: int,
+        start: int,
+        exclusive: bool,
+        packed: bytes | None,
+        items: Any,
+    ) -> int:
+        """Queue ``count`` items from input index ``start``: ``packed`` if plain values were
+        packed, else ``items`` pickled."""
+        made_before = self._segments.made_bytes
         if packed is not None:
             payload = packed
         else:
@@ -108,21 +127,14 @@ class ProcessSession(Session):
                 payload = dumps_items(items, start, self._segments)
         if len(payload) > MAX_MESSAGE_BYTES:
             raise PicklingError(
-                f"the arguments of items {start}..{start + len(items) - 1} pickle to "
+                f"the arguments of items {start}..{start + count - 1} pickle to "
                 f"{len(payload)} bytes, over the channel limit of {MAX_MESSAGE_BYTES} bytes "
                 f"(SHOAL_MAX_MESSAGE_BYTES)"
             )
         # What this chunk holds while in flight: its pickle, and buffers newly copied to
         # shared memory for it.
         self.last_submit_nbytes = len(payload) + self._segments.made_bytes - made_before
-        return self._engine.submit(spec_id, len(items), payload, exclusive)
-
-    def submit_slice(self, spec_id: int, source: list[Any], lo: int, hi: int) -> int:
-        packed = _native.pack_plain(lo, source, lo, hi)
-        if packed is None or len(packed) > MAX_MESSAGE_BYTES:
-            return self.submit(spec_id, source[lo:hi], lo)
-        self.last_submit_nbytes = len(packed)  # plain values: nothing in shared memory
-        return int(self._engine.submit(spec_id, hi - lo, packed, False))
+        return int(self._engine.submit(spec_id, count, payload, exclusive))
 
     def chunk_size(self, spec_id: int, remaining: int | None) -> int:
         return int(self._engine.chunk_size(spec_id, remaining))
