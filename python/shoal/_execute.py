@@ -109,12 +109,17 @@ def _run_items(
     fn = spec.fn
     if spec.seed is not None:
         call = _seeded(call or fn, spec.seed, start - base, values, seed_lock)
-    if lo == 0 and hi is None:
-        it = iter(items)
-    else:
+    it = iter(items)
+    if lo and type(items) is list:
+        it.__setstate__(lo)  # type: ignore[attr-defined]  # starts at lo, in O(1)
+        lo = 0
+    end = len(items) if hi is None else hi
+    if lo or end < len(items):
         from itertools import islice
 
-        it = islice(items, lo, hi)
+        # Only a slice that stops before the end pays islice's extra step per item (a
+        # chunk's last slice, the usual long one, iterates the list directly).
+        it = islice(it, lo, end)
     while True:
         try:
             # A C-level loop: list.extend keeps the values appended before an item raises,

@@ -241,31 +241,53 @@ class ChunkResult:
     an error); entries at the offsets in ``errors`` are placeholders. ``crash`` is set when no
     value came back at all. A long chunk may first report its finished items in ``partial``
     results; everything after counts from the first item not reported.
+
+    A backend may hand the values still packed, as ``unpack`` (a call that returns them): such a
+    result has no errors and no crash, and the driver can free its slot and send the next chunk
+    before it pays for unpacking (see :attr:`packed`).
     """
 
-    __slots__ = ("crash", "elapsed_ns", "errors", "nbytes", "partial", "seq", "values")
+    __slots__ = ("_unpack", "_values", "crash", "elapsed_ns", "errors", "nbytes", "partial", "seq")
 
     def __init__(
         self,
         seq: int,
-        values: list[Any],
+        values: list[Any] | None,
         errors: list[ItemError] | None = None,
         crash: Crash | None = None,
         elapsed_ns: int = 0,
         nbytes: int | None = None,
         partial: bool = False,
+        unpack: Callable[[], list[Any]] | None = None,
     ) -> None:
         self.seq = seq
         #: The outcome of the chunk's next ``len(values)`` items; the chunk goes on, and its
         #: later results (or crash) cover only the items after them.
         self.partial = partial
-        self.values = values
+        self._values = values
+        self._unpack = unpack
         self.errors = errors or []
         self.crash = crash
         self.elapsed_ns = elapsed_ns
         #: Size of the values as they travelled (pickle and buffers), if the backend knows it;
         #: the driver uses it to bound the memory held by results waiting for the consumer.
         self.nbytes = nbytes
+
+    @property
+    def packed(self) -> bool:
+        """Whether the values are still packed: a whole chunk's values, with no errors."""
+        return self._unpack is not None
+
+    @property
+    def values(self) -> list[Any]:
+        if self._unpack is not None:
+            self._values, self._unpack = self._unpack(), None
+        assert self._values is not None
+        return self._values
+
+    @values.setter
+    def values(self, values: list[Any]) -> None:
+        self._values, self._unpack = values, None
 
 
 _short = reprlib.Repr()

@@ -26,6 +26,13 @@ pub struct ItemTimer {
 /// replaces it).
 const HINT_WEIGHT: f64 = 1.0;
 
+/// Items an estimate must rest on (by weight) to become a hint, unless items are slow.
+const HINT_MIN_ITEMS: f64 = 32.0;
+
+/// Per-item cost above which even one item's measurement is a fair hint (the fixed cost of a
+/// chunk is then a small share of it).
+const HINT_TRUSTED_NS: f64 = 200_000.0;
+
 /// How quickly old measurements fade; 0.5 halves their weight at every new report.
 const DECAY: f64 = 0.5;
 
@@ -70,6 +77,17 @@ impl ItemTimer {
             self.per_item_ns()
         }
     }
+
+    /// The measured estimate, if it can size another call's chunks ([`ItemTimer::hinted`]).
+    ///
+    /// A chunk's time includes a fixed cost (unpacking, packing: some µs), which a few
+    /// cheap items cannot outweigh: a call of 8 no-op items measures each at several µs, 100
+    /// times too much, and a hint from it would start the next, large call of the same
+    /// function with chunks 100 times too small. Such an estimate is not carried over.
+    pub fn hint_ns(&self) -> Option<f64> {
+        let ns = self.measured_ns()?;
+        (self.weight >= HINT_MIN_ITEMS || ns >= HINT_TRUSTED_NS).then_some(ns)
+    }
 }
 
 /// Parameters of the chunk-size policy.
@@ -78,7 +96,9 @@ pub struct ChunkPolicy {
     /// Wanted compute time of one chunk, in nanoseconds.
     pub target_ns: u64,
     /// Smallest worthwhile compute time of a chunk, in nanoseconds. Shrinking the tail below
-    /// this buys no balance (the chunks are already short) and costs round trips.
+    /// this buys no balance (the chunks are already short) and costs round trips. A few round
+    /// trips long (one costs a worker about 30-100 us): a coarser floor leaves one worker
+    /// alone with a long last chunk, which on a call of a few ms is a large share of it.
     pub min_ns: u64,
     /// Upper bound on items per chunk (bounds memory per message).
     pub max_items: usize,
@@ -91,7 +111,7 @@ impl Default for ChunkPolicy {
     fn default() -> Self {
         ChunkPolicy {
             target_ns: 4_000_000,
-            min_ns: 1_000_000,
+            min_ns: 250_000,
             max_items: 50_000,
             tail_chunks_per_worker: 2,
         }
@@ -160,9 +180,11 @@ mod tests {
         // 100 us items: 40 per chunk by time; near the end, a quarter of what is left...
         assert_eq!(p.chunk_size(Some(100_000.0), Some(1_000), 2), 40);
         assert_eq!(p.chunk_size(Some(100_000.0), Some(80), 2), 20);
-        // ...but never under 1 ms of work (10 items) while that many remain.
-        assert_eq!(p.chunk_size(Some(100_000.0), Some(20), 2), 10);
-        assert_eq!(p.chunk_size(Some(100_000.0), Some(3), 2), 3);
+        // ...but never under 250 us of work (2 items) while that many remain.
+        assert_eq!(p.chunk_size(Some(100_000.0), Some(20), 2), 5);
+        assert_eq!(p.chunk_size(Some(100_000.0), Some(6), 2), 2);
+        assert_eq!(p.chunk_size(Some(100_000.0), Some(3), 2), 2);
+        assert_eq!(p.chunk_size(Some(100_000.0), Some(1), 2), 1);
         assert_eq!(p.chunk_size(Some(100_000.0), Some(0), 2), 1);
         // 10 ms items: one by one to the very end.
         assert_eq!(p.chunk_size(Some(10e6), Some(3), 2), 1);
@@ -171,10 +193,11 @@ mod tests {
     #[test]
     fn tiny_items_do_not_crawl_through_the_tail() {
         let p = ChunkPolicy::default();
-        // 50 ns items: 1 ms is 20,000 items, so the last 20,000 go in one chunk, not in dozens.
+        // 50 ns items: 250 us is 5,000 items, so the last 5,000 go in one chunk, not in dozens.
         assert_eq!(p.chunk_size(Some(50.0), Some(100_000), 2), 25_000);
-        assert_eq!(p.chunk_size(Some(50.0), Some(30_000), 2), 20_000);
-        assert_eq!(p.chunk_size(Some(50.0), Some(5_000), 2), 5_000);
+        assert_eq!(p.chunk_size(Some(50.0), Some(30_000), 2), 7_500);
+        assert_eq!(p.chunk_size(Some(50.0), Some(8_000), 2), 5_000);
+        assert_eq!(p.chunk_size(Some(50.0), Some(4_000), 2), 4_000);
     }
 
     #[test]
@@ -186,6 +209,20 @@ mod tests {
         t.record(10, 10_000_000); // 1 ms per item now
         assert!(!t.is_hint());
         assert_eq!(t.measured_ns(), Some(1_000_000.0));
+    }
+
+    #[test]
+    fn an_estimate_from_a_few_cheap_items_is_no_hint() {
+        let mut t = ItemTimer::default();
+        t.record(1, 20_000);
+        t.record(4, 40_000);
+        assert!(t.measured_ns().is_some());
+        assert_eq!(t.hint_ns(), None); // 8 us per item from a handful of items: overhead
+        t.record(40_000, 2_000_000);
+        assert!(t.hint_ns().unwrap() < 100.0);
+        let mut slow = ItemTimer::default();
+        slow.record(1, 50_000_000); // one item of 50 ms: overhead is noise
+        assert_eq!(slow.hint_ns(), Some(50_000_000.0));
     }
 
     #[test]

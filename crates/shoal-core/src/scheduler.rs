@@ -386,9 +386,11 @@ impl Scheduler {
         }
     }
 
-    /// The cost per item that `setup`'s own chunks measured (`None` before any reported).
+    /// The cost per item that `setup`'s own chunks measured, to hint the next call of the same
+    /// function (`None` before any reported, or while too few cheap items did; see
+    /// [`ItemTimer::hint_ns`]).
     pub fn item_ns(&self, setup: SetupId) -> Option<f64> {
-        self.setups.get(&setup).and_then(|s| s.timer.measured_ns())
+        self.setups.get(&setup).and_then(|s| s.timer.hint_ns())
     }
 
     /// Forgets a setup and tells the workers holding it to drop it.

@@ -13,6 +13,7 @@ fork+exec (never a bare fork of this threaded process), on demand, and exit when
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import sys
 import threading
@@ -148,8 +149,14 @@ class ProcessSession(Session):
             if self._closed:
                 raise ShoalError("this call was closed while a thread waited for it") from None
             raise ShoalError(f"the pool stopped while this call was running: {exc}") from exc
+        plain = shm.PLAIN
         for seq, kind, payload, elapsed, pid, message, segments in outcomes:
-            if kind in (done, partial):
+            if kind == done and not segments and payload.startswith(plain):
+                # Plain values with no errors: the driver unpacks them once it has sent the
+                # next chunks (see ChunkResult.packed).
+                unpack = functools.partial(_plain_values, payload)
+                out.append(ChunkResult(seq, None, None, None, elapsed, len(payload), False, unpack))
+            elif kind in (done, partial):
                 try:
                     values, errors = decode_outcome(payload, segments)
                 except Exception as exc:
@@ -180,6 +187,10 @@ class ProcessSession(Session):
         self._engine.close_session(self._id, abort)
         # Workers that still run tasks of this call keep their own mappings.
         self._segments.close()
+
+
+def _plain_values(payload: bytes) -> list[Any]:
+    return _native.unpack_plain(payload)[1]
 
 
 #: Open descriptors the driver may need: results waiting to be read hold one per large buffer.
