@@ -31,14 +31,14 @@ from ._errors import (
 from ._spec import CallSpec, ChunkResult, Crash, Limits, describe_item
 from .backends._base import Session
 
-Batch = tuple[int, list[Any]]
-
-#: What :meth:`Run.loop` yields: a batch, and whether its values are small enough (together at
-#: most :data:`SMALL_BATCH_BYTES`) to be handed over in place (see :func:`_handed_over`).
+#: What :meth:`Run.loop` yields: a batch, and whether it may be handed over in place (see
+#: :func:`_handed_over`): its values are plain (numbers, strings, bytes, None, as packed by
+#: Rust), which have no lifetime a caller could observe (no weak references, no ``__del__``),
+#: and together at most :data:`SMALL_BATCH_BYTES`.
 Yielded = tuple[int, list[Any], bool]
 
-#: Bytes of values under which a batch needs no popping: holding its consumed values until the
-#: batch is done costs little, and popping would cost ~10 ns per value.
+#: Bytes of plain values under which a batch is handed over in place, not popped: holding its
+#: consumed values until the batch is done costs little, and popping ~10 ns per value.
 SMALL_BATCH_BYTES = 1 << 20
 
 #: Bytes of input and results a call may hold ahead of its consumer (besides the chunk count
@@ -219,9 +219,9 @@ class Run:
         self.next_index = 0
         self.exhausted = False
         self.input_error: BaseException | None = None
-        self.ready: deque[Batch] = deque()
+        self.ready: deque[Yielded] = deque()
         self.expected = 0  # ordered: the next input index to hand out
-        self.parked: dict[int, list[Any]] = {}
+        self.parked: dict[int, tuple[list[Any], bool]] = {}  # start -> (values, plain)
         self.failure: tuple[int, BaseException] | None = None
         self.raise_now = False
         self.done = 0
@@ -361,6 +361,7 @@ class Run:
         failed: int = 0,
         attempts: int = 1,
         stored: bool = False,
+        plain: bool = False,
     ) -> None:
         if not values:
             return
@@ -376,16 +377,16 @@ class Run:
                 self.callback(value)
         self.values_held += len(values)
         if not self.ordered:
-            self.ready.append((start, values))
+            self.ready.append((start, values, plain))
             return
         if start != self.expected:
-            self.parked[start] = values
+            self.parked[start] = (values, plain)
             return
-        self.ready.append((start, values))
+        self.ready.append((start, values, plain))
         self.expected += len(values)
         while self.expected in self.parked:
-            vals = self.parked.pop(self.expected)
-            self.ready.append((self.expected, vals))
+            vals, plain = self.parked.pop(self.expected)
+            self.ready.append((self.expected, vals, plain))
             self.expected += len(vals)
 
     def fail(self, index: int, exc: BaseException, stored: bool = False) -> None:
@@ -431,6 +432,8 @@ class Run:
         if res.partial:
             self.handle_partial(res)
             return
+        # Packed values are plain, known to be small before they are unpacked.
+        plain = res.packed and res.nbytes is not None and res.nbytes <= SMALL_BATCH_BYTES
         p = self.released.pop(res.seq, None) if self.released else None
         if p is None:
             p = self.in_flight.pop(res.seq, None)
@@ -442,7 +445,7 @@ class Run:
         if res.crash is not None:
             self.handle_crash(p, res.crash)
             return
-        self.handle_values(p, res)
+        self.handle_values(p, res, plain)
 
     def handle_partial(self, res: ChunkResult) -> None:
         """A long chunk reported its first items: take them, and keep only the rest pending,
@@ -456,10 +459,11 @@ class Run:
         self.in_flight_bytes -= done.nbytes
         self.handle_values(done, res)
 
-    def handle_values(self, p: _Pending, res: ChunkResult) -> None:
-        """The values and errors of chunk ``p`` (or of its first items)."""
+    def handle_values(self, p: _Pending, res: ChunkResult, plain: bool = False) -> None:
+        """The values and errors of chunk ``p`` (or of its first items); ``plain``: see
+        :data:`Yielded`."""
         if not res.errors:
-            self.emit(p.start, res.values, attempts=len(p.attempts) + 1)
+            self.emit(p.start, res.values, attempts=len(p.attempts) + 1, plain=plain)
             return
         values = list(res.values)
         spec = self.spec
@@ -510,10 +514,9 @@ class Run:
     # -- the loop --------------------------------------------------------------------------
 
     def hand_over(self) -> Yielded:
-        start, values = self.ready.popleft()
-        self.values_held -= len(values)
-        per_value = self.result_bytes or self.item_bytes or SMALL_BATCH_BYTES
-        return start, values, len(values) * per_value <= SMALL_BATCH_BYTES
+        batch = self.ready.popleft()
+        self.values_held -= len(batch[1])
+        return batch
 
     def loop(self) -> Iterator[Yielded]:
         abort = False
@@ -575,12 +578,12 @@ def _handed_over(batches: Iterator[Yielded], with_index: bool) -> Iterator[Itera
     """Per batch, an iterator over its values in order (``(index, value)`` pairs with
     ``with_index``), built of C iterators, so no Python code runs per value.
 
-    A batch of large values is handed over by popping (``map`` of ``list.pop`` over a
-    ``repeat``): a value handed over is no longer referenced here, so the consumer alone decides
-    how long it lives. A batch of small values is iterated in place, about 10 ns per value
-    cheaper (its consumed values live until the batch is done: at most a MiB)."""
-    for start, values, small in batches:
-        if small:
+    Values are handed over by popping (``map`` of ``list.pop`` over a ``repeat``): a value
+    handed over is no longer referenced here, so the consumer alone decides how long it lives.
+    A batch of small plain values (see :data:`Yielded`) is iterated in place instead, about
+    10 ns per value cheaper: nobody can tell when such values are freed."""
+    for start, values, plain in batches:
+        if plain:
             it: Iterator[Any] = iter(values)
         else:
             values.reverse()
