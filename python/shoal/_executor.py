@@ -39,6 +39,7 @@ from ._options import (
     parse_memory,
 )
 from ._spec import MODE_KW, CallSpec, ChunkResult, Limits, describe_item
+from ._threads import Reused
 from .backends import Backend, get_backend
 from .backends._base import Session, refuse_engine_limits
 
@@ -46,6 +47,9 @@ __all__ = ["Executor"]
 
 _KW_SPEC = CallSpec(len, MODE_KW)
 _LIVE_EXECUTORS: weakref.WeakSet[Executor] = weakref.WeakSet()
+
+#: The threads that run executors' pumps, kept for the next executor.
+_PUMPS = Reused("shoal-executor")
 
 
 def _stop_pumps() -> None:
@@ -367,7 +371,10 @@ class Executor(cf.Executor):
         self._stuck: list[str] = []
         self._joining = False
         self._last: _Registered | None = None
-        self._pump: threading.Thread | None = None
+        #: Whether the pump (the loop that settles futures) was handed to a thread, and the
+        #: thread, once it runs it.
+        self._pumping = False
+        self._pump_thread: threading.Thread | None = None
         self._shutdown = False
         self._exiting = False
         _LIVE_EXECUTORS.add(self)
@@ -518,13 +525,15 @@ class Executor(cf.Executor):
                 item = (args, kwargs)
                 self._queue(session, future, registered.spec_id, item, registered.name, [])
             self._next_task += 1
-            if self._pump is None:
+            if not self._pumping:
                 self._start_pump()
         return future
 
     def _start_pump(self) -> None:
-        self._pump = threading.Thread(target=self._run_pump, name="shoal-executor", daemon=True)
-        self._pump.start()
+        # A thread kept from an earlier executor's pump, if one is idle: starting a thread
+        # would be a good share of a fresh executor's time to its first result.
+        self._pumping = True
+        _PUMPS.run(self._run_pump)
 
     def _submit_dependant(
         self,
@@ -550,7 +559,7 @@ class Executor(cf.Executor):
                 self._deps = Dependencies()
             node = Waiting(self, future, registered.spec_id, registered.name, args, kwargs, deps)
             self._deps.add(self, node, deps)
-            if self._pump is None:
+            if not self._pumping:
                 self._start_pump()
         # Outside the lock: a dependency already done calls back at once, in this thread.
         for dep in deps:
@@ -653,6 +662,7 @@ class Executor(cf.Executor):
                 self._task_done(entry[1])
 
     def _run_pump(self) -> None:
+        self._pump_thread = threading.current_thread()
         session = self._session
         assert session is not None
         try:
@@ -724,9 +734,10 @@ class Executor(cf.Executor):
         cancelled = []
         with self._lock:
             self._shutdown = True
-            if wait and self._pump is not threading.current_thread():
+            in_pump = self._pump_thread is threading.current_thread()
+            if wait and not in_pump:
                 self._joining = True
-            session, pump = self._session, self._pump
+            session, pumping = self._session, self._pumping
             if cancel_futures and self._deps is not None:
                 cancelled.extend(self._deps.take_all(self))  # dependants first: see take_all
             if cancel_futures and session is not None:
@@ -740,11 +751,11 @@ class Executor(cf.Executor):
             cf.Future.cancel(future)
         if session is not None:
             session.wake()
-        if pump is None:
+        if not pumping:
             self._pool.shutdown(wait=wait)
             self._closed.set()
-        elif wait and pump is not threading.current_thread():
-            pump.join()
+        elif wait and not in_pump:
+            self._closed.wait()
             with self._lock:
                 stuck, self._stuck = self._stuck, []
             if stuck:
@@ -890,11 +901,11 @@ class Executor(cf.Executor):
     def _stop_at_exit(self) -> None:
         """Interpreter exit: get the pump out of Rust before finalization (see below)."""
         self._exiting = True
-        pump, session = self._pump, self._session
+        session = self._session
         if session is not None:
             session.wake()
-        if pump is not None and pump is not threading.current_thread():
-            pump.join(5)
+        if self._pumping and self._pump_thread is not threading.current_thread():
+            self._closed.wait(5)
 
     def _interrupt(self) -> None:
         """Ctrl-C: cancel what is pending and kill the workers now, without waiting."""

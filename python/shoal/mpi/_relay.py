@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
-import queue
 import signal
 import sys
 import threading
@@ -25,6 +24,7 @@ from typing import Any, NoReturn
 
 from .. import _native
 from .._options import cpu_count
+from .._threads import Reused
 from ..backends.processes import ProcessPool
 from . import hostname
 from ._wire import (
@@ -57,7 +57,7 @@ class _RelaySession:
         self.to_local: dict[int, int] = {}
         self.lock = threading.Lock()
         self.closed = False
-        relay.pumps.start(self)
+        relay.pumps.run(self.pump)  # never raises: a failure is reported to rank 0
 
     def setup(self, key: int, body: bytes, segments: list[Any]) -> None:
         blob = body
@@ -139,51 +139,6 @@ class _RelaySession:
             self.relay.reply(("done", self.sid, out), sum(len(o[2]) for o in out))
 
 
-class _Pumps:
-    """The sessions' reply threads, kept for the next session once theirs closes.
-
-    Starting a thread costs 0.1-0.5 ms on a busy node, on the path of a call's first result
-    (its "open" comes just before its first chunk): a thread that waits for work takes a new
-    session in microseconds. One waits from the start.
-    """
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[_RelaySession | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._idle = 0
-        self._count = 0
-        self._spawn()
-
-    def _spawn(self) -> None:
-        self._count += 1
-        thread = threading.Thread(target=self._run, name=f"shoal-relay-{self._count}")
-        thread.daemon = True
-        with self._lock:
-            self._idle += 1
-        thread.start()
-
-    def _run(self) -> None:
-        while True:
-            session = self._queue.get()
-            if session is None:
-                return
-            session.pump()  # never raises: a failure is reported to rank 0
-            with self._lock:
-                self._idle += 1
-
-    def start(self, session: _RelaySession) -> None:
-        """Have a thread pump ``session`` (an idle one, else a new one)."""
-        with self._lock:
-            spare = self._idle > 0
-            if spare:
-                self._idle -= 1
-        if not spare:
-            self._spawn()
-            with self._lock:
-                self._idle -= 1
-        self._queue.put(session)
-
-
 def _inline(payload: bytes, segments: list[Any]) -> bytes:
     from .. import _shm
 
@@ -245,7 +200,10 @@ class Relay:
         env = {**_IN_BAND, "SHOAL_MPI_RANK": str(rank)}
         self.pool = ProcessPool(workers, env=env, idle_timeout=None)
         self.sessions: dict[int, _RelaySession] = {}
-        self.pumps = _Pumps()
+        # The sessions' reply threads, kept for the next session: a new one would cost
+        # 0.1-0.5 ms on a busy node, on the path of a call's first result. One waits from the
+        # start.
+        self.pumps = Reused("shoal-relay", prestart=True)
         self.outbox = Outbox()
         self.bell = Bell.create()
         self.poller = Poller(bell=self.bell)

@@ -82,7 +82,7 @@ class Poller:
     then a safety net, not what notices messages.
     """
 
-    __slots__ = ("bell", "delay", "expected", "longest", "rung", "shortest")
+    __slots__ = ("bell", "delay", "expected", "longest", "rang_at", "rung", "shortest")
 
     def __init__(
         self, shortest: float = 2e-5, longest: float = 0.001, bell: Bell | None = None
@@ -95,6 +95,8 @@ class Poller:
         self.expected = 0
         #: Whether every peer rings the bell after each message (see :func:`use_bell`).
         self.rung = False
+        #: When the last ring came (``time.perf_counter``).
+        self.rang_at = 0.0
 
     def reset(self) -> None:
         """Traffic just passed: probe at the fastest again."""
@@ -116,12 +118,17 @@ class Poller:
 
     def sleep(self, cap: float | None = None) -> None:
         """Sleep until the next probe (at most ``cap`` seconds)."""
+        if self.expected and time.perf_counter() - self.rang_at < SPIN_AFTER_RING:
+            # A ring's message was not there at the last probe: it comes within microseconds,
+            # while a sleep, however short, costs a wake-up that comes late on a busy node.
+            return
         delay = self.delay if cap is None else min(self.delay, cap)
         if self.bell is not None:
             rings = self.bell.wait(delay)
             if rings:
                 # Its message may reach this side's MPI some microseconds after the ring.
                 self.expected += rings
+                self.rang_at = time.perf_counter()
                 self.delay = AFTER_RING
                 return
             if delay >= STALE_RING:
@@ -143,6 +150,8 @@ BELL_LONGEST = 0.05
 STALE_RING = 1e-3
 #: First sleep after a ring whose message was not there yet.
 AFTER_RING = 1e-5
+#: Seconds after a ring during which a probe that finds nothing is repeated at once.
+SPIN_AFTER_RING = 5e-5
 #: While its sends of the last :data:`SENDING_WINDOW` seconds are not complete, a thread
 #: probes at least this often: a large message over copy-in/copy-out shared memory or TCP
 #: needs the sender's progress for each fragment.
