@@ -49,6 +49,8 @@ ENV = {
     "OMPI_MCA_btl": "^tcp",
 }
 ARRAY_BYTES = 100 * 2**20
+#: The key of a row's serial time in a job's result.
+SERIAL = "serial"
 #: Samples of the time to first result (the median is shown).
 FIRST_SAMPLES = 21
 
@@ -75,13 +77,16 @@ def rows(repeat: int) -> dict[str, tuple[Callable[..., Any], list[Any]]]:
 
 
 def measure(mappers: dict[str, Callable[..., list[Any]]], first: Callable[[], Any], repeat: int):
+    """Seconds per row and tool (best of ``repeat``), with the row's serial loop as ``SERIAL``;
+    the parent divides by the best serial time of all jobs (see :func:`pool_rows`)."""
     out: dict[str, Any] = {}
     for name, (fn, xs) in rows(repeat).items():
         serial, expected = best_of(lambda fn=fn, xs=xs: [fn(x) for x in xs], repeat)
+        out.setdefault(name, {})[SERIAL] = serial
         for tool, mapper in mappers.items():
             took, got = best_of(lambda fn=fn, xs=xs, m=mapper: m(fn, xs), repeat)
             assert got == expected, f"{tool} gave wrong results on {name}"
-            out.setdefault(name, {})[tool] = took / serial
+            out[name][tool] = took
     times = []
     # A median of many: one start-up is a fraction of a millisecond, easily hit by a wake-up
     # that comes late on a busy machine.
@@ -247,22 +252,43 @@ def pool_rows(me: str, repeat_n: int, rounds: int = 1) -> None:
     round's ratios with the load average after it, then the best of each cell)."""
     repeat = ["--repeat", str(repeat_n)]
     tools = ["shoal", "MPIPool", "MPIPool cs=64", "MPIPool cs=512", "shoal local"]
-    best: dict[str, dict[str, float]] = {}
+    best: dict[str, dict[str, float]] = {}  # seconds (ms for the first result)
     print("ratio to a serial loop (lower is better); mpiexec -n 3: rank 0 + 2 serving ranks")
+    print(
+        "each job times the serial loop too; a row's ratios divide by the best serial time of"
+        " the jobs compared (the same loop on the same machine: a slower one only had worse luck)"
+    )
     for i in range(rounds):
         table = job(["-m", "shoal.mpi", me, "--tool", "shoal", *repeat], 3)
         for name, cells in job(
             ["-m", "mpi4py.futures", me, "--tool", "futures", *repeat], 3
         ).items():
+            serial = cells.pop(SERIAL, None)
+            if serial is not None:
+                table[name][SERIAL] = min(table[name][SERIAL], serial)
             table[name].update(cells)
         for name, cells in table.items():
             for tool, value in cells.items():
                 row = best.setdefault(name, {})
                 row[tool] = min(row.get(tool, value), value)
         title = f"round {i + 1} (load {os.getloadavg()[0]:.2f})" if rounds > 1 else "row"
-        _print_table(title, table, tools)
+        _print_table(title, _ratios(table), tools)
     if rounds > 1:
-        _print_table(f"best of {rounds}", best, tools)
+        _print_table(f"best of {rounds}", _ratios(best), tools)
+
+
+def _ratios(table: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Times divided by their row's serial time (rows without one, such as the first
+    result in ms, as they are)."""
+    out = {}
+    for name, cells in table.items():
+        serial = cells.get(SERIAL)
+        out[name] = {
+            tool: value if serial is None else value / serial
+            for tool, value in cells.items()
+            if tool != SERIAL
+        }
+    return out
 
 
 def _print_table(title: str, table: dict[str, dict[str, float]], tools: list[str]) -> None:
