@@ -16,7 +16,7 @@ import pytest
 
 import shoal
 from shoal import _driver
-from shoal.backends.processes import ProcessBackend
+from shoal.backends.processes import ProcessBackend, in_flight_window
 
 from helpers import (
     UnbuildableError,
@@ -243,10 +243,10 @@ def test_input_is_read_lazily_and_bounded_for_a_slow_consumer():
         next(stream)
         time.sleep(0.002)
     stream.close()
-    # 50 consumed; at most (2 * workers + 2) chunks of 10 held ahead (in flight, or finished
+    # 50 consumed; at most in_flight_window(2) chunks of 10 held ahead (in flight, or finished
     # and not yet consumed), plus the chunk being consumed; if a chunk is slow (a loaded
     # machine), later ones may also wait parked behind it, up to PARKED_WINDOWS windows.
-    assert len(seen) <= 50 + _driver.PARKED_WINDOWS * 6 * 10 + 10
+    assert len(seen) <= 50 + _driver.PARKED_WINDOWS * in_flight_window(2) * 10 + 10
 
 
 def slow_first(x):
@@ -267,10 +267,11 @@ def test_a_slow_head_does_not_let_parked_results_grow():
     stream = shoal.imap(slow_first, source(), workers=2, chunksize=10)
     assert next(stream) == 0
     stream.close()
-    # Later chunks run on while the head is slow, up to PARKED_WINDOWS windows of (2 * workers
-    # + 2) chunks of 10; then the workers wait.
-    bound = _driver.PARKED_WINDOWS * 6 * 10 + 10
-    assert 6 * 10 < len(seen) <= bound, len(seen)
+    # Later chunks run on while the head is slow, up to PARKED_WINDOWS windows of chunks of 10
+    # (in_flight_window(2) chunks each); then the workers wait.
+    window = in_flight_window(2)
+    bound = _driver.PARKED_WINDOWS * window * 10 + 10
+    assert window * 10 < len(seen) <= bound, len(seen)
 
 
 def test_error_stops_new_tasks():

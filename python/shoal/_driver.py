@@ -216,6 +216,7 @@ class Run:
         self.values_held = 0  # values in ``ready`` and ``parked``
         self.in_flight: dict[int, _Pending] = {}
         self.released: dict[int, _Pending] = {}  # finished, values not yet handled
+        self.released_bytes = 0  # what those values travelled as
         self.next_index = 0
         self.exhausted = False
         self.input_error: BaseException | None = None
@@ -239,7 +240,8 @@ class Run:
 
     def held_bytes(self) -> float:
         """Bytes this call holds ahead of the consumer (inputs in flight, results waiting)."""
-        return self.in_flight_bytes + self.values_held * (self.result_bytes or self.item_bytes)
+        held = self.in_flight_bytes + self.released_bytes
+        return held + self.values_held * (self.result_bytes or self.item_bytes)
 
     def has_room(self) -> bool:
         self.window = max(1, self.session.max_in_flight)
@@ -426,6 +428,7 @@ class Run:
             p = self.in_flight.pop(res.seq, None)
             if p is not None:
                 self.in_flight_bytes -= p.nbytes
+                self.released_bytes += res.nbytes or p.nbytes
                 self.released[res.seq] = p
 
     def handle(self, res: ChunkResult) -> None:
@@ -435,7 +438,9 @@ class Run:
         # Packed values are plain, known to be small before they are unpacked.
         plain = res.packed and res.nbytes is not None and res.nbytes <= SMALL_BATCH_BYTES
         p = self.released.pop(res.seq, None) if self.released else None
-        if p is None:
+        if p is not None:
+            self.released_bytes -= res.nbytes or p.nbytes
+        else:
             p = self.in_flight.pop(res.seq, None)
             if p is None:
                 return
