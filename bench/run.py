@@ -5,11 +5,13 @@ tasks of ~10 ms; W4 400 heavy-tailed tasks (mean ~5 ms, fixed seed); W6 pool cre
 first result; and submit()+result() throughput of no-op futures.
 
 Each map time is the best of ``--repeat`` runs on a warm pool (pools are created before timing,
-except in W6), divided by the best serial loop time of the same run. The tools take turns: each
-round runs every tool once, after an untimed round that warms pools and this process (the first
-100,000-int result a process makes costs it ~1,700 page faults, which would otherwise fall on
-whichever tool runs first). Every result list is checked against the serial one. Ratios below 1
-are faster than the loop; on 2 cores the ideal for CPU-bound work is 0.50.
+except in W6), or of 10 for a row whose serial loop takes under 0.1 s (W1, W1r: a few ms, where
+one late wake-up is a tenth of the time), divided by the best serial loop time of the same run.
+The tools take turns: each round runs every tool once, after an untimed round that warms pools
+and this process (the first 100,000-int result a process makes costs it ~1,700 page faults,
+which would otherwise fall on whichever tool runs first). Every result list is checked against
+the serial one. Ratios below 1 are faster than the loop; on 2 cores the ideal for CPU-bound work
+is 0.50.
 """
 
 from __future__ import annotations
@@ -80,6 +82,12 @@ class Peers:
     def close(self) -> None:
         for close in self._closers:
             close()
+
+
+#: Rows whose serial loop takes less than this many seconds (W1, W1r) ...
+SHORT_ROW_S = 0.1
+#: ... get at least this many rounds.
+SHORT_ROW_ROUNDS = 10
 
 
 def interleaved(
@@ -496,7 +504,10 @@ def main() -> int:
             serial, expected = best_of(lambda fn=fn, xs=xs: [fn(x) for x in xs], args.repeat)
             row = [label, f"{serial * 1000:.1f} ms"]
             results["maps"][label] = {"serial_s": serial}
-            times = interleaved(peers.mappers, fn, xs, expected, label, args.repeat)
+            # A row of a few ms is noisy (one late wake-up is a tenth of it) and cheap to
+            # repeat: every tool gets more rounds there.
+            rounds = args.repeat if serial >= SHORT_ROW_S else max(args.repeat, SHORT_ROW_ROUNDS)
+            times = interleaved(peers.mappers, fn, xs, expected, label, rounds)
             for name, took in times.items():
                 results["maps"][label][name] = took / serial
                 row.append(f"{took / serial:.2f}")
