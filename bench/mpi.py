@@ -258,7 +258,12 @@ def pool_rows(me: str, repeat_n: int, rounds: int = 1) -> None:
         "each job times the serial loop too; a row's ratios divide by the best serial time of"
         " the jobs compared (the same loop on the same machine: a slower one only had worse luck)"
     )
+    per_second = workloads.calibrate(1.0)
     for i in range(rounds):
+        # What 2 lone processes (the serving ranks' workers) get against one, right now: the
+        # ratio no tool can beat on W2 to W4 in this round.
+        floor = workloads.hardware_floor(1.0, per_second, 2)
+        print(f"round {i + 1}: hardware floor {floor:.3f} (2 lone processes vs one)", flush=True)
         table = job(["-m", "shoal.mpi", me, "--tool", "shoal", *repeat], 3)
         for name, cells in job(
             ["-m", "mpi4py.futures", me, "--tool", "futures", *repeat], 3

@@ -130,30 +130,6 @@ def map_workloads(repeat: int) -> dict[str, tuple[Callable[[Any], Any], list[Any
     }
 
 
-def hardware_floor(seconds: float, per_second: int) -> float:
-    """The best ratio this machine allows right now: ``WORKERS`` independent processes, each
-    spinning for ``seconds``, against one. No pool, no pickling: only the hardware and the
-    neighbours of this machine."""
-    import subprocess
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = (
-        f"import sys; sys.path.insert(0, {here!r}); import workloads; "
-        f"workloads.spin({int(seconds * per_second)})"
-    )
-
-    def run(n: int) -> float:
-        start = time.perf_counter()
-        procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(n)]
-        for p in procs:
-            p.wait()
-        return time.perf_counter() - start
-
-    one = min(run(1) for _ in range(2))
-    many = min(run(WORKERS) for _ in range(2))
-    return many / (WORKERS * one)
-
-
 def _pss_kb(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
@@ -433,7 +409,7 @@ def scaling(sizes: list[int], names: list[str], repeat: int) -> dict[str, Any]:
     print("  ".join(f"{c:>16}" for c in header), flush=True)
     for size in sizes:
         WORKERS = size
-        floor = hardware_floor(0.5, per_second)
+        floor = workloads.hardware_floor(0.5, per_second, size)
         entry: dict[str, Any] = {"floor": floor, "load": os.getloadavg()[0]}
         peers = Peers(names)
         try:
@@ -491,7 +467,7 @@ def main() -> int:
     results: dict[str, Any] = {"workers": WORKERS, "maps": {}, "w6_ms": {}, "futures_per_s": {}}
     print(f"shoal bench: {WORKERS} workers, best of {args.repeat}", flush=True)
 
-    floor = hardware_floor(1.0, workloads.calibrate(1.0))
+    floor = workloads.hardware_floor(1.0, workloads.calibrate(1.0), WORKERS)
     results["hardware_floor"] = floor
     print(f"hardware floor now: {floor:.3f} ({WORKERS} lone processes vs one; ideal 1/{WORKERS})")
     peers = Peers(names)

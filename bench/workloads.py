@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 import time
 
 
@@ -65,3 +68,25 @@ def best_of(fn, repeat, give_up_after=5.0):
         if best > give_up_after:
             break
     return best, out
+
+
+def hardware_floor(seconds: float, per_second: int, workers: int) -> float:
+    """The best ratio this machine allows right now: ``workers`` independent processes, each
+    spinning for ``seconds``, against one. No pool, no pickling: only the hardware and the
+    neighbours of this machine."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        f"import sys; sys.path.insert(0, {here!r}); import workloads; "
+        f"workloads.spin({int(seconds * per_second)})"
+    )
+
+    def run(n: int) -> float:
+        start = time.perf_counter()
+        procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(n)]
+        for p in procs:
+            p.wait()
+        return time.perf_counter() - start
+
+    one = min(run(1) for _ in range(2))
+    many = min(run(workers) for _ in range(2))
+    return many / (workers * one)
