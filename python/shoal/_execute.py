@@ -6,12 +6,14 @@ Every backend calls :func:`run_chunk`, which is why errors, argument handling an
 
 from __future__ import annotations
 
+from itertools import islice  # a builtin module: nothing to load at worker start-up
+
 from ._spec import MODE_KW, MODE_SINGLE, MODE_STAR, CallSpec, ItemError, describe_item
 
 TYPE_CHECKING = False  # typing itself costs ~7 ms at worker start-up
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from typing import Any
 
 
@@ -109,17 +111,18 @@ def _run_items(
     fn = spec.fn
     if spec.seed is not None:
         call = _seeded(call or fn, spec.seed, start - base, values, seed_lock)
-    it = iter(items)
-    if lo and type(items) is list:
-        it.__setstate__(lo)  # type: ignore[attr-defined]  # starts at lo, in O(1)
-        lo = 0
-    end = len(items) if hi is None else hi
-    if lo or end < len(items):
-        from itertools import islice
-
-        # Only a slice that stops before the end pays islice's extra step per item (a
-        # chunk's last slice, the usual long one, iterates the list directly).
-        it = islice(it, lo, end)
+    it: Iterator[Any] = iter(items)
+    if lo or hi is not None:
+        # Only a slice that stops before the end pays islice's extra step per item: a chunk's
+        # last slice, the usual long one, iterates the list directly.
+        n = len(items)
+        stop = n if hi is None else min(hi, n)
+        if lo and type(items) is list:
+            it.__setstate__(lo)  # type: ignore[attr-defined]  # starts at lo, in O(1)
+            if stop < n:
+                it = islice(it, stop - lo)
+        elif lo or stop < n:
+            it = islice(it, lo, stop)
     while True:
         try:
             # A C-level loop: list.extend keeps the values appended before an item raises,

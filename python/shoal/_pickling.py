@@ -226,12 +226,17 @@ def encode_outcome(
     return dumps((values, wire), segments)
 
 
+def plain_values(payload: bytes) -> list[Any]:
+    """The values of an outcome that Rust packed (it starts with ``_shm.PLAIN``)."""
+    return _native.unpack_plain(payload)[1]
+
+
 def decode_outcome(
     payload: bytes, segments: Sequence[Any] = ()
 ) -> tuple[list[Any], list[ItemError]]:
     """Unpickle a chunk's outcome in the driver, mapping the ``segments`` that came with it."""
     if payload.startswith(shm.PLAIN):
-        return _native.unpack_plain(payload)[1], []
+        return plain_values(payload), []
     values, wire = shm.loads(payload, segments)
     if not wire:
         return values, []

@@ -30,6 +30,7 @@ from .._pickling import (
     dumps_items,
     dumps_spec,
     needs_by_value,
+    plain_values,
 )
 from .._spec import NO_LIMITS, CallSpec, ChunkResult, Crash, ItemError, Limits
 from ._base import Backend, Pool, Session
@@ -154,7 +155,7 @@ class ProcessSession(Session):
             if kind == done and not segments and payload.startswith(plain):
                 # Plain values with no errors: the driver unpacks them once it has sent the
                 # next chunks (see ChunkResult.packed).
-                unpack = functools.partial(_plain_values, payload)
+                unpack = functools.partial(plain_values, payload)
                 out.append(ChunkResult(seq, None, None, None, elapsed, len(payload), False, unpack))
             elif kind in (done, partial):
                 try:
@@ -199,10 +200,6 @@ def in_flight_window(workers: int) -> int:
     count and by the driver's bytes bound (``READ_AHEAD_BYTES``).
     """
     return 4 * workers + 8
-
-
-def _plain_values(payload: bytes) -> list[Any]:
-    return _native.unpack_plain(payload)[1]
 
 
 #: Open descriptors the driver may need: results waiting to be read hold one per large buffer.
