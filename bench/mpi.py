@@ -11,8 +11,11 @@
   float64 array) and the same with ``shoal.spmd.run(..., ranks=2)`` on local processes.
 
 ``--only pools`` or ``--only allreduce`` runs one part. ``--rounds N`` interleaves the tools over
-N rounds (pool rows: shoal's job, then MPIPoolExecutor's, in each round), prints each round with
-the load average after it, then the best of each cell.
+N rounds (pool rows: shoal's job and MPIPoolExecutor's, in alternating order: A B, B A, ...),
+prints each round with the load average after it, then the best and the median of each cell, and
+in how many rounds shoal's ratio was at or below MPIPoolExecutor's best in that round.
+``--rows W2,W4`` times only those rows (prefixes; ``first`` for the first result): shorter jobs,
+so the two tools' turns come closer together on a machine whose speed drifts.
 
 Rows: W1 (100,000 no-op calls), W2 (20,000 x ~100 us), W3 (200 x ~10 ms), W4 (400 heavy-tailed,
 mean ~5 ms) and first result (ms from a new executor to its first result).
@@ -66,27 +69,47 @@ def best_of(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
     return best, out
 
 
-def rows(repeat: int) -> dict[str, tuple[Callable[..., Any], list[Any]]]:
+#: The first-result row's name.
+FIRST = "first result (ms)"
+
+
+def wanted(name: str, only: list[str]) -> bool:
+    """Whether row ``name`` is among the ``--rows`` prefixes ``only`` (all rows if empty)."""
+    return not only or any(name.startswith(prefix) for prefix in only)
+
+
+def rows(only: list[str]) -> dict[str, tuple[Callable[..., Any], list[Any]]]:
     per_second = workloads.calibrate(1.0)
-    return {
-        "W1 100k no-op": (noop, list(range(100_000))),
-        "W2 20k x 100us": (spin, [per_second // 10_000] * 20_000),
-        "W3 200 x 10ms": (spin, [per_second // 100] * 200),
-        "W4 400 heavy-tailed ~5ms": (spin, workloads.heavy_tailed(400, 0.005, per_second)),
+    everything: dict[str, tuple[Callable[..., Any], Callable[[], list[Any]]]] = {
+        "W1 100k no-op": (noop, lambda: list(range(100_000))),
+        "W2 20k x 100us": (spin, lambda: [per_second // 10_000] * 20_000),
+        "W3 200 x 10ms": (spin, lambda: [per_second // 100] * 200),
+        "W4 400 heavy-tailed ~5ms": (
+            spin,
+            lambda: workloads.heavy_tailed(400, 0.005, per_second),
+        ),
     }
+    return {name: (fn, xs()) for name, (fn, xs) in everything.items() if wanted(name, only)}
 
 
-def measure(mappers: dict[str, Callable[..., list[Any]]], first: Callable[[], Any], repeat: int):
+def measure(
+    mappers: dict[str, Callable[..., list[Any]]],
+    first: Callable[[], Any],
+    repeat: int,
+    only: list[str],
+):
     """Seconds per row and tool (best of ``repeat``), with the row's serial loop as ``SERIAL``;
     the parent divides by the best serial time of all jobs (see :func:`pool_rows`)."""
     out: dict[str, Any] = {}
-    for name, (fn, xs) in rows(repeat).items():
+    for name, (fn, xs) in rows(only).items():
         serial, expected = best_of(lambda fn=fn, xs=xs: [fn(x) for x in xs], repeat)
         out.setdefault(name, {})[SERIAL] = serial
         for tool, mapper in mappers.items():
             took, got = best_of(lambda fn=fn, xs=xs, m=mapper: m(fn, xs), repeat)
             assert got == expected, f"{tool} gave wrong results on {name}"
             out[name][tool] = took
+    if not wanted(FIRST, only):
+        return out
     times = []
     # A median of many: one start-up is a fraction of a millisecond, easily hit by a wake-up
     # that comes late on a busy machine.
@@ -94,11 +117,11 @@ def measure(mappers: dict[str, Callable[..., list[Any]]], first: Callable[[], An
         start = time.perf_counter()
         first()
         times.append((time.perf_counter() - start) * 1e3)
-    out["first result (ms)"] = {"value": sorted(times)[len(times) // 2]}
+    out[FIRST] = {"value": sorted(times)[len(times) // 2]}
     return out
 
 
-def tool_shoal(repeat: int) -> dict[str, Any]:
+def tool_shoal(repeat: int, only: list[str]) -> dict[str, Any]:
     import shoal
 
     def first() -> None:
@@ -111,12 +134,13 @@ def tool_shoal(repeat: int) -> dict[str, Any]:
         # The local engine with as many workers, for reference (the relays idle meanwhile).
         "shoal local": lambda f, xs: shoal.map(f, xs, backend=local, workers=2),
     }
-    res = measure(mappers, first, repeat)
-    res["first result (ms)"] = {"shoal": res["first result (ms)"]["value"]}
+    res = measure(mappers, first, repeat, only)
+    if FIRST in res:
+        res[FIRST] = {"shoal": res[FIRST]["value"]}
     return res
 
 
-def tool_futures(repeat: int) -> dict[str, Any]:
+def tool_futures(repeat: int, only: list[str]) -> dict[str, Any]:
     from mpi4py.futures import MPIPoolExecutor
 
     ex = MPIPoolExecutor()
@@ -131,8 +155,9 @@ def tool_futures(repeat: int) -> dict[str, Any]:
         with MPIPoolExecutor() as fresh:
             fresh.submit(noop, 0).result()
 
-    res = measure(mappers, first, repeat)
-    res["first result (ms)"] = {"MPIPool": res["first result (ms)"]["value"]}
+    res = measure(mappers, first, repeat, only)
+    if FIRST in res:
+        res[FIRST] = {"MPIPool": res[FIRST]["value"]}
     ex.shutdown()
     return res
 
@@ -226,13 +251,19 @@ def main() -> None:
         default=None,
         help="interleaved rounds (default: 1 for the pool rows, 3 for the allreduce)",
     )
+    parser.add_argument(
+        "--rows",
+        default="",
+        help="comma-separated prefixes of the pool rows to time (W1,...,W4, first); default all",
+    )
     opts = parser.parse_args()
+    only = [r.strip() for r in opts.rows.split(",") if r.strip()]
     me = os.path.abspath(__file__)
     if opts.tool:
         if opts.tool == "shoal":
-            result: Any = tool_shoal(opts.repeat)
+            result: Any = tool_shoal(opts.repeat, only)
         elif opts.tool == "futures":
-            result = tool_futures(opts.repeat)
+            result = tool_futures(opts.repeat, only)
         else:
             result = allreduce_mpi(opts.repeat)
         from mpi4py import MPI
@@ -241,18 +272,25 @@ def main() -> None:
             print("RESULT " + json.dumps(result), flush=True)
         return
     if opts.only != "allreduce":
-        pool_rows(me, opts.repeat, opts.rounds or 1)
+        pool_rows(me, opts.repeat, opts.rounds or 1, only)
     if opts.only != "pools":
         print()
         allreduce_rows(opts.repeat, opts.rounds or 3)
 
 
-def pool_rows(me: str, repeat_n: int, rounds: int = 1) -> None:
+def pool_rows(me: str, repeat_n: int, rounds: int = 1, only: list[str] | None = None) -> None:
     """The pool rows: shoal's job and MPIPoolExecutor's, interleaved over ``rounds`` (each
-    round's ratios with the load average after it, then the best of each cell)."""
-    repeat = ["--repeat", str(repeat_n)]
+    round's ratios with the load average after it, then the best and median of each cell)."""
+    args = ["--repeat", str(repeat_n)]
+    if only:
+        args += ["--rows", ",".join(only)]
     tools = ["shoal", "MPIPool", "MPIPool cs=64", "MPIPool cs=512", "shoal local"]
+    jobs = {
+        "shoal": ["-m", "shoal.mpi", me, "--tool", "shoal", *args],
+        "futures": ["-m", "mpi4py.futures", me, "--tool", "futures", *args],
+    }
     best: dict[str, dict[str, float]] = {}  # seconds (ms for the first result)
+    each: list[dict[str, dict[str, float]]] = []  # every round's ratios
     print("ratio to a serial loop (lower is better); mpiexec -n 3: rank 0 + 2 serving ranks")
     print(
         "each job times the serial loop too; a row's ratios divide by the best serial time of"
@@ -264,22 +302,50 @@ def pool_rows(me: str, repeat_n: int, rounds: int = 1) -> None:
         # ratio no tool can beat on W2 to W4 in this round.
         floor = workloads.hardware_floor(1.0, per_second, 2)
         print(f"round {i + 1}: hardware floor {floor:.3f} (2 lone processes vs one)", flush=True)
-        table = job(["-m", "shoal.mpi", me, "--tool", "shoal", *repeat], 3)
-        for name, cells in job(
-            ["-m", "mpi4py.futures", me, "--tool", "futures", *repeat], 3
-        ).items():
-            serial = cells.pop(SERIAL, None)
-            if serial is not None:
-                table[name][SERIAL] = min(table[name][SERIAL], serial)
-            table[name].update(cells)
+        # A B, then B A: a machine that slows down (or speeds up) over a round favours neither.
+        order = ["shoal", "futures"] if i % 2 == 0 else ["futures", "shoal"]
+        table: dict[str, dict[str, float]] = {}
+        for which in order:
+            for name, cells in job(jobs[which], 3).items():
+                row = table.setdefault(name, {})
+                serial = cells.pop(SERIAL, None)
+                if serial is not None:
+                    row[SERIAL] = min(row.get(SERIAL, serial), serial)
+                row.update(cells)
         for name, cells in table.items():
             for tool, value in cells.items():
                 row = best.setdefault(name, {})
                 row[tool] = min(row.get(tool, value), value)
         title = f"round {i + 1} (load {os.getloadavg()[0]:.2f})" if rounds > 1 else "row"
-        _print_table(title, _ratios(table), tools)
+        each.append(_ratios(table))
+        _print_table(title, each[-1], tools)
     if rounds > 1:
         _print_table(f"best of {rounds}", _ratios(best), tools)
+        _print_table(f"median of {rounds}", _medians(each), tools)
+        _print_wins(each)
+
+
+def _medians(rounds: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Each cell's median over the rounds."""
+    out: dict[str, dict[str, float]] = {}
+    for name in rounds[0]:
+        tools = {tool for table in rounds for tool in table.get(name, {})}
+        for tool in tools:
+            values = sorted(t[name][tool] for t in rounds if tool in t.get(name, {}))
+            out.setdefault(name, {})[tool] = values[len(values) // 2]
+    return out
+
+
+def _print_wins(rounds: list[dict[str, dict[str, float]]]) -> None:
+    """In how many rounds shoal's cell was at or below MPIPoolExecutor's best chunksize."""
+    print("rounds in which shoal <= MPIPoolExecutor's best chunksize of that round")
+    for name in rounds[0]:
+        wins = 0
+        for table in rounds:
+            cells = table[name]
+            theirs = min(v for tool, v in cells.items() if tool.startswith("MPIPool"))
+            wins += cells["shoal"] <= theirs
+        print(f"{name:28}{wins:>6} of {len(rounds)}")
 
 
 def _ratios(table: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:

@@ -596,17 +596,19 @@ def test_a_later_call_with_the_same_array_copies_nothing(kept):
     assert kept.hits == hits + 6
 
 
-def test_a_changed_array_is_never_served_stale(kept):
+# 16 MB is hashed whole; 40 MB in 16 MiB parts on several threads (an element in the last part).
+@pytest.mark.parametrize(("size", "at"), [(2_000_000, 5), (5_000_000, 4_999_997)])
+def test_a_changed_array_is_never_served_stale(kept, size, at):
     import functools
 
-    arr = np.zeros(2_000_000)
+    arr = np.zeros(size)
     fn = functools.partial(array_at, arr)
-    assert shoal.map(fn, [5], workers=1) == [0.0]
-    arr[5] = 42.0  # one element changes between calls
-    assert shoal.map(fn, [5], workers=1) == [42.0]
-    arr[5] = 0.0  # and back: the first segment serves it again
+    assert shoal.map(fn, [at], workers=1) == [0.0]
+    arr[at] = 42.0  # one element changes between calls
+    assert shoal.map(fn, [at], workers=1) == [42.0]
+    arr[at] = 0.0  # and back: the first segment serves it again
     made = kept.made
-    assert shoal.map(fn, [5], workers=1) == [0.0]
+    assert shoal.map(fn, [at], workers=1) == [0.0]
     assert kept.made == made
 
 
