@@ -13,7 +13,8 @@
 ``--only pools`` or ``--only allreduce`` runs one part. ``--rounds N`` interleaves the tools over
 N rounds (pool rows: shoal's job and MPIPoolExecutor's, in alternating order: A B, B A, ...),
 prints each round with the load average after it, then the best and the median of each cell, and
-in how many rounds shoal's ratio was at or below MPIPoolExecutor's best in that round.
+in how many rounds shoal's ratio was at or below MPIPoolExecutor's best in that round. Each job
+divides its times by its own serial loop.
 ``--rows W2,W4`` times only those rows (prefixes; ``first`` for the first result): shorter jobs,
 so the two tools' turns come closer together on a machine whose speed drifts.
 
@@ -99,7 +100,7 @@ def measure(
     only: list[str],
 ):
     """Seconds per row and tool (best of ``repeat``), with the row's serial loop as ``SERIAL``;
-    the parent divides by the best serial time of all jobs (see :func:`pool_rows`)."""
+    the parent divides each by this job's serial time (see :func:`pool_rows`)."""
     out: dict[str, Any] = {}
     for name, (fn, xs) in rows(only).items():
         serial, expected = best_of(lambda fn=fn, xs=xs: [fn(x) for x in xs], repeat)
@@ -289,12 +290,12 @@ def pool_rows(me: str, repeat_n: int, rounds: int = 1, only: list[str] | None = 
         "shoal": ["-m", "shoal.mpi", me, "--tool", "shoal", *args],
         "futures": ["-m", "mpi4py.futures", me, "--tool", "futures", *args],
     }
-    best: dict[str, dict[str, float]] = {}  # seconds (ms for the first result)
     each: list[dict[str, dict[str, float]]] = []  # every round's ratios
     print("ratio to a serial loop (lower is better); mpiexec -n 3: rank 0 + 2 serving ranks")
     print(
-        "each job times the serial loop too; a row's ratios divide by the best serial time of"
-        " the jobs compared (the same loop on the same machine: a slower one only had worse luck)"
+        "each job times the serial loop too, and its ratios divide by its own serial time: this"
+        " machine's speed drifts over minutes, and a job that ran in a slow minute has a slow"
+        " loop too"
     )
     per_second = workloads.calibrate(1.0)
     for i in range(rounds):
@@ -306,23 +307,26 @@ def pool_rows(me: str, repeat_n: int, rounds: int = 1, only: list[str] | None = 
         order = ["shoal", "futures"] if i % 2 == 0 else ["futures", "shoal"]
         table: dict[str, dict[str, float]] = {}
         for which in order:
-            for name, cells in job(jobs[which], 3).items():
-                row = table.setdefault(name, {})
-                serial = cells.pop(SERIAL, None)
-                if serial is not None:
-                    row[SERIAL] = min(row.get(SERIAL, serial), serial)
-                row.update(cells)
-        for name, cells in table.items():
-            for tool, value in cells.items():
-                row = best.setdefault(name, {})
-                row[tool] = min(row.get(tool, value), value)
+            for name, cells in _ratios(job(jobs[which], 3)).items():
+                table.setdefault(name, {}).update(cells)
         title = f"round {i + 1} (load {os.getloadavg()[0]:.2f})" if rounds > 1 else "row"
-        each.append(_ratios(table))
-        _print_table(title, each[-1], tools)
+        each.append(table)
+        _print_table(title, table, tools)
     if rounds > 1:
-        _print_table(f"best of {rounds}", _ratios(best), tools)
+        _print_table(f"best of {rounds}", _best(each), tools)
         _print_table(f"median of {rounds}", _medians(each), tools)
         _print_wins(each)
+
+
+def _best(rounds: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Each cell's best (lowest) over the rounds."""
+    out: dict[str, dict[str, float]] = {}
+    for table in rounds:
+        for name, cells in table.items():
+            row = out.setdefault(name, {})
+            for tool, value in cells.items():
+                row[tool] = min(row.get(tool, value), value)
+    return out
 
 
 def _medians(rounds: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
@@ -349,8 +353,8 @@ def _print_wins(rounds: list[dict[str, dict[str, float]]]) -> None:
 
 
 def _ratios(table: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Times divided by their row's serial time (rows without one, such as the first
-    result in ms, as they are)."""
+    """One job's times divided by its row's serial time in that job (rows without one, such
+    as the first result in ms, as they are)."""
     out = {}
     for name, cells in table.items():
         serial = cells.get(SERIAL)

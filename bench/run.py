@@ -219,7 +219,7 @@ def w5_child(name: str, memory: bool = False) -> dict[str, float]:
         name = "shoal"
     fn = functools.partial(workloads.array_sum, arr)
     xs = list(range(50))
-    serial, expected = best_of(lambda: [fn(x) for x in xs], 1)
+    serial, expected = best_of(lambda: [fn(x) for x in xs], 2)
     peers = Peers([name])
     peak = PeakMemory() if memory else None
     try:
@@ -241,32 +241,62 @@ def w5_child(name: str, memory: bool = False) -> dict[str, float]:
             "peak_pss_x": 1 + (peak.peak_pss - peak.base_pss) / arr.nbytes,
             "shm_bytes": peak.peak_shm,
         }
-    # Seconds: the parent divides by the best serial time of all its children (the same loop
-    # on the same machine; a slower one only had worse luck).
-    return {"serial": serial, "first": took, "later": later, "share_s": share_s}
+    # Each against this process's own serial loop: the machine's memory bandwidth drifts over
+    # minutes, and a child that ran in a slow minute has a slow loop too.
+    return {
+        "serial": serial,
+        "ratio": took / serial,
+        "later": later / serial,
+        "share_s": share_s,
+    }
 
 
-def w5_floor() -> float:
-    """The W5 hardware floor: 2 lone processes each summing a 200 MB array 25 times, against
-    one process summing it 50 times (memory-bound, unlike the CPU-bound floor above)."""
+def w5_floor() -> tuple[float, float]:
+    """The W5 hardware floors: 2 lone processes each summing a 200 MB array 25 times, against
+    one process summing its own array 50 times (memory-bound, unlike the CPU-bound floor
+    above). First with each process's own array (numpy backs it with transparent huge pages,
+    as the caller's array and a forked worker's copy of it are); then with the 2 processes
+    summing one shared-memory segment mapped as shoal's workers map it (4 KiB pages: this
+    machine's shared-memory huge pages are off), the floor of any tool that shares the array
+    rather than forking or copying it."""
     import subprocess
 
+    import numpy as np
+
     code = (
-        "import sys, time, numpy as np\n"
-        "a = np.arange(25_000_000, dtype=np.int64); a.sum()\n"
+        "import mmap, os, sys, time, numpy as np\n"
+        "if len(sys.argv) > 2:\n"
+        "    fd = os.open(sys.argv[2], os.O_RDONLY)\n"
+        "    m = mmap.mmap(fd, 200_000_000, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)\n"
+        "    a = np.frombuffer(m, dtype=np.int64)\n"
+        "else:\n"
+        "    a = np.arange(25_000_000, dtype=np.int64)\n"
+        "a.sum()\n"
         "t = time.perf_counter()\n"
         "for _ in range(int(sys.argv[1])): a.sum()\n"
         "print(time.perf_counter() - t)\n"
     )
 
-    def run(copies: int, sums: int) -> float:
+    def run(copies: int, sums: int, *shared: str) -> float:
         procs = [
-            subprocess.Popen([sys.executable, "-c", code, str(sums)], stdout=subprocess.PIPE)
+            subprocess.Popen(
+                [sys.executable, "-c", code, str(sums), *shared], stdout=subprocess.PIPE
+            )
             for _ in range(copies)
         ]
         return max(float(p.communicate()[0]) for p in procs)
 
-    return min(run(WORKERS, 50 // WORKERS) / run(1, 50) for _ in range(3))
+    segment = shoal._native.Segment(memoryview(np.arange(25_000_000, dtype=np.int64)).cast("B"))
+    path = f"/proc/{os.getpid()}/fd/{segment.fd}"
+    try:
+        own, shared = float("inf"), float("inf")
+        for _ in range(3):
+            one = run(1, 50)
+            own = min(own, run(WORKERS, 50 // WORKERS) / one)
+            shared = min(shared, run(WORKERS, 50 // WORKERS, path) / one)
+    finally:
+        segment.close()
+    return own, shared
 
 
 #: W5 rounds: every tool runs once, then again in each later round (in the reverse order of
@@ -307,11 +337,7 @@ def w5_rounds(names: list[str]) -> tuple[dict[str, list[dict[str, float]]], floa
             got = _w5_in_child(name)
             runs[name].append(got)
             serial = min(serial, got["serial"])
-        contest = [
-            name
-            for name in contest
-            if min(min(r["first"], r["later"]) for r in runs[name]) / serial < W5_CONTEST
-        ]
+        contest = [name for name in contest if min(r["later"] for r in runs[name]) < W5_CONTEST]
         print(
             f"  W5 round {i + 1} of {W5_ROUNDS} done (load {os.getloadavg()[0]:.2f}); "
             f"next: {', '.join(contest) or 'none'}",
@@ -336,8 +362,8 @@ def array_workloads(peers: Peers, names: list[str], results: dict[str, Any]) -> 
     results["w5"] = {}
     for name in tools:
         got = {
-            "ratio": min(r["first"] for r in runs[name]) / serial,
-            "later": min(r["later"] for r in runs[name]) / serial,
+            "ratio": min(r["ratio"] for r in runs[name]),
+            "later": min(r["later"] for r in runs[name]),
             "runs": len(runs[name]),
             **_w5_in_child(name, memory=True),
         }
@@ -350,7 +376,7 @@ def array_workloads(peers: Peers, names: list[str], results: dict[str, Any]) -> 
     if "shoal" in tools:
         share = runs["shoal+share"]
         got = {
-            "ratio": min(r["first"] for r in share) / serial,
+            "ratio": min(r["ratio"] for r in share),
             "share_s": min(r["share_s"] for r in share),
             **_w5_in_child("shoal+share", memory=True),
         }
@@ -365,9 +391,14 @@ def array_workloads(peers: Peers, names: list[str], results: dict[str, Any]) -> 
         + ", ".join(f"{name} {len(runs[name])}" for name in tools),
         flush=True,
     )
-    floor = w5_floor()
+    floor, shared_floor = w5_floor()
     results["w5_floor"] = floor
-    print(f"  W5 floor now: {floor:.2f} ({WORKERS} lone processes summing, vs one)", flush=True)
+    results["w5_shared_floor"] = shared_floor
+    print(
+        f"  W5 floor now: {floor:.2f} ({WORKERS} lone processes summing their own array, vs one);"
+        f" {shared_floor:.2f} summing one shared-memory segment (4 KiB pages)",
+        flush=True,
+    )
 
     ys = list(range(40))
     serial, expected = best_of(lambda: [workloads.array_result(y) for y in ys], 1)

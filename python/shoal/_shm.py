@@ -355,11 +355,12 @@ def dumps(obj: Any, cache: SegmentCache | None, dump: Callable[..., bytes] = pic
 
 
 #: In a worker: mappings of kept segments (``(driver pid, size, content hash)`` -> ``[mapping,
-#: last use]``), reused when the same content arrives again. Mapping 200 MB afresh costs a page
-#: fault per page at first touch (~30 ms), as much as the task itself; a reused mapping has its
-#: page-table entries already, and only the pages a task wrote are dropped (to read as the
-#: segment again). Bounded in count and bytes, and dropped after :data:`_REUSE_IDLE` seconds
-#: unused (as the driver's kept segments are), by a timer thread.
+#: last use, clean]``), reused when the same content arrives again. Mapping 200 MB afresh costs
+#: a page fault per page at first touch (~30 ms), as much as the task itself; a reused mapping
+#: has its page-table entries already, and only the pages a task wrote are dropped (to read as
+#: the segment again). ``clean``: that was done since the mapping was last handed out (see
+#: :func:`tidy_reused`). Bounded in count and bytes, and dropped after :data:`_REUSE_IDLE`
+#: seconds unused (as the driver's kept segments are), by a timer thread.
 _REUSED: OrderedDict[tuple[int, int, int], list[Any]] = OrderedDict()
 _REUSE_MAX = 8
 _REUSE_IDLE = float(os.environ.get("SHOAL_SEGMENT_CACHE_IDLE", "30"))
@@ -379,17 +380,44 @@ def _reused(key: tuple[int, int, int]) -> Any:
     # (an array made on it) holds one more.
     if sys.getrefcount(mapping) > 3:
         return None
+    if not entry[2] and not _revert(key, mapping):
+        return None
+    with _reuse_lock:
+        entry[1] = time.monotonic()
+        entry[2] = False  # handed out: its tasks may write into it
+        if key in _REUSED:
+            _REUSED.move_to_end(key)
+    return mapping
+
+
+def _revert(key: tuple[int, int, int], mapping: Any) -> bool:
+    """Drop the pages tasks wrote into ``mapping``; forget it if that fails."""
     try:
         mapping.revert_written()
     except OSError:
         with _reuse_lock:
             _REUSED.pop(key, None)
-        return None
+        return False
+    return True
+
+
+def tidy_reused() -> None:
+    """Revert, now, the kept mappings that no array uses any more, so that the next call with
+    the same data reuses them at once.
+
+    A worker calls this when a call is released. The next call's setup usually follows at
+    once, but the driver first hashes the data to find the kept segment (milliseconds for
+    hundreds of MB): the worker's own check of the pages, about 2 ms for 200 MB, happens
+    meanwhile instead of before the next call's first task.
+    """
     with _reuse_lock:
-        entry[1] = time.monotonic()
-        if key in _REUSED:
-            _REUSED.move_to_end(key)
-    return mapping
+        entries = [(key, entry) for key, entry in _REUSED.items() if not entry[2]]
+    for key, entry in entries:
+        mapping = entry[0]
+        # As in _reused: no buffer export (array) holds it.
+        if sys.getrefcount(mapping) <= 3 and _revert(key, mapping):
+            entry[2] = True
+        del mapping
 
 
 def sweep_reused(budget: int | None = None) -> None:
@@ -401,7 +429,7 @@ def sweep_reused(budget: int | None = None) -> None:
     dropped = []  # unmapped outside the lock
     with _reuse_lock:
         total = sum(key[1] for key in _REUSED)
-        for key, (_, used) in list(_REUSED.items()):
+        for key, (_, used, _clean) in list(_REUSED.items()):
             if now - used >= _REUSE_IDLE or len(_REUSED) > _REUSE_MAX or total > limit:
                 dropped.append(_REUSED.pop(key))
                 total -= key[1]
@@ -429,7 +457,7 @@ def _map(
             os.close(handle)
         if key is not None:
             with _reuse_lock:
-                _REUSED[key] = [mapping, time.monotonic()]
+                _REUSED[key] = [mapping, time.monotonic(), False]
                 _REUSED.move_to_end(key)
                 timer = _reuse_timer
             if timer is None:

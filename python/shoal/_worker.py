@@ -135,6 +135,7 @@ def _serve(channel: _native.WorkerChannel) -> None:
 
                 release(context.key)
             gone = context = None  # its mapped segments go now, not at the next release
+            _shm.tidy_reused()
         elif kind == shutdown_kind:
             break
     channel.flush()
