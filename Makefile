@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.deps-installed
 LINTED := python tests bench examples conftest.py docs/_hooks.py
 
-.PHONY: demo test bench bench-scaling bench-store build lint fmt clean docs doctest
+.PHONY: demo test bench bench-scaling bench-store bench-mpi build lint fmt clean docs doctest
 
 $(STAMP): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,9 @@ bench-scaling: build
 	$(PY) -m pip install --quiet -r bench/requirements.txt
 	$(PY) bench/run.py --scaling 1,2,4,8,16 --json bench/scaling.json
 	$(PY) bench/plot.py bench/scaling.json bench/scaling.png --table
+
+bench-mpi: build
+	$(PY) bench/mpi.py --rounds 4
 
 bench-store: build
 	scripts/install-bench-deps.sh
