@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -335,8 +336,8 @@ def _medians(rounds: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, f
     for name in rounds[0]:
         tools = {tool for table in rounds for tool in table.get(name, {})}
         for tool in tools:
-            values = sorted(t[name][tool] for t in rounds if tool in t.get(name, {}))
-            out.setdefault(name, {})[tool] = values[len(values) // 2]
+            values = [t[name][tool] for t in rounds if tool in t.get(name, {})]
+            out.setdefault(name, {})[tool] = statistics.median(values)
     return out
 
 

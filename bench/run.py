@@ -255,7 +255,7 @@ def w5_floor() -> tuple[float, float]:
     """The W5 hardware floors: 2 lone processes each summing a 200 MB array 25 times, against
     one process summing its own array 50 times (memory-bound, unlike the CPU-bound floor
     above). First with each process's own array (numpy backs it with transparent huge pages,
-    as the caller's array and a forked worker's copy of it are); then with the 2 processes
+    as it does the caller's array and a worker's private copy of it); then with the 2 processes
     summing one shared-memory segment mapped as shoal's workers map it (4 KiB pages: this
     machine's shared-memory huge pages are off), the floor of any tool that shares the array
     rather than forking or copying it."""
@@ -304,8 +304,8 @@ def w5_floor() -> tuple[float, float]:
 #: W5 measures, drifts with its neighbours' traffic over tens of seconds, so a tool's one run
 #: can land in a bad minute. Best of the rounds, as for the other rows.
 W5_ROUNDS = 3
-#: A tool whose best W5 ratio (first or later calls) is above this after a round is out of the
-#: contest (the copiers: 10x and more), and is not run again.
+#: A tool whose best W5 later-calls ratio is above this after a round is out of the contest
+#: (the copiers: 10x and more), and is not run again.
 W5_CONTEST = 3.0
 
 

@@ -52,7 +52,7 @@ pub fn content_hash_on(data: &[u8], threads: usize) -> u128 {
             *digest = xxh3_128(part);
         }
     } else {
-        // Thread i takes parts i, i + threads, ...: equal shares, each a contiguous read.
+        // Thread i takes parts i, i + threads, ...: equal shares (within one part).
         std::thread::scope(|scope| {
             let mut shares: Vec<Vec<(&mut u128, &[u8])>> =
                 (0..threads).map(|_| Vec::new()).collect();
