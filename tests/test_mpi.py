@@ -44,7 +44,10 @@ def test_launch_mode_runs_the_script_on_rank_0_with_mpi_as_default(tmp_path):
             return x * x
 
         def where(x):
-            return os.getpid(), int(os.environ.get("SHOAL_MPI_RANK", "-1"))
+            from shoal import _execute
+
+            rank = int(os.environ.get("SHOAL_MPI_RANK", "-1"))
+            return os.getpid(), rank, _execute.REPORT_INTERVAL
 
         if __name__ == "__main__":
             rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
@@ -68,8 +71,9 @@ def test_launch_mode_runs_the_script_on_rank_0_with_mpi_as_default(tmp_path):
                 "imap": list(shoal.imap(square, iter(range(5)))),
                 "executor": got,
                 "relays": pool.relays,
-                "ranks_used": sorted({r for _, r in places}),
-                "workers_used": len({p for p, _ in places}),
+                "ranks_used": sorted({r for _, r, _ in places}),
+                "workers_used": len({p for p, _, _ in places}),
+                "report_intervals": sorted({i for _, _, i in places}),
             }))
         """,
     )
@@ -87,6 +91,11 @@ def test_launch_mode_runs_the_script_on_rank_0_with_mpi_as_default(tmp_path):
     assert sorted(r[0] for r in got["relays"]) == [1, 2]
     assert got["ranks_used"] == [1, 2]  # tasks ran on the serving ranks, never on rank 0
     assert got["workers_used"] >= 2
+    # A relay's workers report a long chunk's finished items less often than local ones: each
+    # report is a message to rank 0.
+    from shoal.mpi._relay import REPORT_INTERVAL_S
+
+    assert got["report_intervals"] == [REPORT_INTERVAL_S]
 
 
 @pytest.mark.timeout(300)

@@ -6,6 +6,7 @@ Every backend calls :func:`run_chunk`, which is why errors, argument handling an
 
 from __future__ import annotations
 
+import os  # loaded at interpreter start-up anyway
 from itertools import islice  # a builtin module: nothing to load at worker start-up
 
 from ._spec import MODE_KW, MODE_SINGLE, MODE_STAR, CallSpec, ItemError, describe_item
@@ -47,8 +48,9 @@ def format_remote_traceback(exc: BaseException) -> str:
 
 #: Seconds between two reports of a long chunk's finished items (see ``report`` below): items
 #: slower than this are each reported as they finish; cheaper ones in batches of about this
-#: long, so reporting costs a tiny share of the run time.
-REPORT_INTERVAL = 0.02
+#: long, so reporting costs a tiny share of the run time. An MPI relay sets a longer one for
+#: its workers (``SHOAL_REPORT_INTERVAL``): there each report is a message to rank 0.
+REPORT_INTERVAL = float(os.environ.get("SHOAL_REPORT_INTERVAL", "0.02"))
 
 
 def run_chunk(

@@ -62,6 +62,7 @@ class Engine:
         target_chunk_s: float = 0.004,
         max_chunk: int = 50000,
         machine_interval: float = 0.5,
+        queue_any: bool = False,
     ) -> Engine: ...
     @property
     def workers(self) -> int: ...

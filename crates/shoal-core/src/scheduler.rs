@@ -57,6 +57,12 @@ pub struct SchedulerConfig {
     /// After this many workers in a row die before saying hello, queued work fails instead of
     /// looping on a broken interpreter.
     pub max_start_failures: u32,
+    /// Any task may wait behind a busy worker's running one, whatever its cost (exclusive tasks
+    /// and workers aside): for a client that already bounds the work it hands over, such as an
+    /// MPI relay with one worker, whose rank 0 queues at most one chunk behind the running one.
+    /// That chunk would run on that worker next anyway; in the worker's pipe it starts without
+    /// the round trip of the result that would otherwise release it.
+    pub queue_any: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -66,6 +72,7 @@ impl Default for SchedulerConfig {
             policy: ChunkPolicy::default(),
             max_tasks_per_worker: 256,
             max_start_failures: 3,
+            queue_any: false,
         }
     }
 }
@@ -1046,6 +1053,16 @@ impl Scheduler {
             if w.running.is_empty() {
                 return Some(id);
             }
+            if self.config.queue_any {
+                if !exclusive
+                    && !w.exclusive
+                    && w.running.len() < self.config.max_tasks_per_worker
+                    && best.is_none_or(|(_, held)| (w.running.len() as f64) < held)
+                {
+                    best = Some((id, w.running.len() as f64));
+                }
+                continue;
+            }
             let Some(cost) = est else { continue };
             let pipelinable = cost <= PIPELINE_ANY_NS || weight >= PIPELINE_MIN_ITEMS;
             if !pipelinable
@@ -1735,6 +1752,46 @@ mod tests {
             sent_tasks(&acts).len(),
             1,
             "back under both limits: dispatched"
+        );
+    }
+
+    #[test]
+    fn queue_any_queues_long_and_unknown_tasks_on_the_least_busy_worker() {
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_workers: 2,
+            queue_any: true,
+            ..SchedulerConfig::default()
+        });
+        let sess = s.open_session(false);
+        let setup = s.add_setup(sess, blob("f")).unwrap();
+        // Two tasks of unknown cost, one per worker; then three more queue behind them.
+        let (workers, sends) = start_with_tasks(&mut s, setup, 2);
+        assert_eq!(sends.len(), 2);
+        let mut queued = Vec::new();
+        for i in 0..3 {
+            let (_, acts) = s.submit(setup, 1, blob(&format!("q{i}"))).unwrap();
+            queued.extend(sent_tasks(&acts));
+        }
+        assert_eq!(
+            queued.len(),
+            3,
+            "unknown-cost tasks are queued on busy workers"
+        );
+        let on = |w| queued.iter().filter(|(x, _)| *x == w).count();
+        assert_eq!(on(workers[0]) + on(workers[1]), 3);
+        assert!(
+            on(workers[0]).abs_diff(on(workers[1])) <= 1,
+            "the least busy takes it"
+        );
+        // A known 50 ms task also queues (the plain rule would keep it back).
+        s.task_finished(workers[0], sends[0].1, 50_000_000, Vec::new(), 1);
+        let (_, acts) = s.submit(setup, 1, blob("long")).unwrap();
+        assert_eq!(sent_tasks(&acts).len(), 1, "a long task queues too");
+        // Exclusive tasks still never share a worker.
+        let (_, acts) = s.submit_with(setup, 1, blob("ex"), true).unwrap();
+        assert!(
+            sent_tasks(&acts).is_empty(),
+            "an exclusive task waits for an idle worker"
         );
     }
 

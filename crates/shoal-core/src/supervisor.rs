@@ -60,6 +60,8 @@ pub struct EngineConfig {
     pub policy: ChunkPolicy,
     /// How often machine load and memory are sampled, when a session limits by them.
     pub machine_interval: Duration,
+    /// Any task may queue behind a busy worker (see [`SchedulerConfig::queue_any`]).
+    pub queue_any: bool,
 }
 
 enum Outgoing {
@@ -291,6 +293,7 @@ impl Engine {
         let sched = Scheduler::new(SchedulerConfig {
             max_workers: config.workers.max(1),
             policy: config.policy,
+            queue_any: config.queue_any,
             ..SchedulerConfig::default()
         });
         let (spawn_tx, spawn_rx) = mpsc::channel();
@@ -897,6 +900,7 @@ while True:
                 idle_timeout: None,
                 policy: ChunkPolicy::default(),
                 machine_interval: Duration::from_millis(100),
+                queue_any: false,
             })
             .unwrap(),
         )
@@ -1003,6 +1007,7 @@ while True:
             idle_timeout: None,
             policy: ChunkPolicy::default(),
             machine_interval: Duration::from_millis(100),
+            queue_any: false,
         })
         .unwrap();
         let session = e.open_session(true).unwrap();
@@ -1035,6 +1040,7 @@ while True:
             idle_timeout: Some(Duration::from_millis(300)),
             policy: ChunkPolicy::default(),
             machine_interval: Duration::from_millis(100),
+            queue_any: false,
         })
         .unwrap();
         let session = e.open_session(true).unwrap();

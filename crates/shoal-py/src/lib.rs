@@ -97,7 +97,7 @@ type Received<'py> = (u8, u64, u64, Bound<'py, PyBytes>);
 #[pymethods]
 impl Engine {
     #[new]
-    #[pyo3(signature = (program, args, env, workers, idle_timeout=None, target_chunk_s=0.004, max_chunk=50_000, machine_interval=0.5))]
+    #[pyo3(signature = (program, args, env, workers, idle_timeout=None, target_chunk_s=0.004, max_chunk=50_000, machine_interval=0.5, queue_any=false))]
     // A Python constructor: these are its keyword arguments.
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -109,6 +109,7 @@ impl Engine {
         target_chunk_s: f64,
         max_chunk: usize,
         machine_interval: f64,
+        queue_any: bool,
     ) -> PyResult<Self> {
         let policy = ChunkPolicy {
             target_ns: (target_chunk_s * 1e9) as u64,
@@ -123,6 +124,7 @@ impl Engine {
             idle_timeout: idle_timeout.map(Duration::from_secs_f64),
             policy,
             machine_interval: Duration::from_secs_f64(machine_interval.max(0.02)),
+            queue_any,
         };
         Ok(Engine {
             inner: CoreEngine::start(config).map_err(to_py)?,

@@ -242,6 +242,9 @@ class ProcessPool(Pool):
     threads_per_worker : int or None
         Threads each worker's numeric libraries may use (see :func:`thread_limits`); default:
         usable CPUs divided by workers, at least 1.
+    queue_any : bool
+        Queue any task behind a busy worker's running one, not only cheap ones: for a client
+        that bounds the work it hands over itself (an MPI relay with one worker).
     """
 
     def __init__(
@@ -253,6 +256,7 @@ class ProcessPool(Pool):
         env: dict[str, str] | None = None,
         threads_per_worker: int | None = None,
         load_check_interval: float = 0.5,
+        queue_any: bool = False,
     ) -> None:
         self.workers = workers
         self.threads_per_worker = threads_per_worker or max(1, cpu_count() // workers)
@@ -271,6 +275,7 @@ class ProcessPool(Pool):
             workers,
             idle_timeout,
             machine_interval=load_check_interval,
+            queue_any=queue_any,
         )
         self._lock = threading.Lock()
         self._cost_hints = CostHints()

@@ -43,6 +43,12 @@ from ._wire import (
 #: Results and arguments always travel in-band between a relay and its workers: a shared-memory
 #: segment of a worker means nothing on rank 0's host.
 _IN_BAND = {"SHOAL_SHM_THRESHOLD": str(2**62)}
+#: Seconds between two reports of a long chunk's finished items by a relay's worker (locally
+#: 0.02, see shoal._execute.REPORT_INTERVAL). Each report crosses to rank 0 as a message, which
+#: costs the relay and rank 0 some 0.2 ms of CPU between them, against some 20 us locally: at
+#: the local interval, a call of 20-100 ms chunks (bench/mpi.py W4) sent a report for one chunk in
+#: three, and the relays and rank 0 spent 2-8 ms more CPU a second, which the workers need.
+REPORT_INTERVAL_S = 0.1
 
 
 class _RelaySession:
@@ -197,8 +203,17 @@ class Relay:
         mpi._serving = True
         forget_job_identity()
         # Tasks can tell which rank serves them (SHOAL_MPI_RANK), not take themselves for it.
-        env = {**_IN_BAND, "SHOAL_MPI_RANK": str(rank)}
-        self.pool = ProcessPool(workers, env=env, idle_timeout=None)
+        env = {
+            **_IN_BAND,
+            "SHOAL_MPI_RANK": str(rank),
+            "SHOAL_REPORT_INTERVAL": str(REPORT_INTERVAL_S),
+        }
+        # Rank 0 bounds what waits on this rank (see MpiSession._room). With one worker, a
+        # chunk that waits would run on it next anyway: in the worker's pipe rather than in
+        # the engine's queue, it starts without a local round trip (about 0.2 ms a chunk on a
+        # busy node, 1-2 % of a call of 20 ms chunks). With several workers, a chunk in one
+        # worker's pipe could wait while another worker idles: the engine keeps its own rule.
+        self.pool = ProcessPool(workers, env=env, idle_timeout=None, queue_any=workers == 1)
         self.sessions: dict[int, _RelaySession] = {}
         # The sessions' reply threads, kept for the next session: a new one would cost
         # 0.1-0.5 ms on a busy node, on the path of a call's first result. One waits from the
