@@ -285,14 +285,17 @@ class _Link:
 #: each (messages, pickling, wake-ups), against some 30 us on the processes backend, so chunks
 #: are longer than that backend's 4 ms; near the end of a call they still shrink to balance.
 #: On 2 cores with 2 relays, 20 ms rather than 10 ms took a quarter to a third off that CPU
-#: (W2, W4 of bench/mpi.py), which the workers of the node get back.
-TARGET_CHUNK_S = 0.02
+#: (W2, W4 of bench/mpi.py), which the workers of the node get back; 40 ms rather than 20 ms
+#: took a tenth to a sixth more off it on W2, and of calls alternating between the two in one
+#: job, most pairs were faster at 40 ms on W1, W2 and W3 (W4: level). 80 ms bought nothing.
+TARGET_CHUNK_S = 0.04
 #: Work (ns) that may wait on a relay behind its running chunks.
 PIPELINE_NS = 8e6
 #: Chunks longer than this (ns) are never queued behind another on a relay (a queued chunk
 #: behind a long one could make a slow tail; for shorter ones, the round trip it hides is worth
-#: more). Chunk times are wall times in a worker, longer on a loaded machine: hence the margin.
-LONG_CHUNK_NS = 50e6
+#: more). Chunk times are wall times in a worker, longer on a loaded machine, and a heavy-tailed
+#: call's chunks vary: hence the margin over the target.
+LONG_CHUNK_NS = 2.5 * TARGET_CHUNK_S * 1e9
 
 
 class MpiSession(Session):
