@@ -10,11 +10,13 @@
 - ``mpiexec -n 2 python bench/mpi.py --tool allreduce`` (mpi4py ``Allreduce`` of a 100 MB
   float64 array) and the same with ``shoal.spmd.run(..., ranks=2)`` on local processes.
 
-``--only pools`` or ``--only allreduce`` runs one part. ``--rounds N`` interleaves the tools over
-N rounds (pool rows: shoal's job and MPIPoolExecutor's, in alternating order: A B, B A, ...),
-prints each round with the load average after it, then the best and the median of each cell, and
-in how many rounds shoal's ratio was at or below MPIPoolExecutor's best in that round. Each job
-divides its times by its own serial loop.
+``--only pools``, ``--only allreduce`` or ``--only timeline`` runs one part; the timeline part
+(not run by default) shows the idle share of the workers' time on W2 to W4 per tool (see
+``bench/timeline.py``): a measure that does not depend on the machine's speed that minute.
+``--rounds N`` interleaves the tools over N rounds (pool rows: shoal's job and
+MPIPoolExecutor's, in alternating order: A B, B A, ...), prints each round with the load average
+after it, then the best and the median of each cell, and in how many rounds shoal's ratio was at
+or below MPIPoolExecutor's best in that round. Each job divides its times by its own serial loop.
 ``--rows W2,W4`` times only those rows (prefixes; ``first`` for the first result): shorter jobs,
 so the two tools' turns come closer together on a machine whose speed drifts.
 
@@ -164,6 +166,34 @@ def tool_futures(repeat: int, only: list[str]) -> dict[str, Any]:
     return res
 
 
+def tool_timeline(tool: str, repeat: int, only: list[str]) -> dict[str, Any]:
+    """The idle shares of each tool's workers on the rows of timed items (W1's no-ops are too
+    short to time one by one)."""
+    import timeline
+
+    data = {name: xs for name, (fn, xs) in rows(only).items() if fn is spin}
+    if tool == "shoal":
+        import shoal
+
+        shoal.map(noop, range(8))  # the relays' workers start before the first call is timed
+        workers = sum(count for _, _, count in shoal.get_backend().pool().relays)
+        return timeline.measure({"shoal": shoal.map}, data, repeat, workloads.timed_spin, workers)
+    from mpi4py import MPI
+    from mpi4py.futures import MPIPoolExecutor
+
+    workers = MPI.COMM_WORLD.Get_size() - 1  # every rank but 0 is a worker
+
+    with MPIPoolExecutor() as ex:
+        ex.submit(noop, 0).result()
+        mappers = {
+            f"MPIPool{'' if cs == 1 else f' cs={cs}'}": (
+                lambda f, xs, cs=cs: list(ex.map(f, xs, chunksize=cs))
+            )
+            for cs in (1, 64, 512)
+        }
+        return timeline.measure(mappers, data, repeat, workloads.timed_spin, workers)
+
+
 def allreduce_mpi(repeat: int) -> float:
     import numpy as np
     from mpi4py import MPI
@@ -245,8 +275,11 @@ def main() -> None:
     parser.add_argument("--tool", default="")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument(
-        "--only", choices=["pools", "allreduce"], help="run only the pool rows or the allreduce"
+        "--only",
+        choices=["pools", "allreduce", "timeline"],
+        help="run only the pool rows, the allreduce or the timeline part (not run by default)",
     )
+    parser.add_argument("--timeline", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--rounds",
         type=int,
@@ -262,8 +295,10 @@ def main() -> None:
     only = [r.strip() for r in opts.rows.split(",") if r.strip()]
     me = os.path.abspath(__file__)
     if opts.tool:
-        if opts.tool == "shoal":
-            result: Any = tool_shoal(opts.repeat, only)
+        if opts.timeline:
+            result: Any = tool_timeline(opts.tool, opts.repeat, only)
+        elif opts.tool == "shoal":
+            result = tool_shoal(opts.repeat, only)
         elif opts.tool == "futures":
             result = tool_futures(opts.repeat, only)
         else:
@@ -272,6 +307,9 @@ def main() -> None:
 
         if MPI.COMM_WORLD.rank == 0:
             print("RESULT " + json.dumps(result), flush=True)
+        return
+    if opts.only == "timeline":
+        timeline_rows(me, opts.repeat, opts.rounds or 1, only)
         return
     if opts.only != "allreduce":
         pool_rows(me, opts.repeat, opts.rounds or 1, only)
@@ -317,6 +355,62 @@ def pool_rows(me: str, repeat_n: int, rounds: int = 1, only: list[str] | None = 
         _print_table(f"best of {rounds}", _best(each), tools)
         _print_table(f"median of {rounds}", _medians(each), tools)
         _print_wins(each)
+
+
+def timeline_rows(me: str, repeat_n: int, rounds: int, only: list[str]) -> None:
+    """The idle share of the workers' time, shoal's job and MPIPoolExecutor's taking turns over
+    ``rounds``; each cell is the median over ``repeat_n`` calls, then the median over rounds."""
+    args = ["--timeline", "--repeat", str(repeat_n)]
+    if only:
+        args += ["--rows", ",".join(only)]
+    jobs = {
+        "shoal": ["-m", "shoal.mpi", me, "--tool", "shoal", *args],
+        "futures": ["-m", "mpi4py.futures", me, "--tool", "futures", *args],
+    }
+    tools = ["shoal", "MPIPool", "MPIPool cs=64", "MPIPool cs=512"]
+    print(
+        "idle share of the workers' time, % (before the first item + between items + after the"
+        " last); mpiexec -n 3: rank 0 + 2 serving ranks"
+    )
+    each: list[dict[str, dict[str, dict[str, float]]]] = []
+    for i in range(rounds):
+        order = ["shoal", "futures"] if i % 2 == 0 else ["futures", "shoal"]
+        table: dict[str, dict[str, dict[str, float]]] = {}
+        for which in order:
+            for name, cells in job(jobs[which], 3).items():
+                table.setdefault(name, {}).update(cells)
+        each.append(table)
+        _print_shares(f"round {i + 1}" if rounds > 1 else "row", table, tools)
+    if rounds > 1:
+        middle = {
+            name: {
+                tool: {
+                    part: statistics.median(t[name][tool][part] for t in each)
+                    for part in each[0][name][tool]
+                }
+                for tool in each[0][name]
+            }
+            for name in each[0]
+        }
+        _print_shares(f"median of {rounds}", middle, tools)
+
+
+def _print_shares(
+    title: str, table: dict[str, dict[str, dict[str, float]]], tools: list[str]
+) -> None:
+    print(f"{title:28}" + "".join(f"{t:>24}" for t in tools))
+    for name, cells in table.items():
+        line = f"{name:28}"
+        for tool in tools:
+            c = cells.get(tool)
+            text = (
+                ""
+                if c is None
+                else f"{100 * c['idle']:.1f} ({100 * c['first']:.1f}+{100 * c['gaps']:.1f}"
+                f"+{100 * c['last']:.1f})"
+            )
+            line += f"{text:>24}"
+        print(line)
 
 
 def _best(rounds: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:

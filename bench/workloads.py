@@ -21,6 +21,14 @@ def spin(n):
     return total
 
 
+def timed_spin(n):
+    """:func:`spin`, returning when it ran and where: ``(start, end, pid)``, ``perf_counter``
+    seconds, which every process of one host reads from the same clock."""
+    start = time.perf_counter()
+    spin(n)
+    return start, time.perf_counter(), os.getpid()
+
+
 def calibrate(seconds: float) -> int:
     """Iterations of :func:`spin` that take about ``seconds`` of CPU on this machine.
 
