@@ -318,6 +318,14 @@ def main() -> None:
         allreduce_rows(opts.repeat, opts.rounds or 3)
 
 
+def _tool_jobs(me: str, args: list[str]) -> dict[str, list[str]]:
+    """The command lines (after ``mpiexec -n 3 python``) of shoal's job and MPIPoolExecutor's."""
+    return {
+        "shoal": ["-m", "shoal.mpi", me, "--tool", "shoal", *args],
+        "futures": ["-m", "mpi4py.futures", me, "--tool", "futures", *args],
+    }
+
+
 def pool_rows(me: str, repeat_n: int, rounds: int = 1, only: list[str] | None = None) -> None:
     """The pool rows: shoal's job and MPIPoolExecutor's, interleaved over ``rounds`` (each
     round's ratios with the load average after it, then the best and median of each cell)."""
@@ -325,10 +333,7 @@ def pool_rows(me: str, repeat_n: int, rounds: int = 1, only: list[str] | None = 
     if only:
         args += ["--rows", ",".join(only)]
     tools = ["shoal", "MPIPool", "MPIPool cs=64", "MPIPool cs=512", "shoal local"]
-    jobs = {
-        "shoal": ["-m", "shoal.mpi", me, "--tool", "shoal", *args],
-        "futures": ["-m", "mpi4py.futures", me, "--tool", "futures", *args],
-    }
+    jobs = _tool_jobs(me, args)
     each: list[dict[str, dict[str, float]]] = []  # every round's ratios
     print("ratio to a serial loop (lower is better); mpiexec -n 3: rank 0 + 2 serving ranks")
     print(
@@ -363,10 +368,7 @@ def timeline_rows(me: str, repeat_n: int, rounds: int, only: list[str]) -> None:
     args = ["--timeline", "--repeat", str(repeat_n)]
     if only:
         args += ["--rows", ",".join(only)]
-    jobs = {
-        "shoal": ["-m", "shoal.mpi", me, "--tool", "shoal", *args],
-        "futures": ["-m", "mpi4py.futures", me, "--tool", "futures", *args],
-    }
+    jobs = _tool_jobs(me, args)
     tools = ["shoal", "MPIPool", "MPIPool cs=64", "MPIPool cs=512"]
     print(
         "idle share of the workers' time, % (before the first item + between items + after the"

@@ -211,7 +211,7 @@ class Relay:
         # Rank 0 bounds what waits on this rank (see MpiSession._room). With one worker, a
         # chunk that waits would run on it next anyway: in the worker's pipe rather than in
         # the engine's queue, it starts without a local round trip (about 0.2 ms a chunk on a
-        # busy node, 1-2 % of a call of 20 ms chunks). With several workers, a chunk in one
+        # busy node, some 0.5 % of a call of 40 ms chunks). With several workers, a chunk in one
         # worker's pipe could wait while another worker idles: the engine keeps its own rule.
         self.pool = ProcessPool(workers, env=env, idle_timeout=None, queue_any=workers == 1)
         self.sessions: dict[int, _RelaySession] = {}
